@@ -1,0 +1,3 @@
+"""grpo: fine-tune language models with GRPO from YAML recipes."""
+
+__version__ = "0.1.0"

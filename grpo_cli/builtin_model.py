@@ -1,0 +1,207 @@
+"""`builtin:tiny-math`: a tiny Llama-architecture model the tool builds for itself.
+
+No weights are downloaded. On first use the model is created from a small config,
+given a character-level tokenizer, warm-started with a short supervised pass on
+generated arithmetic (`builtin_task`), and saved as an ordinary transformers
+directory in the cache. Every later load goes through `from_pretrained` on that
+directory, exactly like a real model.
+
+The warm start mixes worked solutions with bare answers (see WORKED_FRACTION), so
+the model starts out answering most questions without working, and wrong more
+often than not; the reward rules then have something real to teach.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from grpo_cli import builtin_task
+
+NAME = "tiny-math"
+VERSION = 1  # bump when anything below changes, so stale caches are rebuilt
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]
+CHARS = (
+    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    " \n+-*/=^()?.,:;#!'\"{}[]\\$_<>|%&~`@"
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+WORKED_FRACTION = 0.5
+WARM_START = {"steps": 500, "batch": 64, "lr": 3e-3, "seed": 0}
+
+
+def cache_root() -> Path:
+    """GRPO_CACHE, else $XDG_CACHE_HOME/grpo, else ~/.cache/grpo."""
+    if os.environ.get("GRPO_CACHE"):
+        return Path(os.environ["GRPO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "grpo"
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [PAD, EOS, UNK, *CHAT_MARKERS]
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # One token per character; [\s\S] matches the newline too, where '.' would not.
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=CHAT_MARKERS,
+        padding_side="left",
+        model_max_length=256,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_config(tokenizer):
+    # Llama rather than Qwen2: transformers 5 loads any qwen2 checkpoint's tokenizer as
+    # Qwen2Tokenizer, which would replace this character-level one.
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def warm_start_texts(seed: int, n: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs, never a test question: WORKED_FRACTION worked, the rest bare."""
+    test_questions = {p.question for p in builtin_task.test_split()}
+    rng = random.Random(seed)
+    pairs = []
+    while len(pairs) < n:
+        problem = builtin_task.sample(rng)
+        if problem.question in test_questions:
+            continue
+        completion = problem.worked if rng.random() < WORKED_FRACTION else problem.bare
+        pairs.append((problem.question, completion + EOS))
+    return pairs
+
+
+def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> list[float]:
+    """Supervised pass on completions only (prompt tokens masked); returns the loss curve."""
+    pairs = warm_start_texts(seed, steps * batch)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    model.train()
+    losses = []
+    tokenizer.padding_side = "right"
+    for step in range(steps):
+        chunk = pairs[step * batch : (step + 1) * batch]
+        prompts = tokenizer([p for p, _ in chunk], add_special_tokens=False)["input_ids"]
+        enc = tokenizer([p + c for p, c in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].clone()
+        labels[enc["attention_mask"] == 0] = -100
+        for row, prompt in enumerate(prompts):
+            labels[row, : len(prompt)] = -100
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    tokenizer.padding_side = "left"
+    model.eval()
+    return losses
+
+
+def build(target: Path) -> None:
+    """Create, warm-start and save the model into `target` (a fresh directory)."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(WARM_START["seed"])
+    tokenizer = build_tokenizer()
+    model = LlamaForCausalLM(build_config(tokenizer))
+    started = time.perf_counter()
+    losses = warm_start(model, tokenizer, **WARM_START)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=48
+    )
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    check_roundtrip(target, tokenizer)
+    info = {
+        "name": f"builtin:{NAME}",
+        "version": VERSION,
+        "warm_start": WARM_START,
+        "worked_fraction": WORKED_FRACTION,
+        "final_loss": sum(losses[-20:]) / 20,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (target / "builtin.json").write_text(json.dumps(info, indent=2))
+
+
+def check_roundtrip(path: Path, tokenizer) -> None:
+    """The saved tokenizer must load through AutoTokenizer and tokenize exactly as built."""
+    from transformers import AutoTokenizer
+
+    probe = "What is 23 + 48? 3+8=11, 2+4+1=7. #### 71\n(x-2)(x+3)=0"
+    loaded = AutoTokenizer.from_pretrained(path)
+    if loaded(probe)["input_ids"] != tokenizer(probe)["input_ids"] or loaded.decode(loaded(probe)["input_ids"]) != probe:
+        raise RuntimeError(
+            f"transformers loads the builtin tokenizer in {path} as {type(loaded).__name__}, which tokenizes "
+            "differently; this transformers version is not supported by builtin:tiny-math."
+        )
+
+
+def ensure(name: str = NAME, progress=None) -> Path:
+    """Path of the cached builtin model, building it first if needed.
+
+    A file lock serialises concurrent builders; the build goes to a temporary
+    directory renamed into place only when complete, so a crash never leaves a
+    half-written model that later runs would load.
+    """
+    if name != NAME:
+        raise KeyError(name)
+    root = cache_root() / "builtin"
+    target = root / f"{NAME}-v{VERSION}"
+    if (target / "builtin.json").exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "builtin.json").exists():
+            return target
+        if progress:
+            progress(f"building builtin:{NAME} (first use only, about a minute on 2 CPU cores) in {target}")
+        partial = root / f".{NAME}-v{VERSION}.partial-{os.getpid()}"
+        shutil.rmtree(partial, ignore_errors=True)
+        build(partial)
+        os.replace(partial, target)
+    return target

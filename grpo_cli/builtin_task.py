@@ -1,0 +1,123 @@
+"""`builtin:arithmetic`: generated math problems with verifiable answers.
+
+Three kinds, all small enough for the builtin tiny model to learn on a CPU:
+two-digit additions, a one-digit times a two-digit number, and monic quadratics
+with two distinct integer roots (the product brief's x^2 - 5x + 6 = 0 is one).
+
+Each problem also carries two reference solutions used only to warm-start the
+builtin model: a *worked* one that writes the digit-by-digit steps before the
+marked final answer, and a *bare* one that writes only the final answer. The
+worked form is easier for a small model to get right, which is what GRPO has
+to discover in the quickstart.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+TRAIN_ROWS = 3000
+TEST_ROWS = 200
+TRAIN_SEED = 1234
+TEST_SEED = 4321
+KIND_WEIGHTS = {"add": 0.6, "mul": 0.3, "quadratic": 0.1}
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # gold answer: "71", or "2, 3" for a quadratic's roots (ascending)
+    worked: str  # steps, then the marked final answer
+    bare: str  # the marked final answer alone
+    kind: str
+
+
+def _final(answer: str) -> str:
+    return f"#### {answer}"
+
+
+def addition(rng: random.Random) -> Problem:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    low = a % 10 + b % 10
+    carry = low // 10
+    high = a // 10 + b // 10 + carry
+    carry_term = "+1" if carry else ""
+    steps = f"{a % 10}+{b % 10}={low}, {a // 10}+{b // 10}{carry_term}={high}."
+    answer = str(a + b)
+    return Problem(f"What is {a} + {b}?", answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "add")
+
+
+def multiplication(rng: random.Random) -> Problem:
+    a, b = rng.randint(2, 9), rng.randint(10, 99)
+    low = a * (b % 10)
+    carry = low // 10
+    high = a * (b // 10) + carry
+    carry_term = f"+{carry}" if carry else ""
+    steps = f"{a}*{b % 10}={low}, {a}*{b // 10}{carry_term}={high}."
+    answer = str(a * b)
+    # Both orders are asked; the steps always multiply the one-digit factor in.
+    question = f"What is {a} * {b}?" if rng.random() < 0.5 else f"What is {b} * {a}?"
+    return Problem(question, answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "mul")
+
+
+def _signed_term(coef: int, var: str) -> str:
+    """' - 5x', ' + x', '' for a zero coefficient; var='' gives a constant term."""
+    if coef == 0:
+        return ""
+    sign = "-" if coef < 0 else "+"
+    magnitude = abs(coef)
+    body = var if (var and magnitude == 1) else f"{magnitude}{var}"
+    return f" {sign} {body}"
+
+
+def _factor(root: int) -> str:
+    if root == 0:
+        return "x"
+    return f"(x-{root})" if root > 0 else f"(x+{-root})"
+
+
+def quadratic(rng: random.Random) -> Problem:
+    r1, r2 = sorted(rng.sample(range(-9, 10), 2))
+    b, c = -(r1 + r2), r1 * r2
+    equation = f"x^2{_signed_term(b, 'x')}{_signed_term(c, '')} = 0"
+    answer = f"{r1}, {r2}"
+    steps = f"{_factor(r1)}{_factor(r2)}=0, x={r1} or x={r2}."
+    return Problem(f"Solve {equation}.", answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "quadratic")
+
+
+MAKERS = {"add": addition, "mul": multiplication, "quadratic": quadratic}
+
+
+def sample(rng: random.Random) -> Problem:
+    kinds, weights = list(KIND_WEIGHTS), list(KIND_WEIGHTS.values())
+    return MAKERS[rng.choices(kinds, weights)[0]](rng)
+
+
+def generate(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[Problem]:
+    """n distinct problems (by question), none of them in `exclude`, deterministic in seed.
+
+    There are about 9,700 distinct questions in all, so n must stay well below that.
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set(exclude)
+    problems: list[Problem] = []
+    for _ in range(100 * n):
+        problem = sample(rng)
+        if problem.question not in seen:
+            seen.add(problem.question)
+            problems.append(problem)
+            if len(problems) == n:
+                return problems
+    raise ValueError(f"could not draw {n} distinct problems; ask for fewer")
+
+
+def test_split() -> list[Problem]:
+    return generate(TEST_ROWS, TEST_SEED)
+
+
+def train_split() -> list[Problem]:
+    """Disjoint from the test split, so held-out accuracy is held out."""
+    return generate(TRAIN_ROWS, TRAIN_SEED, exclude=frozenset(p.question for p in test_split()))
+
+
+SPLITS = {"arithmetic": train_split, "arithmetic-test": test_split}

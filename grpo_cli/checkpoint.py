@@ -1,0 +1,109 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+`checkpoints/step-N/` holds the weights in the standard layout (a PEFT adapter,
+or a full transformers model), the tokenizer, the optimizer and scheduler state,
+every RNG state and the data position. It is written to a temporary directory
+and renamed into place only when complete, so a crash mid-save never leaves a
+checkpoint that resume would load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step}"
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict) -> Path:
+    final = checkpoint_dir(run_dir, step)
+    partial = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    policy.model.save_pretrained(partial)
+    policy.tokenizer.save_pretrained(partial)
+    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+    torch.save(rng_state(), partial / "rng.pt")
+    state = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **trainer_state}
+    (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and (path / STATE_FILE).exists():
+            found.append((int(suffix), path))
+    return max(found)[1] if found else None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def _load_full_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a full-model checkpoint (one or several safetensors shards) in place."""
+    from safetensors.torch import load_file
+
+    loaded: set[str] = set()
+    for shard in sorted(path.glob("model*.safetensors")):
+        state = load_file(str(shard))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{shard} holds weights this model does not have: {result.unexpected_keys[:5]}")
+        loaded.update(state)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded_ptrs = {params[name].data_ptr() for name in loaded if name in params}
+    # A tied weight (lm_head sharing the embedding) is saved once under one of its names.
+    missing = [name for name, p in params.items() if name not in loaded and p.data_ptr() not in loaded_ptrs]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks weights: {missing[:5]}")
+
+
+def restore(path: Path, policy, optimizer, scheduler) -> dict:
+    """Load weights, optimizer, scheduler and RNG states from `path`; returns its trainer state."""
+    if policy.is_lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(policy.model, load_file(str(path / "adapter_model.safetensors")))
+    else:
+        _load_full_weights(policy.model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=policy.device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return read_state(path)

@@ -1,0 +1,157 @@
+"""Load the policy: tokenizer, weights (full, LoRA, or LoRA over a 4-bit base), and its reference.
+
+The reference policy for the KL term costs nothing with LoRA: it is the same
+network with the adapters disabled. A full fine-tune keeps a frozen copy, and
+with kl_beta = 0 there is no reference at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo_cli import builtin_model
+from grpo_cli.errors import UserError
+from grpo_cli.recipe import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # what the optimizer trains (a PeftModel with LoRA)
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    path: str  # where the base weights were loaded from
+    frozen_reference: torch.nn.Module | None  # full fine-tune with KL only
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The reference model to run under no_grad: adapters off, or the frozen copy."""
+        if self.frozen_reference is not None:
+            yield self.frozen_reference
+        elif self.is_lora:
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            raise RuntimeError("no reference model: kl_beta is 0")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("model.device is cuda but no CUDA GPU is visible; use device: auto or cpu.")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[choice]
+
+
+def resolve(name: str, progress=None) -> str:
+    """A loadable path or hub id for model.name; builds the builtin model on first use."""
+    if name.startswith("builtin:"):
+        try:
+            return str(builtin_model.ensure(name.removeprefix("builtin:"), progress=progress))
+        except KeyError:
+            raise UserError(f"unknown builtin model {name!r}; the builtin model is builtin:{builtin_model.NAME}.") from None
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"{path} is not a model directory (no config.json in it).")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise UserError(f"model directory {name} not found.")
+    return name  # a hub id
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise UserError(_load_failure("tokenizer", path, exc)) from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked everywhere, so reusing EOS as the pad token is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends to the right end of every prompt
+    return tokenizer
+
+
+def _load_failure(what: str, path: str, exc: Exception) -> str:
+    return (
+        f"could not load the {what} for {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+        "model.name must be builtin:tiny-math, a local model directory, or a hub id that is reachable "
+        "(or already in the hub cache with HF_HUB_OFFLINE=1)."
+    )
+
+
+def load_base(path: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"dtype": dtype}
+    if spec.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except ImportError as exc:
+        raise UserError(f"4-bit loading needs bitsandbytes: {exc}") from None
+    except Exception as exc:
+        raise UserError(_load_failure("model", path, exc)) from None
+    if not spec.load_in_4bit:
+        model.to(device)
+    return model
+
+
+def load_policy(spec: ModelSpec, kl_beta: float, progress=None) -> Policy:
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    path = resolve(spec.name, progress)
+    tokenizer = load_tokenizer(path)
+    model = load_base(path, spec, device, dtype)
+    model.config.use_cache = False  # training forwards; generation turns the cache on itself
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    frozen_reference = None
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if spec.load_in_4bit:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()
+        config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,
+            lora_dropout=spec.lora.dropout,
+            target_modules=spec.lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    elif kl_beta > 0:
+        frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
+    return Policy(model, tokenizer, device, dtype, path, frozen_reference)

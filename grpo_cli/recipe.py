@@ -1,0 +1,349 @@
+"""The recipe: a typed schema, YAML loading with line numbers, and `--set` overrides.
+
+Everything a run does is decided here, before any model loads. Unknown keys are
+errors that name the file, the line and the closest valid key; every error in a
+file is reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from grpo_cli.errors import UserError
+
+RULES = ("correctness", "step_format", "reflection_bonus")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(Section):
+    """Low-rank adapters (PEFT). The reference policy is the same network with them disabled."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
+    )
+
+
+class ModelSpec(Section):
+    name: str = Field("builtin:tiny-math", description="builtin:tiny-math, a local model directory, or a hub id")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "auto", description="weights' dtype; auto = bfloat16 on a GPU that has it, else float32"
+    )
+    load_in_4bit: bool = Field(False, description="nf4 base through bitsandbytes (QLoRA); needs lora")
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="null = full fine-tuning")
+    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+
+
+class HubDataset(Section):
+    """A dataset on the Hugging Face hub (or in its local cache)."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+
+
+DatasetRef = str | HubDataset
+
+
+class DataSpec(Section):
+    train: DatasetRef = Field("builtin:arithmetic", description="builtin set, a .jsonl/.json/.csv/.parquet path, or a hub dataset")
+    eval: DatasetRef | None = Field("builtin:arithmetic-test", description="held-out set; null = no evaluation")
+    prompt_field: str = Field("question", description="the field holding the problem")
+    answer_field: str = Field("answer", description="gold answer; GSM8K's '#### 42' form is understood")
+    template: str | None = Field(
+        None, description="format string over the row's fields, e.g. 'Q: {question}\\nA:'; null = the prompt field as is"
+    )
+    chat: bool = Field(False, description="wrap the rendered template in the tokenizer's chat template")
+    system_prompt: str | None = Field(None, description="system message when chat is true")
+    eval_limit: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+
+class GrpoSpec(Section):
+    group_size: int = Field(16, ge=2, description="completions per prompt (G)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts (groups) per training step")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clipped to [1 - eps, 1 + eps]")
+    kl_beta: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference; 0 = no reference pass")
+    updates_per_rollout: int = Field(1, ge=1, description="policy updates on each batch of rollouts (mu)")
+    max_new_tokens: int = Field(256, ge=1, description="completion length cap")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="completions per forward/backward pass; null = the whole step at once"
+    )
+
+
+class RewardSpec(Section):
+    rule: Literal["correctness", "step_format", "reflection_bonus"]
+    weight: float = 1.0
+
+
+class TrainSpec(Section):
+    steps: int = Field(200, ge=1, description="training steps; one step = one rollout of prompts_per_step groups")
+    lr: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warmup, counted in optimizer steps")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
+    seed: int = 0
+
+
+class OutputSpec(Section):
+    dir: str = Field("runs/quickstart", description="run directory, relative to where grpo runs")
+    save_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    eval_every: int = Field(50, ge=1, description="held-out evaluation every N steps (and at start and end)")
+    samples_every: int = Field(10, ge=1, description="log sample completions every N steps")
+    samples_groups: int = Field(2, ge=0, description="how many groups to log each time")
+
+
+class Recipe(Section):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(rule="correctness", weight=1.0)], min_length=1
+    )
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.grpo.prompts_per_step * self.grpo.group_size
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    return max(d for d in range(1, min(n, bound) + 1) if n % d == 0)
+
+
+def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """(path, message) for settings that are each valid but do not fit together."""
+    problems = []
+    grpo = recipe.grpo
+    micro = grpo.micro_batch_size
+    if micro is not None and recipe.completions_per_step % micro:
+        problems.append((
+            ("grpo", "micro_batch_size"),
+            f"{micro} does not divide the step's {recipe.completions_per_step} completions "
+            f"(prompts_per_step {grpo.prompts_per_step} x group_size {grpo.group_size}); "
+            f"use a divisor such as {_largest_divisor_at_most(recipe.completions_per_step, micro)}",
+        ))
+    if recipe.model.load_in_4bit and recipe.model.lora is None:
+        problems.append((
+            ("model", "load_in_4bit"),
+            "a 4-bit base cannot be trained directly; set model.lora (QLoRA) or load_in_4bit: false",
+        ))
+    rules = [r.rule for r in recipe.rewards]
+    for index, rule in enumerate(rules):
+        if rule in rules[:index]:
+            problems.append((("rewards", index, "rule"), f"{rule} is listed twice; give each rule one weight"))
+    optimizer_steps = recipe.train.steps * grpo.updates_per_rollout
+    if recipe.train.warmup_steps > optimizer_steps:
+        problems.append((
+            ("train", "warmup_steps"),
+            f"{recipe.train.warmup_steps} is longer than the whole run ({optimizer_steps} optimizer steps)",
+        ))
+    return problems
+
+
+# ---------------------------------------------------------------- loading
+
+
+class RecipeError(UserError):
+    pass
+
+
+def _line_map(text: str) -> dict[tuple, int]:
+    """1-based line of every key and list item in the YAML text, by its path."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = path + (key_node.value,)
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid key names of the section that `loc` points into."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    for candidate in candidates:
+        for inner in [candidate, *getattr(candidate, "__args__", ())]:
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch tags ('str', 'HubDataset', 'list[str]') so a loc is a recipe path."""
+    tags = {"str", "int", "float", "bool", "none", *(c.__name__ for c in Section.__subclasses__())}
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in tags or "[" in p)))
+
+
+def _describe(error: dict) -> str:
+    loc = _clean_loc(error["loc"])
+    dotted = ".".join(str(p) for p in loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        valid = _fields_at(loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        section = ".".join(str(p) for p in loc[:-1]) or "the recipe"
+        return f"{dotted}: unknown key.{hint} Valid keys in {section}: {', '.join(valid)}."
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if error["type"] in ("missing",):
+        return f"{dotted}: required key is missing."
+    given = error.get("input")
+    shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
+    return f"{dotted}: {message}{shown}."
+
+
+def _drop_union_noise(errors: list[dict]) -> list[dict]:
+    """A `str | mapping` field reports one error per branch; keep the one that says what is wrong."""
+    kept, seen = [], set()
+    for error in errors:
+        loc = _clean_loc(error["loc"])
+        deeper = any(
+            len(_clean_loc(other["loc"])) > len(loc) and _clean_loc(other["loc"])[: len(loc)] == loc
+            for other in errors
+        )
+        if (error["type"].endswith("_type") and deeper) or loc in seen:
+            continue
+        seen.add(loc)
+        kept.append(error)
+    return kept
+
+
+def _report(items: list[tuple[tuple, str]], source: str, lines: dict) -> RecipeError:
+    paragraphs = []
+    for loc, text in items:
+        line = _nearest_line(lines, loc)
+        where = f"{source}:{line}" if isinstance(line, int) else (line or source)
+        paragraphs.append(f"  {where}: {text}")
+    count = len(paragraphs)
+    head = f"{source}: {count} problem{'s' if count > 1 else ''} in the recipe:"
+    return RecipeError("\n".join([head, *paragraphs]))
+
+
+def validate(data: dict, source: str = "recipe", lines: dict[tuple, Any] | None = None) -> Recipe:
+    """A Recipe from plain data, or a RecipeError listing every problem with its line."""
+    lines = lines or {}
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        errors = _drop_union_noise(exc.errors())
+        raise _report([(_clean_loc(e["loc"]), _describe(e)) for e in errors], source, lines) from None
+    problems = cross_field_problems(recipe)
+    if problems:
+        raise _report([(loc, f"{'.'.join(map(str, loc))}: {text}.") for loc, text in problems], source, lines)
+    return recipe
+
+
+def _nearest_line(lines: dict[tuple, int | str], loc: tuple):
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return None
+
+
+def parse_override(text: str) -> tuple[tuple, Any]:
+    """'grpo.kl_beta=0.02' -> (('grpo', 'kl_beta'), 0.02); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected KEY=VALUE, e.g. --set grpo.kl_beta=0.02")
+    key, raw = text.split("=", 1)
+    parts = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    if not key.strip() or any(p == "" for p in parts):
+        raise RecipeError(f"--set {text}: the key must be a dotted path such as grpo.kl_beta")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(f"--set {text}: {'.'.join(map(str, path[: i + 1]))} is not an item of the list")
+            node = node[part]
+            continue
+        child = node.get(part)
+        if not isinstance(child, (dict, list)):
+            # A missing or null section (e.g. `lora: null`) becomes a mapping the override fills in.
+            child = node[part] = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list):
+        if not isinstance(last, int) or last >= len(node):
+            raise RecipeError(f"--set {text}: {'.'.join(map(str, path))} is not an item of the list")
+    node[last] = value
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = " (it is a directory)" if path.is_dir() else ""
+        raise RecipeError(f"recipe {path} not found{hint}. Pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+        lines: dict[tuple, Any] = _line_map(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{where}: malformed YAML: {problem}. Check the indentation and quoting there.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, data, grpo, ...), not a {type(data).__name__}.")
+    for text_override in overrides:
+        key, value = parse_override(text_override)
+        apply_override(data, key, value, text_override)
+        for known in list(lines):
+            if known[: len(key)] == key:
+                del lines[known]
+        lines[key] = f"--set {text_override}"
+    return validate(data, source=str(path), lines=lines)
+
+
+def dump(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, every default written out."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

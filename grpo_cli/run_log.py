@@ -1,0 +1,65 @@
+"""The run's logs: metrics.jsonl (one JSON object per step or evaluation) and samples.jsonl.
+
+Each line is written whole and flushed to disk before the next step starts, so
+after a crash the file ends at a complete line or one torn line, which `read_jsonl`
+skips. On resume, rows past the checkpoint's step are dropped: the resumed run
+writes them again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the torn last line of a crashed run
+    return rows
+
+
+def _clean(value):
+    """JSON has no NaN or inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.metrics_path = run_dir / METRICS
+        self.samples_path = run_dir / SAMPLES
+        if resume_step is not None:
+            for path in (self.metrics_path, self.samples_path):
+                kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
+                self._rewrite(path, kept)
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(partial, path)
+
+    @staticmethod
+    def _append(path: Path, rows: list[dict]) -> None:
+        with open(path, "a") as handle:
+            handle.write("".join(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows))
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def metrics(self, row: dict) -> None:
+        self._append(self.metrics_path, [row])
+
+    def samples(self, rows: list[dict]) -> None:
+        self._append(self.samples_path, rows)

@@ -1,0 +1,124 @@
+"""Run reward rules over many completions without letting one of them hang the run.
+
+The rules are pure functions (`rewards.RULES`). Here they run in a pool of worker
+processes, each call under a per-call alarm. Inside a worker the call runs on
+the process's main thread, so the alarm works whatever thread called us (the
+trap math-verify's own timeouts fall into). A call that ignores the alarm (stuck
+in C code) is cut off from outside: the pool is killed and the rest of its chunk
+is retried one item at a time, so only the offender is lost. A call cut off
+either way scores 0 and is counted in `Scores.timeouts`; a rule that raises
+scores 0 and is counted in `Scores.errors`. Identical (rule, completion, answer)
+triples are scored once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+
+import numpy as np
+
+from grpo_cli.rewards import RULES
+
+CALL_TIMEOUT_S = 5.0
+CHUNK = 32
+OK, TIMEOUT, ERROR = 0, 1, 2
+
+Item = tuple[str, str, str]  # (rule, completion, answer)
+
+
+@dataclass(frozen=True)
+class Scores:
+    values: np.ndarray  # [N, R] one column per rule, in the order asked
+    rules: tuple[str, ...]
+    timeouts: int  # calls cut off (scored 0)
+    errors: int  # calls that raised (scored 0)
+
+    def column(self, rule: str) -> np.ndarray:  # [N]
+        return self.values[:, self.rules.index(rule)]
+
+
+class _Alarm(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _Alarm
+
+
+def _score_items(items: list[Item], timeout_s: float) -> list[tuple[float, int]]:
+    """Worker side: (value, status) for each item, each call under its own alarm."""
+    signal.signal(signal.SIGALRM, _on_alarm)
+    results = []
+    for rule, completion, answer in items:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            results.append((float(RULES[rule](completion, answer)), OK))
+        except _Alarm:
+            results.append((0.0, TIMEOUT))
+        except Exception:
+            results.append((0.0, ERROR))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    return results
+
+
+class Scorer:
+    """A lazily started pool of scoring workers, reused across calls; close() or use as a context."""
+
+    def __init__(self, workers: int | None = None, call_timeout_s: float = CALL_TIMEOUT_S):
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.call_timeout_s = call_timeout_s
+        self._pool = None
+
+    def _ensure_pool(self):
+        if self._pool is None:
+            # spawn, not fork: the parent holds torch's threads, which fork does not copy safely.
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _run(self, items: list[Item]) -> dict[Item, tuple[float, int]]:
+        results: dict[Item, tuple[float, int]] = {}
+        pending = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+        while pending:
+            pool = self._ensure_pool()
+            jobs = [(chunk, pool.apply_async(_score_items, (chunk, self.call_timeout_s))) for chunk in pending]
+            pending = []
+            for index, (chunk, job) in enumerate(jobs):
+                try:
+                    # The worker's alarm fires long before this; the margin covers a worker's start-up.
+                    results.update(zip(chunk, job.get(timeout=self.call_timeout_s * (len(chunk) + 1) + 30)))
+                except multiprocessing.TimeoutError:
+                    self.close()
+                    if len(chunk) == 1:
+                        results[chunk[0]] = (0.0, TIMEOUT)
+                    else:
+                        pending.extend([item] for item in chunk)
+                    pending.extend(c for c, j in jobs[index + 1 :])
+                    break
+        return results
+
+    def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> Scores:
+        """Every rule on every (completion, answer) pair."""
+        rules = tuple(rules)
+        items = list(dict.fromkeys((r, c, a) for c, a in zip(completions, answers, strict=True) for r in rules))
+        results = self._run(items) if items else {}
+        values = np.array(
+            [[results[(r, c, a)][0] for r in rules] for c, a in zip(completions, answers)], dtype=np.float64
+        ).reshape(len(completions), len(rules))
+        statuses = [status for _, status in results.values()]
+        return Scores(values, rules, statuses.count(TIMEOUT), statuses.count(ERROR))

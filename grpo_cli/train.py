@@ -1,0 +1,263 @@
+"""`train(recipe)`: the GRPO loop, top to bottom.
+
+Each step: take prompts_per_step prompts, sample group_size completions of each
+(rollout), score them with the recipe's rules, turn rewards into group-relative
+advantages, then take updates_per_rollout clipped policy-gradient steps on that
+batch. Metrics go to metrics.jsonl every step; the held-out set is evaluated at
+the start, every eval_every steps and at the end; checkpoints every save_every.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grpo_cli import checkpoint
+from grpo_cli.advantages import group_advantages
+from grpo_cli.console import TrainConsole
+from grpo_cli.data import Example, Examples, PromptOrder, load_examples
+from grpo_cli.errors import UserError
+from grpo_cli.evaluation import evaluate
+from grpo_cli.logprobs import completion_logprobs
+from grpo_cli.loss import grpo_loss
+from grpo_cli.modeling import Policy, load_policy
+from grpo_cli.recipe import Recipe, dump
+from grpo_cli.rollout import Rollout, generate
+from grpo_cli.run_log import METRICS, RunLog, read_jsonl
+from grpo_cli.scoring import Scorer
+from grpo_cli.update import make_optimizer
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    eval_first: float | None  # held-out accuracy at the first evaluation of the run's history
+    eval_last: float | None
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Path | None:
+    """Create the run directory, refuse to mix two runs in it; the checkpoint to resume from, if any."""
+    found = checkpoint.latest(run_dir) if run_dir.exists() else None
+    used = run_dir.exists() and any((run_dir / name).exists() for name in (METRICS, "checkpoints", "recipe.yaml"))
+    if used and not resume:
+        raise UserError(
+            f"{run_dir} already holds a run. Pass --resume to continue it, or choose another directory "
+            f"with --set output.dir=<new dir> (or delete {run_dir})."
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(dump(recipe))
+    except OSError as exc:
+        raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror}. Set output.dir to a writable place.") from None
+    return found
+
+
+def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, add_special_tokens: bool) -> tuple[Examples, int]:
+    """Drop prompts that leave no room for max_new_tokens in the model's context; count them."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return examples, 0
+    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples.items], add_special_tokens=add_special_tokens)["input_ids"]]
+    kept = [e for e, n in zip(examples.items, lengths) if n + max_new_tokens <= limit]
+    if not kept:
+        raise UserError(
+            f"every prompt of {examples.name} is too long: the longest is {max(lengths)} tokens and "
+            f"grpo.max_new_tokens is {max_new_tokens}, but the model's context is {limit} tokens."
+        )
+    return Examples(kept, examples.name, examples.skipped), len(examples.items) - len(kept)
+
+
+def logprobs_no_grad(model, rollout: Rollout, micro: int, temperature: float) -> torch.Tensor:
+    """[N, C] log-probs of the rollout under `model`, in micro-batches, without autograd."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        parts = [
+            completion_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro],
+                                rollout.prompt_len, temperature)
+            for s in range(0, rollout.input_ids.shape[0], micro)
+        ]
+    model.train(was_training)
+    return torch.cat(parts)
+
+
+def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: list[str], scores: np.ndarray,
+                rewards: torch.Tensor, advantages: torch.Tensor, groups: int, group_size: int) -> list[dict]:
+    rows = []
+    for i in range(min(groups, len(batch)) * group_size):
+        example = batch[i // group_size]
+        rows.append({
+            "step": step, "group": i // group_size, "prompt": example.prompt, "answer": example.answer,
+            "completion": rollout.texts[i], "rewards": dict(zip(rule_names, scores[i].tolist())),
+            "reward": rewards[i].item(), "advantage": advantages[i].item(),
+        })
+    return rows
+
+
+def run_eval(step: int, policy: Policy, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
+             console: TrainConsole) -> float:
+    result = evaluate(policy.model, policy.tokenizer, eval_set.items, recipe.grpo.max_new_tokens, scorer,
+                      add_special_tokens=not recipe.data.chat)
+    log.metrics({"step": step, "eval/accuracy": result.accuracy, "eval/n": result.n, "eval/seconds": result.seconds})
+    console.evaluation(step, result.accuracy, result.n, result.seconds)
+    return result.accuracy
+
+
+def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
+          console: TrainConsole | None = None) -> RunSummary:
+    """Run the recipe; with resume, continue from the run directory's latest checkpoint."""
+    console = console or TrainConsole()
+    started = time.perf_counter()
+    run_dir = Path(recipe.output.dir)
+    resume_from = prepare_run_dir(run_dir, recipe, resume)
+    grpo = recipe.grpo
+    group, completions = grpo.group_size, recipe.completions_per_step
+    micro = grpo.micro_batch_size or completions
+    seed_everything(recipe.train.seed)
+
+    # Model, data, optimizer.
+    policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message)
+    chat = recipe.data.chat
+    train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
+    train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model, grpo.max_new_tokens, not chat)
+    eval_set = None
+    if recipe.data.eval is not None:
+        eval_set = load_examples(recipe.data.eval, recipe.data, policy.tokenizer, recipe_dir)
+        if recipe.data.eval_limit:
+            eval_set = Examples(eval_set.items[: recipe.data.eval_limit], eval_set.name, eval_set.skipped)
+    console.message(
+        f"model {recipe.model.name} on {policy.device} ({str(policy.dtype).removeprefix('torch.')}), "
+        f"{sum(p.numel() for p in policy.trainable_parameters()):,} trainable parameters; "
+        f"train set {train_set.name}: {len(train_set.items)} prompts"
+        + (f" ({train_set.skipped} rows without an answer skipped)" if train_set.skipped else "")
+        + (f" ({too_long} prompts too long for the context skipped)" if too_long else "")
+    )
+    optimizer, scheduler = make_optimizer(policy.trainable_parameters(), recipe.train,
+                                          recipe.train.steps * grpo.updates_per_rollout)
+    order = PromptOrder(len(train_set.items), recipe.train.seed)
+    rule_names = [r.rule for r in recipe.rewards]
+    weights = torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64)  # [R]
+    scored_rules = rule_names + ([] if "correctness" in rule_names else ["correctness"])
+
+    step = 0
+    if resume_from is not None:
+        state = checkpoint.restore(resume_from, policy, optimizer, scheduler)
+        step = state["step"]
+        order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
+        console.message(f"resuming from {resume_from} (step {step})")
+    log = RunLog(run_dir, resume_step=step if resume else None)
+    last_saved = resume_from
+    policy.model.train()
+
+    with Scorer() as scorer:
+        if eval_set is not None and step == 0:
+            run_eval(0, policy, eval_set, recipe, scorer, log, console)
+        console.start(recipe.train.steps, step)
+        try:
+            while step < recipe.train.steps:
+                step += 1
+                t_start = time.perf_counter()
+
+                # Rollout: G completions for each of this step's prompts.
+                batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
+                rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
+                                   samples_per_prompt=group, temperature=grpo.temperature, top_p=grpo.top_p,
+                                   add_special_tokens=not chat)
+                t_rollout = time.perf_counter()
+
+                # Rewards, scored with what the template already wrote, then group-relative advantages.
+                examples = [e for e in batch for _ in range(group)]
+                scores = scorer.score(scored_rules, [e.prefill + t for e, t in zip(examples, rollout.texts)],
+                                      [e.answer for e in examples])
+                rewards = torch.from_numpy(scores.values[:, : len(rule_names)]) @ weights  # [N]
+                advantages, zero_std = group_advantages(rewards, group)  # [N], [B]
+                advantages = advantages.to(policy.device, torch.float32)
+                t_score = time.perf_counter()
+
+                # Reference log-probs for the KL, and old log-probs when the batch is reused.
+                ref_logp = old_logp = None
+                if grpo.kl_beta > 0:
+                    with policy.reference() as reference:
+                        ref_logp = logprobs_no_grad(reference, rollout, micro, grpo.temperature)  # [N, C]
+                if grpo.updates_per_rollout > 1:
+                    old_logp = logprobs_no_grad(policy.model, rollout, micro, grpo.temperature)  # [N, C]
+
+                # Clipped policy-gradient updates on this batch.
+                losses, kls, clipped, tokens, grad_norms = [], [], 0.0, 0.0, []
+                for _ in range(grpo.updates_per_rollout):
+                    optimizer.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    for s in range(0, completions, micro):
+                        part = slice(s, s + micro)
+                        logp = completion_logprobs(policy.model, rollout.input_ids[part],
+                                                   rollout.attention_mask[part], rollout.prompt_len,
+                                                   grpo.temperature)  # [n, C]
+                        # With one update, pi_old is the current policy: the ratio is exactly 1.
+                        old = old_logp[part] if old_logp is not None else logp.detach()
+                        terms = grpo_loss(logp, old, advantages[part], rollout.completion_mask[part],
+                                          grpo.clip_eps, ref_logp[part] if ref_logp is not None else None,
+                                          grpo.kl_beta)
+                        loss = terms.per_completion.sum() / completions
+                        loss.backward()
+                        step_loss += loss.item()
+                        if terms.kl is not None:
+                            kls.append(terms.kl)
+                        clipped += terms.clipped_tokens.item()
+                        tokens += terms.tokens.item()
+                    max_norm = recipe.train.max_grad_norm or float("inf")
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm).item())
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(step_loss)
+                t_update = time.perf_counter()
+
+                row = {
+                    "step": step,
+                    "reward_mean": rewards.mean().item(),
+                    "reward_std": rewards.std(unbiased=False).item(),
+                    **{f"reward/{name}": float(scores.column(name).mean()) for name in rule_names},
+                    "accuracy": float((scores.column("correctness") > 0.5).mean()),
+                    "kl": torch.cat(kls).mean().item() if kls else None,
+                    "clip_frac": clipped / max(tokens, 1.0),
+                    "loss": sum(losses) / len(losses),
+                    "grad_norm": sum(grad_norms) / len(grad_norms),
+                    "lr": scheduler.get_last_lr()[0],
+                    "completion_len": rollout.lengths.float().mean().item(),
+                    "truncated_frac": rollout.truncated.float().mean().item(),
+                    "frac_zero_std": zero_std.float().mean().item(),
+                    "score_timeouts": scores.timeouts,
+                    "step_seconds": t_update - t_start,
+                    "rollout_seconds": t_rollout - t_start,
+                    "score_seconds": t_score - t_rollout,
+                    "update_seconds": t_update - t_score,
+                }
+                log.metrics(row)
+                console.step(row)
+                if step == 1 or step % recipe.output.samples_every == 0:
+                    log.samples(sample_rows(step, batch, rollout, rule_names, scores.values, rewards, advantages,
+                                            recipe.output.samples_groups, group))
+                if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
+                    run_eval(step, policy, eval_set, recipe, scorer, log, console)
+                if step % recipe.output.save_every == 0 or step == recipe.train.steps:
+                    last_saved = checkpoint.save(run_dir, step, policy, optimizer, scheduler,
+                                                 {"data": order.state(), "base_model": recipe.model.name})
+        finally:
+            console.stop()
+
+    evals = [r["eval/accuracy"] for r in read_jsonl(run_dir / METRICS) if "eval/accuracy" in r]
+    return RunSummary(run_dir, step, last_saved, evals[0] if evals else None, evals[-1] if evals else None,
+                      time.perf_counter() - started)
