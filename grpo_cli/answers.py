@@ -117,9 +117,10 @@ def normalize(answer: str) -> str:
     return s.strip().rstrip(".").strip()
 
 
-def _plain_text(answer: str) -> str:
-    s = _TEXT_WRAP.sub(r"\1", answer)
-    return re.sub(r"[\s{}\\.]", "", s).lower()
+def _plain_text(answer: str) -> str | None:
+    """A word answer ('\\text{Evelyn}', 'Evelyn') in comparable form; None for anything numeric."""
+    s = re.sub(r"[\s{}]", "", _TEXT_WRAP.sub(r"\1", answer)).lower()
+    return s if re.fullmatch(r"[a-z][a-z'\-]*", s) else None
 
 
 @functools.lru_cache(maxsize=65536)
@@ -140,7 +141,7 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     p, g = normalize(pred), normalize(gold)
     if not p:
         return False
-    if p == g or _plain_text(p) == _plain_text(g):
+    if p == g or (_plain_text(p) is not None and _plain_text(p) == _plain_text(g)):
         return True
     parsed_gold, parsed_pred = _parse(g), _parse(p)
     if not parsed_gold or not parsed_pred:

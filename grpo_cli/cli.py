@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import typer
@@ -67,9 +66,22 @@ def train(
     )
 
 
-def main() -> None:
-    # Tokenizers' thread pool warns after the scoring workers start; we do not fork, so silence it.
+def quiet_libraries() -> None:
+    """Keep the console for our own output: no per-file progress bars from transformers,
+    no notice from bitsandbytes about an optional CPU kernel package we do not use."""
+    import logging
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def main() -> None:
+    quiet_libraries()
     app(prog_name="grpo")
 
 

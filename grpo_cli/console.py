@@ -19,7 +19,7 @@ class TrainConsole:
 
     def message(self, text: str) -> None:
         if not self.quiet:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, soft_wrap=True)
 
     def start(self, total: int, done: int) -> None:
         self._total = total
@@ -37,7 +37,8 @@ class TrainConsole:
         if self._progress is not None:
             self._progress.update(self._task, completed=row["step"], stats=stats)
         elif not self.quiet and (row["step"] % PLAIN_EVERY == 0 or row["step"] in (1, self._total)):
-            self.console.print(f"step {row['step']}/{self._total}  {stats}  {row['step_seconds']:.2f}s/step", highlight=False)
+            line = f"step {row['step']}/{self._total}  {stats}  {row['step_seconds']:.2f}s/step"
+            self.console.print(line, highlight=False, soft_wrap=True)
 
     def evaluation(self, step: int, accuracy: float, n: int, seconds: float) -> None:
         self.message(f"eval at step {step}: accuracy {accuracy:.1%} on {n} held-out problems ({seconds:.1f}s)")

@@ -124,7 +124,18 @@ def load_base(path: str, spec: ModelSpec, device: torch.device, dtype: torch.dty
         raise UserError(_load_failure("model", path, exc)) from None
     if not spec.load_in_4bit:
         model.to(device)
+    elif device.type == "cpu":
+        _keep_4bit_trainable_on_cpu(model)
     return model
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """bitsandbytes repacks a 4-bit layer for fast CPU inference the first time it runs in
+    eval mode (our rollouts do), and the repacked kernel has no backward: later training
+    passes would then backpropagate through it silently wrong. Keep the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_policy(spec: ModelSpec, kl_beta: float, progress=None) -> Policy:

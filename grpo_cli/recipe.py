@@ -146,12 +146,6 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     for index, rule in enumerate(rules):
         if rule in rules[:index]:
             problems.append((("rewards", index, "rule"), f"{rule} is listed twice; give each rule one weight"))
-    optimizer_steps = recipe.train.steps * grpo.updates_per_rollout
-    if recipe.train.warmup_steps > optimizer_steps:
-        problems.append((
-            ("train", "warmup_steps"),
-            f"{recipe.train.warmup_steps} is longer than the whole run ({optimizer_steps} optimizer steps)",
-        ))
     return problems
 
 

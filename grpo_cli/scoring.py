@@ -16,13 +16,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from grpo_cli.rewards import RULES
+from grpo_cli.rewards import RULES, Rule
 
 CALL_TIMEOUT_S = 5.0
+START_MARGIN_S = 30.0  # a fresh worker imports SymPy and math-verify before its first item
 CHUNK = 32
 OK, TIMEOUT, ERROR = 0, 1, 2
 
@@ -48,14 +50,21 @@ def _on_alarm(signum, frame):
     raise _Alarm
 
 
-def _score_items(items: list[Item], timeout_s: float) -> list[tuple[float, int]]:
+def _prepare_worker() -> None:
+    """Import SymPy and math-verify before the first timed call, so no alarm counts the imports."""
+    from grpo_cli.answers import is_equivalent
+
+    is_equivalent("1/2", "0.5")
+
+
+def _score_items(items: list[Item], rules: dict[str, Rule], timeout_s: float) -> list[tuple[float, int]]:
     """Worker side: (value, status) for each item, each call under its own alarm."""
     signal.signal(signal.SIGALRM, _on_alarm)
     results = []
     for rule, completion, answer in items:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:
-            results.append((float(RULES[rule](completion, answer)), OK))
+            results.append((float(rules[rule](completion, answer)), OK))
         except _Alarm:
             results.append((0.0, TIMEOUT))
         except Exception:
@@ -66,17 +75,23 @@ def _score_items(items: list[Item], timeout_s: float) -> list[tuple[float, int]]
 
 
 class Scorer:
-    """A lazily started pool of scoring workers, reused across calls; close() or use as a context."""
+    """A lazily started pool of scoring workers, reused across calls; close() or use as a context.
 
-    def __init__(self, workers: int | None = None, call_timeout_s: float = CALL_TIMEOUT_S):
+    `rules` maps names to module-level functions (workers import them by name).
+    """
+
+    def __init__(self, rules: Mapping[str, Rule] = RULES, workers: int | None = None,
+                 call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S):
+        self.rules = dict(rules)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.call_timeout_s = call_timeout_s
+        self.start_margin_s = start_margin_s
         self._pool = None
 
     def _ensure_pool(self):
         if self._pool is None:
             # spawn, not fork: the parent holds torch's threads, which fork does not copy safely.
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_prepare_worker)
         return self._pool
 
     def close(self) -> None:
@@ -93,15 +108,17 @@ class Scorer:
 
     def _run(self, items: list[Item]) -> dict[Item, tuple[float, int]]:
         results: dict[Item, tuple[float, int]] = {}
+        rules = {name: self.rules[name] for name in {rule for rule, _, _ in items}}
         pending = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
         while pending:
             pool = self._ensure_pool()
-            jobs = [(chunk, pool.apply_async(_score_items, (chunk, self.call_timeout_s))) for chunk in pending]
+            jobs = [(chunk, pool.apply_async(_score_items, (chunk, rules, self.call_timeout_s))) for chunk in pending]
             pending = []
             for index, (chunk, job) in enumerate(jobs):
                 try:
                     # The worker's alarm fires long before this; the margin covers a worker's start-up.
-                    results.update(zip(chunk, job.get(timeout=self.call_timeout_s * (len(chunk) + 1) + 30)))
+                    limit = self.call_timeout_s * (len(chunk) + 1) + self.start_margin_s
+                    results.update(zip(chunk, job.get(timeout=limit)))
                 except multiprocessing.TimeoutError:
                     self.close()
                     if len(chunk) == 1:
@@ -115,6 +132,9 @@ class Scorer:
     def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> Scores:
         """Every rule on every (completion, answer) pair."""
         rules = tuple(rules)
+        unknown = [r for r in rules if r not in self.rules]
+        if unknown:
+            raise KeyError(f"no reward rule named {unknown[0]!r}; known: {', '.join(self.rules)}")
         items = list(dict.fromkeys((r, c, a) for c, a in zip(completions, answers, strict=True) for r in rules))
         results = self._run(items) if items else {}
         values = np.array(

@@ -1,0 +1,48 @@
+"""Shared fixtures. The builtin model is built once per session into a temporary cache,
+unless GRPO_CACHE already points at one (then it is reused, as a user's later runs do)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test reaches the network: the hub libraries read these when first imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def grpo_cache(tmp_path_factory):
+    if not os.environ.get("GRPO_CACHE"):
+        os.environ["GRPO_CACHE"] = str(tmp_path_factory.mktemp("grpo-cache"))
+    return Path(os.environ["GRPO_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(grpo_cache) -> Path:
+    from grpo_cli import builtin_model
+
+    return builtin_model.ensure()
+
+
+def small_recipe(run_dir: Path, **sections) -> dict:
+    """A recipe for a run of a few seconds on the builtin model; sections override keys."""
+    recipe = {
+        "model": {"name": "builtin:tiny-math", "dtype": "float32", "lora": {"r": 8, "alpha": 16}},
+        "data": {"train": "builtin:arithmetic", "eval": "builtin:arithmetic-test", "eval_limit": 16},
+        "grpo": {"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 40, "kl_beta": 0.04},
+        "rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "step_format", "weight": 0.2}],
+        "train": {"steps": 3, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+        "output": {"dir": str(run_dir), "save_every": 2, "eval_every": 2, "samples_every": 1},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict) and isinstance(recipe.get(section), dict):
+            recipe[section] = {**recipe[section], **values}
+        else:
+            recipe[section] = values
+    return recipe

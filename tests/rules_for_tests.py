@@ -1,0 +1,23 @@
+"""Reward rules that misbehave on purpose, importable by the scoring workers."""
+
+import signal
+import time
+
+
+def length(completion, answer):
+    return float(len(completion))
+
+
+def sleeps(completion, answer):
+    time.sleep(60)  # interruptible: the worker's alarm stops it
+    return 1.0
+
+
+def ignores_alarms(completion, answer):
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # like a C extension stuck in a loop
+    time.sleep(60)
+    return 1.0
+
+
+def raises(completion, answer):
+    raise ValueError("broken rule")

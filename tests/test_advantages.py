@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from grpo_cli.advantages import STD_EPS, group_advantages
+
+
+def test_hand_computed_group():
+    # rewards 1, 0, 0, 1: mean 0.5, population std 0.5 -> z = +-1 (up to eps)
+    adv, zero = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), group_size=4)
+    expected = 0.5 / (0.5 + STD_EPS)
+    assert adv.tolist() == pytest.approx([expected, -expected, -expected, expected])
+    assert zero.tolist() == [False]
+
+
+def test_groups_are_normalized_separately():
+    # group 1: 2, 4 -> mean 3, std 1 -> -1, +1; group 2: 10, 10, equal -> 0, 0
+    adv, zero = group_advantages(torch.tensor([2.0, 4.0, 10.0, 10.0]), group_size=2)
+    scale = 1.0 / (1.0 + STD_EPS)
+    assert adv.tolist() == pytest.approx([-scale, scale, 0.0, 0.0])
+    assert zero.tolist() == [False, True]
+
+
+def test_equal_rewards_give_zero_advantage_and_are_counted():
+    adv, zero = group_advantages(torch.full((6,), 0.7), group_size=3)
+    assert torch.count_nonzero(adv) == 0
+    assert zero.tolist() == [True, True]
+
+
+def test_advantages_sum_to_zero_in_every_group():
+    generator = torch.Generator().manual_seed(0)
+    for group_size in (2, 3, 8, 16):
+        rewards = torch.rand(5 * group_size, generator=generator)
+        adv, _ = group_advantages(rewards, group_size)
+        assert adv.view(5, group_size).sum(1).abs().max() < 1e-5
+
+
+def test_scale_of_rewards_does_not_matter():
+    rewards = torch.tensor([0.0, 1.0, 3.0, 0.5])
+    a, _ = group_advantages(rewards, 4)
+    b, _ = group_advantages(rewards * 10 + 5, 4)
+    assert torch.allclose(a, b, atol=1e-3)

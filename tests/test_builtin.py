@@ -1,0 +1,69 @@
+import random
+
+import sympy
+from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, standard_transformations
+
+from grpo_cli import builtin_model, builtin_task
+
+
+IMPLICIT = standard_transformations + (implicit_multiplication,)
+
+
+def test_the_brief_quadratic_is_in_the_task_family():
+    rng = random.Random(0)
+    problems = [builtin_task.quadratic(rng) for _ in range(400)]
+    brief = [p for p in problems if p.question == "Solve x^2 - 5x + 6 = 0."]
+    assert brief, "x^2 - 5x + 6 = 0 should be drawn"
+    assert brief[0].answer == "2, 3"
+    assert brief[0].worked == " (x-2)(x-3)=0, x=2 or x=3. #### 2, 3"
+
+
+def test_problem_answers_are_right():
+    rng = random.Random(1)
+    for _ in range(200):
+        p = builtin_task.sample(rng)
+        if p.kind == "add":
+            a, b = map(int, p.question.removeprefix("What is ").rstrip("?").split(" + "))
+            assert int(p.answer) == a + b
+        elif p.kind == "mul":
+            a, b = map(int, p.question.removeprefix("What is ").rstrip("?").split(" * "))
+            assert int(p.answer) == a * b
+        else:
+            roots = [int(r) for r in p.answer.split(", ")]
+            polynomial = parse_expr(p.question.removeprefix("Solve ").removesuffix(" = 0.").replace("^", "**"),
+                                    transformations=IMPLICIT)
+            assert sorted(int(r) for r in sympy.solve(polynomial)) == roots
+        assert p.worked.endswith(f"#### {p.answer}") and p.bare == f" #### {p.answer}"
+
+
+def test_splits_are_deterministic_and_disjoint():
+    train, test = builtin_task.train_split(), builtin_task.test_split()
+    assert len(train) == builtin_task.TRAIN_ROWS and len(test) == builtin_task.TEST_ROWS
+    assert [p.question for p in builtin_task.test_split()] == [p.question for p in test]
+    assert not {p.question for p in train} & {p.question for p in test}
+
+
+def test_warm_start_never_sees_a_test_question():
+    test_questions = {p.question for p in builtin_task.test_split()}
+    pairs = builtin_model.warm_start_texts(seed=0, n=2000)
+    assert not {q for q, _ in pairs} & test_questions
+    worked = sum("=" in c.split("####")[0] for _, c in pairs) / len(pairs)
+    assert abs(worked - builtin_model.WORKED_FRACTION) < 0.05
+
+
+def test_tokenizer_is_character_level_and_round_trips():
+    tokenizer = builtin_model.build_tokenizer()
+    text = "What is 23 + 48? 3+8=11.\n#### 71"
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
+
+
+def test_cached_model_loads_through_from_pretrained(tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    assert model.config.vocab_size == len(tokenizer)
+    assert (tiny_model_path / "builtin.json").exists()
+    assert builtin_model.ensure() == tiny_model_path  # a second call reuses the cache

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+from grpo_cli.answers import is_equivalent
+from grpo_cli.builtin_model import build_tokenizer
+from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows
+from grpo_cli.errors import UserError
+from grpo_cli.recipe import DataSpec, HubDataset
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def test_builtin_rows():
+    rows = load_rows("builtin:arithmetic-test")
+    assert len(rows) == 200 and set(rows[0]) == {"question", "answer", "kind"}
+
+
+def test_unknown_builtin_set_is_explained():
+    with pytest.raises(UserError, match="builtin:arithmetic, builtin:arithmetic-test"):
+        load_rows("builtin:algebra")
+
+
+def test_gsm8k_file_gives_bare_gold_answers(tokenizer):
+    examples = load_examples(str(SHARED_DATA / "gsm8k_test.jsonl"), DataSpec(), tokenizer)
+    assert len(examples.items) == 1319 and examples.skipped == 0
+    first = examples.items[0]
+    assert first.answer == "18" and first.prompt.startswith("Janet")
+
+
+def test_math500_uses_its_answer_field(tokenizer):
+    spec = DataSpec(prompt_field="problem", template="Problem: {problem}\nSolution:")
+    examples = load_examples(str(SHARED_DATA / "math500_test.jsonl"), spec, tokenizer)
+    assert len(examples.items) == 500
+    assert examples.items[0].prompt.startswith("Problem: Convert the point")
+    assert is_equivalent(examples.items[0].answer, "\\left( 3, \\frac{\\pi}{2} \\right)")
+
+
+@pytest.mark.parametrize("suffix, write", [
+    (".jsonl", lambda rows: "".join(json.dumps(r) + "\n" for r in rows)),
+    (".json", lambda rows: json.dumps(rows)),
+    (".csv", lambda rows: "q,a\n" + "".join(f"{r['q']},{r['a']}\n" for r in rows)),
+])
+def test_local_file_formats(tmp_path, tokenizer, suffix, write):
+    rows = [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "a": "4"}]
+    path = tmp_path / f"data{suffix}"
+    path.write_text(write(rows))
+    examples = load_examples(str(path), DataSpec(prompt_field="q", answer_field="a"), tokenizer)
+    assert [(e.prompt, e.answer) for e in examples.items] == [("1+1?", "2"), ("2+2?", "4")]
+
+
+def test_relative_paths_fall_back_to_the_recipe_directory(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "d.jsonl").write_text('{"question": "q", "answer": "1"}\n')
+    monkeypatch.chdir(tmp_path.parent)
+    examples = load_examples("d.jsonl", DataSpec(), tokenizer, base_dir=tmp_path)
+    assert examples.items[0].answer == "1"
+
+
+def test_missing_file_is_explained(tokenizer):
+    with pytest.raises(UserError, match="data file missing.jsonl not found"):
+        load_examples("missing.jsonl", DataSpec(), tokenizer)
+
+
+def test_missing_fields_name_the_available_ones(tokenizer):
+    rows = [{"problem": "1+1", "solution": "2"}]
+    with pytest.raises(UserError) as error:
+        build_examples(rows, DataSpec(), tokenizer, "mine")
+    message = str(error.value)
+    assert "'answer', 'question'" in message and "Its fields are: problem, solution" in message
+
+
+def test_rows_without_an_answer_are_skipped_and_counted(tokenizer):
+    rows = [{"question": "a", "answer": "1"}, {"question": "b", "answer": ""}, {"question": "c", "answer": None}]
+    examples = build_examples(rows, DataSpec(), tokenizer, "mine")
+    assert len(examples.items) == 1 and examples.skipped == 2
+
+
+def test_empty_dataset_is_an_error(tokenizer):
+    with pytest.raises(UserError, match="empty"):
+        build_examples([], DataSpec(), tokenizer, "mine")
+
+
+def test_chat_template_with_system_prompt(tokenizer):
+    spec = DataSpec(chat=True, system_prompt="Be brief.")
+    example = build_examples([{"question": "1+1?", "answer": "2"}], spec, tokenizer, "mine").items[0]
+    assert example.prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert example.prefill == ""
+
+
+def test_a_template_that_opens_think_is_recorded_as_prefill(tokenizer):
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = tokenizer.chat_template + "{% if add_generation_prompt %}<think>\n{% endif %}"
+    example = build_examples([{"question": "q", "answer": "1"}], DataSpec(chat=True), tokenizer, "m").items[0]
+    assert example.prompt.endswith("<think>\n") and example.prefill == "<think>\n"
+
+
+def test_hub_failure_is_a_user_error():
+    with pytest.raises(UserError, match="could not load dataset no-such-org/no-such-set"):
+        load_rows(HubDataset(name="no-such-org/no-such-set"))
+
+
+def test_prompt_order_is_a_seeded_permutation_per_epoch():
+    order = PromptOrder(5, seed=3)
+    first = order.take(5)
+    assert sorted(first) == [0, 1, 2, 3, 4]
+    second = order.take(5)
+    assert sorted(second) == [0, 1, 2, 3, 4] and second != first
+    assert PromptOrder(5, seed=3).take(10) == first + second
+
+
+def test_prompt_order_resumes_from_its_state():
+    order = PromptOrder(7, seed=1)
+    order.take(4)
+    resumed = PromptOrder(7, seed=1, **order.state())
+    assert resumed.take(9) == order.take(9)

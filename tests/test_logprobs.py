@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from grpo_cli.logprobs import completion_logprobs, position_ids
+from grpo_cli.modeling import load_policy
+from grpo_cli.recipe import ModelSpec
+from grpo_cli.rollout import generate
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_path):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    with torch.no_grad():  # give the adapters a non-zero effect
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return policy
+
+
+@pytest.fixture(scope="module")
+def rollout(policy):
+    torch.manual_seed(0)
+    prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0."]  # different lengths: left padding
+    return generate(policy.model, policy.tokenizer, prompts, max_new_tokens=12, samples_per_prompt=2, temperature=0.7)
+
+
+def full_logits_reference(model, rollout, temperature):
+    ids, mask = rollout.input_ids, rollout.attention_mask
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.float() / temperature
+    logp = logits.log_softmax(-1)[:, rollout.prompt_len - 1 : -1]
+    return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def test_chunked_equals_full_logits(policy, rollout):
+    with torch.no_grad():
+        expected = full_logits_reference(policy.model, rollout, 0.7)
+        for chunk in (1, 5, 10_000):
+            got = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                      temperature=0.7, chunk_tokens=chunk)
+            mask = rollout.completion_mask.bool()
+            assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+
+
+def test_matches_what_generation_sampled_from(policy):
+    # The training pass must see the distribution the rollout sampled from (same positions under left
+    # padding, same temperature); otherwise the ratio is not 1 at the first update.
+    torch.manual_seed(1)
+    enc = policy.tokenizer(["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0."], return_tensors="pt", padding=True)
+    policy.model.eval()
+    with torch.no_grad():
+        out = policy.model.generate(**enc, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0,
+                                    output_logits=True, return_dict_in_generate=True,
+                                    pad_token_id=policy.tokenizer.pad_token_id, eos_token_id=[])
+        seq = out.sequences
+        prompt_len = enc["input_ids"].shape[1]
+        sampled = seq[:, prompt_len:]
+        step_logits = torch.stack(out.logits, dim=1).float() / 0.7
+        expected = step_logits.log_softmax(-1).gather(-1, sampled.unsqueeze(-1)).squeeze(-1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(sampled)], dim=1)
+        got = completion_logprobs(policy.model, seq, mask, prompt_len, temperature=0.7)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_gradients_do_not_depend_on_the_chunk(policy, rollout):
+    grads = []
+    for chunk in (3, 10_000):
+        policy.model.zero_grad()
+        logp = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                   chunk_tokens=chunk)
+        (logp * rollout.completion_mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    policy.model.zero_grad()
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_models_that_postprocess_logits_take_the_full_forward(policy, rollout):
+    config = policy.model.get_base_model().config
+    with torch.no_grad():
+        fast = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        config.final_logit_softcapping = 30.0  # Llama ignores it, so both paths must agree
+        try:
+            slow = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+        finally:
+            config.final_logit_softcapping = None
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(fast[mask], slow[mask], atol=1e-5)

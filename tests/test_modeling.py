@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from grpo_cli.errors import UserError
+from grpo_cli.logprobs import completion_logprobs
+from grpo_cli.modeling import load_policy, resolve
+from grpo_cli.recipe import ModelSpec
+from grpo_cli.rollout import generate
+
+
+def _logprobs(model, rollout):
+    return completion_logprobs(model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_model_path):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", lora=None), kl_beta=0.0)
+    torch.manual_seed(0)
+    return generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "What is 41 + 9?"], 30, samples_per_prompt=2)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(rollout):
+    base = load_policy(ModelSpec(name="builtin:tiny-math", lora=None), kl_beta=0.0)
+    policy = load_policy(ModelSpec(name="builtin:tiny-math"), kl_beta=0.04)
+    assert policy.is_lora and policy.frozen_reference is None
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+        with policy.reference() as reference:
+            ref = _logprobs(reference, rollout)
+        now = _logprobs(policy.model, rollout)
+        expected = _logprobs(base.model, rollout)
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(ref[mask], expected[mask], atol=1e-5)
+    assert not torch.allclose(now[mask], expected[mask], atol=1e-3)
+
+
+def test_full_fine_tune_keeps_a_frozen_copy_only_with_kl():
+    with_kl = load_policy(ModelSpec(name="builtin:tiny-math", lora=None), kl_beta=0.04)
+    assert not with_kl.is_lora
+    assert all(not p.requires_grad for p in with_kl.frozen_reference.parameters())
+    assert len(with_kl.trainable_parameters()) == len(list(with_kl.model.parameters()))
+    without = load_policy(ModelSpec(name="builtin:tiny-math", lora=None), kl_beta=0.0)
+    assert without.frozen_reference is None
+    with pytest.raises(RuntimeError, match="no reference"):
+        with without.reference():
+            pass
+
+
+def test_4bit_lora_gradients_survive_an_eval_pass_on_cpu(rollout):
+    # bitsandbytes repacks 4-bit layers for CPU inference after an eval-mode forward, and that
+    # kernel has no backward; the policy must keep training correctly after each rollout.
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", load_in_4bit=True), kl_beta=0.0)
+
+    def lora_grad():
+        policy.model.zero_grad()
+        (_logprobs(policy.model, rollout) * rollout.completion_mask).sum().backward()
+        return torch.cat([p.grad.flatten() for p in policy.trainable_parameters() if p.grad is not None])
+
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    before = lora_grad()
+    generate(policy.model, policy.tokenizer, ["What is 2 + 3?"], 5, greedy=True)  # an eval-mode pass
+    after = lora_grad()
+    assert before.abs().sum() > 0
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_missing_model_directory():
+    with pytest.raises(UserError, match="model directory ./no-such-model not found"):
+        resolve("./no-such-model")
+
+
+def test_directory_without_a_model(tmp_path):
+    with pytest.raises(UserError, match="not a model directory"):
+        resolve(str(tmp_path))
+
+
+def test_unknown_builtin_model():
+    with pytest.raises(UserError, match="builtin:tiny-math"):
+        resolve("builtin:huge")
+
+
+def test_unreachable_hub_model_is_a_user_error():
+    with pytest.raises(UserError, match="could not load the tokenizer for 'no-such-org/no-such-model'"):
+        load_policy(ModelSpec(name="no-such-org/no-such-model"), kl_beta=0.0)
+
+
+def test_cuda_requested_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the error is for machines without one")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        load_policy(ModelSpec(device="cuda"), kl_beta=0.0)

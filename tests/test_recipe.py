@@ -1,0 +1,139 @@
+import textwrap
+
+import pytest
+
+from grpo_cli import recipe
+from grpo_cli.recipe import RecipeError, load
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_defaults_fill_a_minimal_recipe(tmp_path):
+    r = load(write(tmp_path, "train: {steps: 5}\n"))
+    assert r.train.steps == 5
+    assert r.grpo.group_size == 16 and r.grpo.clip_eps == 0.2 and r.grpo.kl_beta == 0.04
+    assert r.model.lora.r == 16
+    assert r.completions_per_step == 16 * 8
+
+
+def test_unknown_key_names_file_line_and_closest_key(tmp_path):
+    path = write(tmp_path, """\
+        model:
+          name: builtin:tiny-math
+        grpo:
+          group_size: 4
+          kl_bta: 0.02
+        """)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    message = str(error.value)
+    assert f"{path}:5:" in message
+    assert "grpo.kl_bta: unknown key" in message
+    assert "Did you mean 'kl_beta'?" in message
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    path = write(tmp_path, """\
+        model:
+          dtype: float64
+          lora: {r: 16, alpah: 32}
+        grpo:
+          group_size: sixteen
+        rewards:
+          - {rule: correctnes}
+        outptu: {dir: x}
+        """)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    message = str(error.value)
+    assert "5 problems" in message
+    assert f"{path}:2: model.dtype" in message
+    assert f"{path}:3: model.lora.alpah: unknown key. Did you mean 'alpha'?" in message
+    assert f"{path}:5: grpo.group_size" in message and "'sixteen'" in message
+    assert f"{path}:7: rewards.0.rule" in message
+    assert f"{path}:8: outptu: unknown key. Did you mean 'output'?" in message
+
+
+def test_hub_dataset_mapping_is_checked_too(tmp_path):
+    path = write(tmp_path, "data:\n  train: {name: openai/gsm8k, confg: main}\n")
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    message = str(error.value)
+    assert "data.train.confg: unknown key. Did you mean 'config'?" in message
+    assert "1 problem" in message  # not also "should be a valid string" for the other branch
+
+
+def test_micro_batch_must_divide_the_step(tmp_path):
+    path = write(tmp_path, "grpo: {group_size: 4, prompts_per_step: 3, micro_batch_size: 5}\n")
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    assert f"{path}:1: grpo.micro_batch_size: 5 does not divide the step's 12 completions" in str(error.value)
+    assert "such as 4" in str(error.value)
+
+
+def test_cross_field_errors_are_listed_together(tmp_path):
+    path = write(tmp_path, """\
+        model: {load_in_4bit: true, lora: null}
+        rewards:
+          - {rule: correctness}
+          - {rule: correctness, weight: 2}
+        """)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    message = str(error.value)
+    assert "2 problems" in message
+    assert "model.load_in_4bit: a 4-bit base cannot be trained directly" in message
+    assert f"{path}:4: rewards.1.rule: correctness is listed twice" in message
+
+
+def test_set_overrides_go_through_validation(tmp_path):
+    path = write(tmp_path, "grpo: {kl_beta: 0.04}\nmodel: {lora: null}\n")
+    r = load(path, ["grpo.kl_beta=0.02", "model.lora.r=8", "data.train={name: openai/gsm8k, config: main}"])
+    assert r.grpo.kl_beta == 0.02
+    assert r.model.lora.r == 8 and r.model.lora.alpha == 32
+    assert r.data.train.name == "openai/gsm8k"
+    with pytest.raises(RecipeError) as error:
+        load(path, ["grpo.kl_beta=lots", "train.stepz=3"])
+    message = str(error.value)
+    assert "--set grpo.kl_beta=lots: grpo.kl_beta" in message
+    assert "--set train.stepz=3: train.stepz: unknown key. Did you mean 'steps'?" in message
+
+
+def test_set_can_change_a_list_item(tmp_path):
+    path = write(tmp_path, "rewards:\n  - {rule: correctness}\n  - {rule: step_format, weight: 0.2}\n")
+    assert load(path, ["rewards.1.weight=0.5"]).rewards[1].weight == 0.5
+    with pytest.raises(RecipeError, match="not an item of the list"):
+        load(path, ["rewards.5.weight=0.5"])
+
+
+@pytest.mark.parametrize("bad", ["grpo.kl_beta", "=3", "grpo..x=1"])
+def test_malformed_set_is_explained(tmp_path, bad):
+    with pytest.raises(RecipeError, match="--set"):
+        load(write(tmp_path, "{}\n"), [bad])
+
+
+def test_malformed_yaml_points_at_the_line(tmp_path):
+    path = write(tmp_path, "grpo:\n  group_size: 4\n   kl_beta: [0.1\n")
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    assert f"{path}:3" in str(error.value) and "malformed YAML" in str(error.value)
+
+
+def test_a_recipe_must_be_a_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="mapping of sections"):
+        load(write(tmp_path, "- just\n- a list\n"))
+
+
+def test_missing_file_is_explained(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load(tmp_path / "nope.yaml")
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    original = load(write(tmp_path, "grpo: {group_size: 4}\ndata: {train: {name: openai/gsm8k, config: main}}\n"))
+    again = load(write(tmp_path, recipe.dump(original), "resolved.yaml"))
+    assert again == original

@@ -1,0 +1,76 @@
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import rules_for_tests as bad
+from grpo_cli.rewards import RULES, correctness, step_format
+from grpo_cli.scoring import Scorer
+
+
+def test_pool_scores_match_the_pure_functions():
+    completions = ["3+8=11. #### 11", " #### 12", "x = 2 or x = 3", "no idea"] * 3
+    answers = ["11", "11", "2, 3", "4"] * 3
+    with Scorer() as scorer:
+        scores = scorer.score(["correctness", "step_format"], completions, answers)
+    expected = [[correctness(c, a), step_format(c, a)] for c, a in zip(completions, answers)]
+    assert scores.values.tolist() == expected
+    assert scores.column("correctness").tolist() == [1.0, 0.0, 1.0, 0.0] * 3
+    assert scores.timeouts == 0 and scores.errors == 0
+
+
+def test_works_from_a_worker_thread():
+    # math-verify's own timeouts use signal.alarm and break off the main thread; ours do not.
+    result = {}
+
+    def run():
+        with Scorer(workers=1) as scorer:
+            result["scores"] = scorer.score(["correctness"], ["\\boxed{\\frac{1}{2}}"], ["0.5"])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert result["scores"].values.tolist() == [[1.0]]
+
+
+def test_a_slow_rule_times_out_and_scores_zero():
+    rules = {**RULES, "sleeps": bad.sleeps, "length": bad.length}
+    with Scorer(rules, workers=1, call_timeout_s=0.5) as scorer:
+        started = time.perf_counter()
+        scores = scorer.score(["length", "sleeps"], ["abc", "de"], ["1", "2"])
+        elapsed = time.perf_counter() - started
+    assert scores.values.tolist() == [[3.0, 0.0], [2.0, 0.0]]
+    assert scores.timeouts == 2
+    assert elapsed < 30
+
+
+def test_a_rule_that_ignores_the_alarm_is_cut_off_from_outside():
+    rules = {"stuck": bad.ignores_alarms, "length": bad.length}
+    with Scorer(rules, workers=1, call_timeout_s=0.5, start_margin_s=2.0) as scorer:
+        scorer.score(["length"], ["warm-up"], ["x"])  # start the worker before timing
+        started = time.perf_counter()
+        scores = scorer.score(["length", "stuck"], ["abcd"], ["1"])
+        elapsed = time.perf_counter() - started
+        after = scorer.score(["length"], ["again"], ["1"])  # the pool came back
+    assert scores.values.tolist() == [[4.0, 0.0]]
+    assert scores.timeouts == 1
+    assert elapsed < 30
+    assert after.values.tolist() == [[5.0]]
+
+
+def test_a_raising_rule_scores_zero_and_is_counted():
+    with Scorer({"raises": bad.raises, "length": bad.length}, workers=1) as scorer:
+        scores = scorer.score(["raises", "length"], ["ab"], ["1"])
+    assert scores.values.tolist() == [[0.0, 2.0]] and scores.errors == 1
+
+
+def test_duplicates_are_scored_once_but_returned_for_every_row():
+    with Scorer({"length": bad.length}, workers=1) as scorer:
+        scores = scorer.score(["length"], ["aa", "aa", "b"], ["1", "1", "1"])
+    assert np.array_equal(scores.values, np.array([[2.0], [2.0], [1.0]]))
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(KeyError, match="no reward rule named 'nope'"):
+        Scorer().score(["nope"], ["a"], ["b"])
