@@ -1,0 +1,84 @@
+"""The CLI through Typer's runner and as a real subprocess."""
+
+import os
+import subprocess
+import sys
+
+import yaml
+from typer.testing import CliRunner
+
+from conftest import ROOT, small_recipe
+from grpo_cli import __version__
+from grpo_cli.cli import app
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path, **sections):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(small_recipe(tmp_path / "run", **sections)))
+    return path
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_lists_train_with_an_example():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0 and "grpo train recipes/quickstart.yaml" in result.output
+
+
+def test_recipe_errors_exit_2_without_a_traceback(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("grpo:\n  kl_bta: 0.1\n")
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "kl_bta: unknown key. Did you mean 'kl_beta'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_recipe_file(tmp_path):
+    result = runner.invoke(app, ["train", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, tiny_model_path):
+    path = write_recipe(tmp_path, model={"name": "./no/such/model"})
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 2 and "model directory ./no/such/model not found" in result.output
+
+
+def test_train_through_the_runner_with_overrides(tmp_path, tiny_model_path):
+    path = write_recipe(tmp_path)
+    result = runner.invoke(app, ["train", str(path), "--set", "train.steps=1", "--set", "output.eval_every=1"])
+    assert result.exit_code == 0, result.output
+    assert "done: 1 steps" in result.output and "held-out accuracy" in result.output
+    # running again into the same directory needs --resume
+    again = runner.invoke(app, ["train", str(path), "--set", "train.steps=2"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    resumed = runner.invoke(app, ["train", str(path), "--set", "train.steps=2", "--resume"])
+    assert resumed.exit_code == 0 and "done: 2 steps" in resumed.output
+
+
+def test_train_as_a_subprocess(tmp_path, tiny_model_path):
+    path = write_recipe(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "train", str(path), "--set", "train.steps=2"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "step 2/2" in result.stdout and "done: 2 steps" in result.stdout
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "trainer_state.json").exists()
+
+
+def test_subprocess_reports_user_errors_with_exit_code(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("grpo: {group_size: 1}\n")
+    result = subprocess.run([sys.executable, "-m", "grpo_cli", "train", str(path)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert result.returncode == 2
+    assert "grpo.group_size" in result.stderr and "Traceback" not in result.stderr

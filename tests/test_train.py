@@ -1,0 +1,140 @@
+"""End-to-end runs on the builtin model: a few steps each, on the CPU."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import small_recipe
+from grpo_cli import recipe as recipe_module
+from grpo_cli.console import TrainConsole
+from grpo_cli.errors import UserError
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds"}
+REQUIRED = {"step", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "loss", "completion_len",
+            "frac_zero_std", "step_seconds", "rollout_seconds", "score_seconds", "update_seconds"}
+
+
+def run(tmp_path, name="run", resume=False, **sections):
+    recipe = recipe_module.validate(small_recipe(tmp_path / name, **sections))
+    return train(recipe, resume=resume, console=TrainConsole(quiet=True))
+
+
+def metrics(run_dir, timing=False):
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return rows if timing else [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_run_directory(tmp_path, tiny_model_path):
+    summary = run(tmp_path)
+    run_dir = tmp_path / "run"
+    assert summary.step == 3 and summary.checkpoint == run_dir / "checkpoints" / "step-3"
+    # the resolved recipe loads back to the same recipe
+    assert recipe_module.load(run_dir / "recipe.yaml") == recipe_module.validate(small_recipe(run_dir))
+    rows = metrics(run_dir, timing=True)
+    steps = [r for r in rows if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for row in steps:
+        assert REQUIRED <= set(row) and {"reward/correctness", "reward/step_format"} <= set(row)
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["frac_zero_std"] <= 1 and row["kl"] >= 0
+        split = row["rollout_seconds"] + row["score_seconds"] + row["update_seconds"]
+        assert split == pytest.approx(row["step_seconds"], rel=1e-6)
+    evals = [r for r in rows if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 2, 3] and all(r["eval/n"] == 16 for r in evals)
+    assert summary.eval_first == evals[0]["eval/accuracy"] and summary.eval_last == evals[-1]["eval/accuracy"]
+    samples = read_jsonl(run_dir / "samples.jsonl")
+    assert {s["step"] for s in samples} == {1, 2, 3} and len(samples) == 3 * 2 * 4
+    assert {"prompt", "answer", "completion", "rewards", "reward", "advantage"} <= set(samples[0])
+    for step in (2, 3):
+        ckpt = run_dir / "checkpoints" / f"step-{step}"
+        for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "optimizer.pt",
+                     "scheduler.pt", "rng.pt", "trainer_state.json"):
+            assert (ckpt / name).exists(), name
+        assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == step
+    assert not list((run_dir / "checkpoints").glob(".*partial"))
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_model_path):
+    run(tmp_path, "a")
+    run(tmp_path, "b")
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+
+
+def test_resume_continues_to_the_same_result(tmp_path, tiny_model_path):
+    steps4 = {"train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0}}
+    run(tmp_path, "straight", **steps4)
+    run(tmp_path, "crashed", **steps4)
+    crashed = tmp_path / "crashed"
+    # as if the run died after its step-2 checkpoint
+    for step in (3, 4):
+        shutil.rmtree(crashed / "checkpoints" / f"step-{step}", ignore_errors=True)
+    summary = run(tmp_path, "crashed", resume=True, **steps4)
+    assert summary.step == 4
+    assert metrics(crashed) == metrics(tmp_path / "straight")
+    a = load_file(str(crashed / "checkpoints/step-4/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight/checkpoints/step-4/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_can_extend_a_finished_run(tmp_path, tiny_model_path):
+    run(tmp_path)
+    summary = run(tmp_path, resume=True, train={"steps": 5, "lr": 2e-3, "warmup_steps": 1, "seed": 0})
+    assert summary.step == 5
+    assert [r["step"] for r in metrics(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3, 4, 5]
+
+
+def test_a_used_run_directory_is_refused_without_resume(tmp_path, tiny_model_path):
+    run(tmp_path, train={"steps": 1, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+    with pytest.raises(UserError, match="already holds a run. Pass --resume"):
+        run(tmp_path)
+
+
+def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path):
+    run(tmp_path, "whole", grpo={"micro_batch_size": None})
+    run(tmp_path, "micro", grpo={"micro_batch_size": 2})
+    whole, micro = metrics(tmp_path / "whole"), metrics(tmp_path / "micro")
+    assert [r["step"] for r in whole] == [r["step"] for r in micro]
+    for a, b in zip(whole, micro):
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_path):
+    sections = {"model": {"name": "builtin:tiny-math", "dtype": "float32", "lora": None},
+                "grpo": {"updates_per_rollout": 2, "micro_batch_size": 4},
+                "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 0, "seed": 0}}
+    run(tmp_path, **sections)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-2"
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
+    rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
+    assert all(0 <= r["clip_frac"] <= 1 for r in rows)
+    # the second update sees a moved policy: some ratios leave 1, so the KL to the reference is positive
+    assert rows[-1]["kl"] > 0
+    summary = run(tmp_path, resume=True, **{**sections, "train": {**sections["train"], "steps": 3}})
+    assert summary.step == 3
+
+
+def test_no_reference_pass_without_kl(tmp_path, tiny_model_path):
+    run(tmp_path, grpo={"kl_beta": 0.0}, train={"steps": 1, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+    rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
+    assert rows[0]["kl"] is None
+
+
+def test_4bit_base(tmp_path, tiny_model_path):
+    summary = run(tmp_path, model={"name": "builtin:tiny-math", "dtype": "float32", "load_in_4bit": True,
+                                   "lora": {"r": 8, "alpha": 16}},
+                  train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+    assert summary.step == 2
+    assert (tmp_path / "run" / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
+
+
+def test_training_data_without_the_named_field(tmp_path, tiny_model_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"problem": "1+1", "solution": "2"}\n')
+    with pytest.raises(UserError, match="has no field"):
+        run(tmp_path, data={"train": str(data), "eval": None})
