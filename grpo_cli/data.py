@@ -118,7 +118,12 @@ def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str) -> Ex
     if not rows:
         raise UserError(f"dataset {name} is empty.")
     columns = list(rows[0])
-    needed = {spec.prompt_field, spec.answer_field, *template_fields(spec.template or "")}
+    try:
+        prompt_fields = template_fields(spec.template) if spec.template is not None else [spec.prompt_field]
+    except ValueError as exc:
+        raise UserError(f"data.template {spec.template!r} is not a valid format string ({exc}); "
+                        "write fields as {question} and literal braces as {{ }}.") from None
+    needed = {spec.answer_field, *prompt_fields}
     missing = sorted(needed - set(columns))
     if missing:
         raise UserError(

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from typer.testing import CliRunner
@@ -82,3 +83,10 @@ def test_subprocess_reports_user_errors_with_exit_code(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert result.returncode == 2
     assert "grpo.group_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_grpo_console_script_is_installed():
+    script = Path(sys.executable).parent / "grpo"
+    assert script.exists(), "pip install -e . puts the grpo command next to python"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and __version__ in result.stdout

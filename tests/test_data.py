@@ -119,3 +119,14 @@ def test_prompt_order_resumes_from_its_state():
     order.take(4)
     resumed = PromptOrder(7, seed=1, **order.state())
     assert resumed.take(9) == order.take(9)
+
+
+def test_a_template_replaces_the_prompt_field(tokenizer):
+    rows = [{"problem": "1+1", "answer": "2"}]
+    examples = build_examples(rows, DataSpec(template="Problem: {problem}"), tokenizer, "m")
+    assert examples.items[0].prompt == "Problem: 1+1"
+
+
+def test_a_broken_template_is_explained(tokenizer):
+    with pytest.raises(UserError, match="not a valid format string"):
+        build_examples([{"question": "q", "answer": "1"}], DataSpec(template="Q: {question"), tokenizer, "m")
