@@ -152,5 +152,10 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
         return False
 
 
+def equivalence(pred: str, gold: str) -> float:
+    """is_equivalent as a score, so the scoring pool can run it under its timeouts."""
+    return 1.0 if is_equivalent(pred, gold) else 0.0
+
+
 def is_correct(completion: str, gold: str) -> bool:
     return is_equivalent(extract_final_answer(completion), gold)

@@ -2,7 +2,8 @@
 
 `checkpoints/step-N/` holds the weights in the standard layout (a PEFT adapter,
 or a full transformers model), the tokenizer, the optimizer and scheduler state,
-every RNG state and the data position. It is written to a temporary directory
+every RNG state, the data position, and the run's recipe, so a checkpoint copied
+on its own still says how to load and prompt the model. It is written to a temporary directory
 and renamed into place only when complete, so a crash mid-save never leaves a
 checkpoint that resume would load.
 """
@@ -19,7 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo_cli.errors import UserError
+
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+RECIPE_FILE = "recipe.yaml"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -43,7 +47,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict) -> Path:
+def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict, recipe_yaml: str) -> Path:
     final = checkpoint_dir(run_dir, step)
     partial = final.with_name(f".{final.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -53,6 +57,7 @@ def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: 
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
     torch.save(scheduler.state_dict(), partial / "scheduler.pt")
     torch.save(rng_state(), partial / "rng.pt")
+    (partial / RECIPE_FILE).write_text(recipe_yaml)
     state = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **trainer_state}
     (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
     if final.exists():
@@ -69,6 +74,23 @@ def latest(run_dir: Path) -> Path | None:
         if suffix.isdigit() and (path / STATE_FILE).exists():
             found.append((int(suffix), path))
     return max(found)[1] if found else None
+
+
+def locate(path: Path) -> Path | None:
+    """The checkpoint a user means by `path`: a checkpoint itself, or a run directory's latest.
+
+    None when `path` is neither (a merged model or anything else); an error for a run
+    directory that holds no complete checkpoint yet.
+    """
+    if (path / STATE_FILE).exists():
+        return path
+    if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():
+        found = latest(path)
+        if found is None:
+            raise UserError(f"{path} is a run directory without a complete checkpoint yet; "
+                            "wait for the first save (output.save_every) or pass a model directory.")
+        return found
+    return None
 
 
 def read_state(path: Path) -> dict:

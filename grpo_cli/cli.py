@@ -66,6 +66,90 @@ def train(
     )
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Option(None, "--model", "-m", help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
+    data: str = typer.Option(None, "--data", "-d", help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
+    data_file: str = typer.Option(None, "--data-file", help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
+    predictions: str = typer.Option(None, "--predictions", help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
+    samples: int = typer.Option(1, "--samples", "-k", help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N problems."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write results (figures, settings, one record per row) as JSON."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
+    temperature: float = typer.Option(0.6, help="Sampling temperature when --samples > 1."),
+    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling when --samples > 1."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per generation batch."),
+    seed: int = typer.Option(0, help="Seed for sampling."),
+    template: str = typer.Option(None, help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
+    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for chat prompts."),
+    chat: bool = typer.Option(None, "--chat/--no-chat", help="Use the tokenizer's chat template (default: when it has one)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    dtype: str = typer.Option(None, help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
+) -> None:
+    """Measure accuracy on a math set, or grade given completions.
+
+    Examples: grpo eval --model runs/quickstart --limit 50;
+    grpo eval --model Qwen/Qwen2.5-0.5B-Instruct --data gsm8k --samples 8 --output results.json;
+    grpo eval --predictions completions.jsonl
+    """
+    import json
+
+    from rich.console import Console
+
+    from grpo_cli.benchmark import EvalOptions, run
+    from grpo_cli.console import TaskProgress, print_eval
+
+    console = Console()
+    options = EvalOptions(model, data, data_file, predictions, samples, limit, max_new_tokens, temperature, top_p,
+                          batch_size, seed, template, system_prompt, chat, device, dtype)
+    try:
+        with TaskProgress(console, "generate") as progress:
+            evaluation = run(options, on_progress=progress.update,
+                             on_message=lambda text: console.print(text, highlight=False))
+        results = evaluation.results()
+        if output is not None:
+            try:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+            except OSError as exc:
+                raise UserError(f"cannot write {output}: {exc.strerror}.") from None
+    except UserError as error:
+        _fail(error)
+    print_eval(console, results)
+    if output is not None:
+        console.print(f"results written to {output}", highlight=False)
+
+
+@app.command()
+def score(
+    recipe: Path = typer.Argument(..., help="The recipe whose reward rules and weights to use."),
+    completions: Path = typer.Argument(..., help=".jsonl/.json/.csv/.parquet rows: the prompt field (or 'prompt'), the answer field (or 'answer'), and 'completion' or 'completions'."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
+    output: Path = typer.Option(None, "--output", "-o", help="Also write the scores as JSON."),
+) -> None:
+    """Score completions with the recipe's reward rules, grouped per prompt, as training would.
+
+    Example: grpo score recipes/quickstart.yaml my_completions.jsonl
+    """
+    import dataclasses
+    import json
+
+    from rich.console import Console
+
+    from grpo_cli import recipe as recipe_module
+    from grpo_cli.console import print_scores
+    from grpo_cli.score import score_completions
+
+    try:
+        loaded = recipe_module.load(recipe, set_)
+        groups = score_completions(loaded, completions)
+        if output is not None:
+            output.write_text(json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
+    except UserError as error:
+        _fail(error)
+    print_scores(Console(), groups, [r.rule for r in loaded.rewards])
+
+
 def quiet_libraries() -> None:
     """Keep the console for our own output: no per-file progress bars from transformers,
     no notice from bitsandbytes about an optional CPU kernel package we do not use."""

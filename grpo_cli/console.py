@@ -47,3 +47,81 @@ class TrainConsole:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+class TaskProgress:
+    """A progress bar with ETA for a counted task (evaluation batches); silent when not a terminal."""
+
+    def __init__(self, console: Console, label: str):
+        self.console, self.label = console, label
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            self._progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                      console=self.console, transient=True)
+            self._progress.start()
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self._progress is None:
+            return
+        if self._task is None:
+            self._task = self._progress.add_task(self.label, total=total)
+        self._progress.update(self._task, completed=done)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def print_eval(console: Console, results: dict) -> None:
+    """The summary of `grpo eval` as tables: overall figures, then per subject and level."""
+    from rich.table import Table
+
+    settings = results["settings"]
+    title = f"{settings.get('model') or settings.get('predictions')}"
+    if settings.get("data"):
+        title += f" on {settings['data']}"
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("accuracy (pass@1)", f"{results['accuracy']:.2%}")
+    table.add_row("problems", str(results["n"]))
+    table.add_row("completions graded correct", str(results["correct"]))
+    for key, value in results.items():
+        if key.startswith(("pass@", "maj@")) and isinstance(value, float):
+            table.add_row(key, f"{value:.2%}")
+    table.add_row("protocol", str(settings.get("protocol")))
+    table.add_row("seconds", f"{results['seconds']:.1f}")
+    console.print(table)
+    for key, groups in results.items():
+        if key.startswith("by_"):
+            breakdown = Table(title=f"by {key.removeprefix('by_')}", title_justify="left")
+            breakdown.add_column(key.removeprefix("by_"))
+            breakdown.add_column("accuracy", justify="right")
+            breakdown.add_column("n", justify="right")
+            for name, figures in groups.items():
+                breakdown.add_row(name, f"{figures['accuracy']:.2%}", str(figures["n"]))
+            console.print(breakdown)
+
+
+def print_scores(console: Console, groups, rules: list[str]) -> None:
+    """One table per prompt: each completion's reward per rule, total and advantage."""
+    from rich.table import Table
+
+    for number, group in enumerate(groups, 1):
+        prompt = group.prompt if len(group.prompt) <= 70 else group.prompt[:67] + "..."
+        table = Table(title=f"group {number}: {prompt}  (gold {group.answer})", title_justify="left")
+        table.add_column("completion", overflow="fold", max_width=60)
+        for rule in rules:
+            table.add_column(rule, justify="right")
+        table.add_column("total", justify="right")
+        table.add_column("advantage", justify="right")
+        for scored in group.completions:
+            text = scored.completion.strip().replace("\n", " ")
+            table.add_row(text if len(text) <= 120 else text[:117] + "...",
+                          *[f"{scored.rewards[r]:+.2f}" for r in rules], f"{scored.total:+.3f}", f"{scored.advantage:+.3f}")
+        console.print(table)

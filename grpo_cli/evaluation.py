@@ -1,53 +1,148 @@
-"""Held-out accuracy: greedy pass@1 on a dataset, graded by the correctness rule."""
+"""Generate answers for a dataset and grade them: the one evaluation path, for `grpo eval`
+and for a training run's held-out evaluations.
+
+Greedy decoding gives pass@1. With k samples per problem the report adds the mean
+accuracy over samples, unbiased pass@k, and maj@k (a majority vote over the
+extracted answers, clustered by mathematical equivalence). Grading uses the
+`correctness` rule through the scoring pool, so no answer can hang an evaluation.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
+from grpo_cli.answers import extract_final_answer, gold_answer
 from grpo_cli.data import Example
+from grpo_cli.protocols import k_values, majority_vote, pass_at_k
 from grpo_cli.rollout import generate
 from grpo_cli.scoring import Scorer
 
+GROUP_FIELDS = ("subject", "level", "kind", "model")  # per-value breakdowns when the rows carry these
+
 
 @dataclass(frozen=True)
-class EvalResult:
-    accuracy: float  # fraction of examples whose greedy completion is correct
-    n: int
+class EvalItem:
+    gold: str
+    completions: list[str]  # k of them (1 when greedy)
+    extracted: list[str | None]  # the final answer each completion states
     correct: list[bool]
-    completions: list[str]
+    fields: dict = field(default_factory=dict)  # carried from the input row (problem, subject, level, ...)
+    majority: int | None = None  # index of the maj@k answer; None when no sample answered
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    items: list[EvalItem]
     seconds: float
 
+    @property
+    def samples(self) -> int:
+        return max((len(i.completions) for i in self.items), default=0)
 
-def evaluate(
-    model,
-    tokenizer,
-    examples: list[Example],
-    max_new_tokens: int,
-    scorer: Scorer,
-    batch_size: int = 64,
-    add_special_tokens: bool = True,
-    on_batch=None,
-) -> EvalResult:
-    """Greedy completions for every example, in batches, then graded in one go."""
+    @property
+    def accuracy(self) -> float:
+        """pass@1: per problem the fraction of its samples that are correct, averaged."""
+        return sum(sum(i.correct) / len(i.correct) for i in self.items) / len(self.items)
+
+    def summary(self) -> dict:
+        k = self.samples
+        figures: dict = {"accuracy": self.accuracy, "n": len(self.items), "samples": k,
+                         "correct": sum(sum(i.correct) for i in self.items)}
+        if k > 1:
+            figures["mean_accuracy"] = self.accuracy
+            for kk in k_values(k):
+                figures[f"pass@{kk}"] = sum(pass_at_k(len(i.correct), sum(i.correct), kk) for i in self.items) / len(self.items)
+            figures[f"maj@{k}"] = sum(i.majority is not None and i.correct[i.majority] for i in self.items) / len(self.items)
+        for name in GROUP_FIELDS:
+            groups = defaultdict(list)
+            for item in self.items:
+                if name in item.fields:
+                    groups[str(item.fields[name])].append(sum(item.correct) / len(item.correct))
+            if len(groups) > 1:
+                figures[f"by_{name}"] = {key: {"accuracy": sum(v) / len(v), "n": len(v)} for key, v in sorted(groups.items())}
+        return figures
+
+
+def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, samples: int = 1,
+                         temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
+                         add_special_tokens: bool = True, on_progress=None) -> list[list[str]]:
+    """`samples` completions per prompt (greedy when samples is 1), in input order.
+
+    Prompts are batched by token length, so a batch pads to similar lengths.
+    """
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    out: list[list[str]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rollout = generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, samples_per_prompt=samples,
+                           temperature=temperature, top_p=top_p, greedy=samples == 1,
+                           add_special_tokens=add_special_tokens)
+        for j, index in enumerate(batch):
+            out[index] = rollout.texts[j * samples : (j + 1) * samples]
+        if on_progress:
+            on_progress(min(start + batch_size, len(order)), len(order))
+    return out
+
+
+def _vote(items: list[EvalItem], scorer: Scorer) -> list[EvalItem]:
+    """Fill in each item's maj@k answer, comparing answers by equivalence in the scoring pool."""
+    pairs = sorted({(a, b) for item in items for i, a in enumerate(item.extracted) for b in item.extracted[i + 1 :]
+                    if a is not None and b is not None and a != b})
+    equal = {}
+    if pairs:
+        scores = scorer.score(["equivalent"], [a for a, _ in pairs], [b for _, b in pairs])
+        equal = {pair: bool(v) for pair, v in zip(pairs, scores.column("equivalent"))}
+
+    def same(a: str, b: str) -> bool:
+        return a == b or equal.get((a, b), False) or equal.get((b, a), False)
+
+    return [EvalItem(i.gold, i.completions, i.extracted, i.correct, i.fields, majority_vote(i.extracted, same))
+            for i in items]
+
+
+def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields: list[dict] | None = None,
+          prefills: list[str] | None = None) -> list[EvalItem]:
+    """Grade k completions per problem against its gold answer (bare form)."""
+    prefills = prefills or [""] * len(golds)
+    flat = [(p + c, g) for g, cs, p in zip(golds, completions, prefills) for c in cs]
+    scores = scorer.score(["correctness"], [c for c, _ in flat], [g for _, g in flat]).column("correctness")
+    fields = fields or [{} for _ in golds]
+    items, at = [], 0
+    for gold, group, prefill, row in zip(golds, completions, prefills, fields):
+        correct = [bool(v) for v in scores[at : at + len(group)]]
+        at += len(group)
+        items.append(EvalItem(gold, list(group), [extract_final_answer(prefill + c) for c in group], correct, row))
+    if any(len(g) > 1 for g in completions):
+        items = _vote(items, scorer)
+    return items
+
+
+def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, scorer: Scorer, samples: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, add_special_tokens: bool = True,
+             on_progress=None) -> EvalReport:
+    """Generate and grade: greedy when samples is 1, else `samples` sampled completions per problem."""
     started = time.perf_counter()
-    completions: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        rollout = generate(
-            model, tokenizer, [e.prompt for e in batch], max_new_tokens, greedy=True,
-            add_special_tokens=add_special_tokens,
-        )
-        completions.extend(rollout.texts)
-        if on_batch:
-            on_batch(len(completions), len(examples))
-    graded = scorer.score(["correctness"], [e.prefill + c for e, c in zip(examples, completions)],
-                          [e.answer for e in examples])
-    correct = [bool(v) for v in graded.column("correctness")]
-    return EvalResult(
-        accuracy=sum(correct) / len(correct),
-        n=len(correct),
-        correct=correct,
-        completions=completions,
-        seconds=time.perf_counter() - started,
-    )
+    completions = generate_completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, samples,
+                                       temperature, top_p, batch_size, add_special_tokens, on_progress)
+    items = grade([e.answer for e in examples], completions, scorer, [e.row for e in examples],
+                  [e.prefill for e in examples])
+    return EvalReport(items, time.perf_counter() - started)
+
+
+def grade_predictions(rows: list[dict], scorer: Scorer) -> EvalReport:
+    """Grade completions produced elsewhere: rows with `answer` and `completion` or `completions`."""
+    started = time.perf_counter()
+    golds, completions, fields = [], [], []
+    for number, row in enumerate(rows, 1):
+        if "answer" not in row or ("completion" not in row and "completions" not in row):
+            raise ValueError(f"row {number} needs 'answer' and 'completion' (a string) or 'completions' (a list)")
+        group = row["completions"] if "completions" in row else [row["completion"]]
+        if isinstance(group, str) or not group:
+            raise ValueError(f"row {number}: 'completions' must be a non-empty list of strings")
+        golds.append(gold_answer(row["answer"]))
+        completions.append([str(c) for c in group])
+        fields.append({k: v for k, v in row.items() if k not in ("completion", "completions")})
+    return EvalReport(grade(golds, completions, scorer, fields), time.perf_counter() - started)

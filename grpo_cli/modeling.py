@@ -166,3 +166,51 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None) -> Policy:
     elif kl_beta > 0:
         frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
     return Policy(model, tokenizer, device, dtype, path, frozen_reference)
+
+
+@dataclass
+class Inference:
+    """A model ready to generate, and the recipe it was trained with when there is one."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    recipe: object | None  # Recipe of the run a checkpoint came from
+    source: str  # what was loaded, for reports
+
+
+def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None, progress=None) -> Inference:
+    """A model in eval mode from a run directory (its latest checkpoint), a checkpoint, a PEFT
+    adapter directory, a model directory, a hub id or a builtin name."""
+    import json
+
+    from grpo_cli import checkpoint, recipe as recipe_module
+
+    target = pick_device(device)
+    path = Path(ref).expanduser()
+    found = checkpoint.locate(path) if path.is_dir() else None
+    if found is not None:
+        recipe_path = found / checkpoint.RECIPE_FILE
+        recipe = recipe_module.load(recipe_path if recipe_path.exists() else found.parent.parent / "recipe.yaml")
+        spec = recipe.model.model_copy(update={"dtype": dtype or recipe.model.dtype})
+        if spec.lora is not None:
+            model = _with_adapter(spec.name, found, spec, target, progress)
+        else:
+            model = load_base(str(found), spec, target, pick_dtype(spec.dtype, target))
+        source = f"{found} (step {checkpoint.read_state(found)['step']})"
+        return Inference(model.eval(), load_tokenizer(str(found)), recipe, source)
+    spec = ModelSpec(name=ref, dtype=dtype or "auto", lora=None)
+    if (path / "adapter_config.json").exists():
+        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = _with_adapter(base_name, path, spec, target, progress)
+        tokenizer_from = str(path) if (path / "tokenizer_config.json").exists() else resolve(base_name, progress)
+        return Inference(model.eval(), load_tokenizer(tokenizer_from), None, str(path))
+    resolved = resolve(ref, progress)
+    model = load_base(resolved, spec, target, pick_dtype(spec.dtype, target))
+    return Inference(model.eval(), load_tokenizer(resolved), None, ref)
+
+
+def _with_adapter(base_name: str, adapter_dir: Path, spec: ModelSpec, device: torch.device, progress):
+    from peft import PeftModel
+
+    base = load_base(resolve(base_name, progress), spec, device, pick_dtype(spec.dtype, device))
+    return PeftModel.from_pretrained(base, str(adapter_dir))

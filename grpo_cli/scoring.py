@@ -21,11 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from grpo_cli.answers import equivalence
 from grpo_cli.rewards import RULES, Rule
 
 CALL_TIMEOUT_S = 5.0
 START_MARGIN_S = 30.0  # a fresh worker imports SymPy and math-verify before its first item
 CHUNK = 32
+# What the pool runs by default: the reward rules, and answer-to-answer equivalence for majority votes.
+GRADERS: dict[str, Rule] = {**RULES, "equivalent": equivalence}
 OK, TIMEOUT, ERROR = 0, 1, 2
 
 Item = tuple[str, str, str]  # (rule, completion, answer)
@@ -80,7 +83,7 @@ class Scorer:
     `rules` maps names to module-level functions (workers import them by name).
     """
 
-    def __init__(self, rules: Mapping[str, Rule] = RULES, workers: int | None = None,
+    def __init__(self, rules: Mapping[str, Rule] = GRADERS, workers: int | None = None,
                  call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S):
         self.rules = dict(rules)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))

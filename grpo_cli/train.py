@@ -110,11 +110,12 @@ def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: l
 
 def run_eval(step: int, policy: Policy, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
              console: TrainConsole) -> float:
-    result = evaluate(policy.model, policy.tokenizer, eval_set.items, recipe.grpo.max_new_tokens, scorer,
+    report = evaluate(policy.model, policy.tokenizer, eval_set.items, recipe.grpo.max_new_tokens, scorer,
                       add_special_tokens=not recipe.data.chat)
-    log.metrics({"step": step, "eval/accuracy": result.accuracy, "eval/n": result.n, "eval/seconds": result.seconds})
-    console.evaluation(step, result.accuracy, result.n, result.seconds)
-    return result.accuracy
+    log.metrics({"step": step, "eval/accuracy": report.accuracy, "eval/n": len(report.items),
+                 "eval/seconds": report.seconds})
+    console.evaluation(step, report.accuracy, len(report.items), report.seconds)
+    return report.accuracy
 
 
 def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
@@ -254,7 +255,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     run_eval(step, policy, eval_set, recipe, scorer, log, console)
                 if step % recipe.output.save_every == 0 or step == recipe.train.steps:
                     last_saved = checkpoint.save(run_dir, step, policy, optimizer, scheduler,
-                                                 {"data": order.state(), "base_model": recipe.model.name})
+                                                 {"data": order.state(), "base_model": recipe.model.name},
+                                                 dump(recipe))
         finally:
             console.stop()
 

@@ -1,14 +1,16 @@
 """The CLI through Typer's runner and as a real subprocess."""
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, small_recipe
+from conftest import ROOT, SHARED_DATA, small_recipe
 from grpo_cli import __version__
 from grpo_cli.cli import app
 
@@ -90,3 +92,45 @@ def test_the_grpo_console_script_is_installed():
     assert script.exists(), "pip install -e . puts the grpo command next to python"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_eval_through_the_runner(tmp_path, tiny_model_path):
+    out = tmp_path / "results.json"
+    result = runner.invoke(app, ["eval", "--model", "builtin:tiny-math", "--data", "builtin:arithmetic-test",
+                                 "--limit", "5", "--max-new-tokens", "40", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "accuracy (pass@1)" in result.output
+    results = json.loads(out.read_text())
+    assert results["n"] == 5 and len(results["items"]) == 5
+
+
+def test_eval_predictions_as_a_subprocess(tmp_path):
+    out = tmp_path / "r.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "grpo_cli", "eval", "--predictions", str(SHARED_DATA / "gsm8k_test_model_solutions.jsonl"),
+         "--limit", "200", "--output", str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["n"] == 200
+
+
+def test_eval_mistakes_exit_2(tmp_path):
+    result = runner.invoke(app, ["eval", "--data", "gsm8k"])
+    assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_score_through_the_runner(tmp_path):
+    rows = tmp_path / "c.jsonl"
+    rows.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4",
+                                "completions": ["2+2=4. #### 4", "#### 5"]}) + "\n")
+    out = tmp_path / "s.json"
+    result = runner.invoke(app, ["score", str(ROOT / "recipes" / "quickstart.yaml"), str(rows), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "advantage" in result.output
+    groups = json.loads(out.read_text())
+    assert groups[0]["completions"][0]["total"] == pytest.approx(1.2)
+
+
+def test_score_missing_file(tmp_path):
+    result = runner.invoke(app, ["score", str(ROOT / "recipes" / "quickstart.yaml"), str(tmp_path / "none.jsonl")])
+    assert result.exit_code == 2 and "not found" in result.output

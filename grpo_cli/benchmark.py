@@ -1,0 +1,172 @@
+"""`grpo eval`: a model on a math set under a stated protocol, or predictions graded as given.
+
+Named sets resolve to the standard test splits: `gsm8k` is GSM8K's test split (1319
+problems), `math500` the MATH-500 subset (500), read from a local copy when
+`data_file` is given, else from the hub. The prompt format is the one the model
+was trained with when the model is a grpo run or checkpoint (its recipe's data
+section), else the model's chat template with a "reason step by step, answer in
+\\boxed{}" system prompt, else a plain "Question: ...\\nAnswer:" prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grpo_cli.data import Examples, build_examples, describe, load_rows
+from grpo_cli.errors import UserError
+from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
+from grpo_cli.modeling import load_for_inference
+from grpo_cli.recipe import DataSpec, HubDataset
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.scoring import Scorer
+
+BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    hub: HubDataset
+    prompt_field: str
+    max_new_tokens: int
+    size: int
+
+
+NAMED_SETS = {
+    "gsm8k": NamedSet(HubDataset(name="openai/gsm8k", config="main", split="test"), "question", 512, 1319),
+    "math500": NamedSet(HubDataset(name="HuggingFaceH4/MATH-500", split="test"), "problem", 1024, 500),
+}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str | None = None  # run dir, checkpoint, model dir, hub id, builtin:...
+    data: str | None = None  # gsm8k, math500, builtin:..., a file, a hub dataset; None = the run's eval set
+    data_file: str | None = None  # local copy of a named set
+    predictions: str | None = None  # grade this file instead of generating
+    samples: int = 1
+    limit: int | None = None
+    max_new_tokens: int | None = None
+    temperature: float = 0.6  # only when samples > 1
+    top_p: float = 0.95
+    batch_size: int = 32
+    seed: int = 0
+    template: str | None = None
+    system_prompt: str | None = None
+    chat: bool | None = None
+    device: str = "auto"
+    dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    report: EvalReport
+    settings: dict
+
+    def results(self) -> dict:
+        """The JSON results: summary figures, settings, and one record per input row, in order."""
+        items = []
+        for index, item in enumerate(self.report.items):
+            single = len(item.completions) == 1
+            record = {"index": index, **{k: v for k, v in item.fields.items() if k != "answer"}, "gold": item.gold}
+            record["extracted"] = item.extracted[0] if single else item.extracted
+            record["correct"] = item.correct[0] if single else item.correct
+            record["completion" if single else "completions"] = item.completions[0] if single else item.completions
+            if item.majority is not None and not single:
+                record["majority"] = item.extracted[item.majority]
+            items.append(record)
+        return {**self.report.summary(), "seconds": round(self.report.seconds, 2), "settings": self.settings,
+                "items": items}
+
+
+def _data_spec(named: NamedSet | None, options: EvalOptions, recipe, tokenizer, builtin: bool) -> DataSpec:
+    """How prompts are written: explicit options, else the run's recipe, else the set's protocol."""
+    if recipe is not None:
+        spec = recipe.data
+    else:
+        chat = options.chat if options.chat is not None else (
+            bool(getattr(tokenizer, "chat_template", None)) and not builtin)
+        field = named.prompt_field if named else "question"
+        spec = DataSpec(prompt_field=field, chat=chat, system_prompt=BOXED_SYSTEM_PROMPT if chat else None,
+                        template=None if (chat or builtin) else f"Question: {{{field}}}\nAnswer:")
+    if named is not None:
+        spec = spec.model_copy(update={"answer_field": "answer"})
+    updates = {"template": options.template, "system_prompt": options.system_prompt, "chat": options.chat}
+    return spec.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
+def _load_set(options: EvalOptions, recipe) -> tuple[list[dict], NamedSet | None, str]:
+    if options.data is None:
+        if recipe is None or recipe.data.eval is None:
+            raise UserError("say which data to evaluate on with --data (gsm8k, math500, a file or a hub dataset).")
+        return load_rows(recipe.data.eval), None, describe(recipe.data.eval)
+    named = NAMED_SETS.get(options.data.lower())
+    if named is not None:
+        if options.data_file:
+            return load_rows(options.data_file), named, f"{options.data} ({options.data_file})"
+        return load_rows(named.hub), named, f"{options.data} ({describe(named.hub)})"
+    if options.data_file:
+        raise UserError(f"--data-file gives a local copy of a named set ({', '.join(NAMED_SETS)}), not of {options.data!r}.")
+    return load_rows(options.data), None, options.data
+
+
+def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
+    """Everything `grpo eval` does, without the console."""
+    if options.samples < 1:
+        raise UserError("--samples must be at least 1.")
+    if options.predictions:
+        return _grade_file(options)
+    if options.model is None:
+        raise UserError("say which model to evaluate with --model (a run directory, checkpoint, model directory, "
+                        "hub id or builtin:tiny-math), or grade a file with --predictions.")
+    random.seed(options.seed)
+    np.random.seed(options.seed)
+    torch.manual_seed(options.seed)
+    loaded = load_for_inference(options.model, options.device, options.dtype, progress=on_message)
+    rows, named, data_name = _load_set(options, loaded.recipe)
+    builtin = options.model.startswith("builtin:") or (
+        loaded.recipe is not None and loaded.recipe.model.name.startswith("builtin:"))
+    spec = _data_spec(named, options, loaded.recipe, loaded.tokenizer, builtin)
+    if named is not None and spec.prompt_field != named.prompt_field:
+        # a run trained on {question} evaluated on MATH's {problem}: give rows the name its prompt uses
+        rows = [{**row, spec.prompt_field: row[named.prompt_field]} for row in rows]
+    examples: Examples = build_examples(rows, spec, loaded.tokenizer, data_name)
+    items = examples.items[: options.limit] if options.limit else examples.items
+    max_new = options.max_new_tokens or (named.max_new_tokens if named else None) or (
+        loaded.recipe.grpo.max_new_tokens if loaded.recipe else 512)
+    sampled = options.samples > 1
+    with Scorer() as scorer:
+        report = evaluate(loaded.model, loaded.tokenizer, items, max_new, scorer, samples=options.samples,
+                          temperature=options.temperature, top_p=options.top_p, batch_size=options.batch_size,
+                          add_special_tokens=not spec.chat, on_progress=on_progress)
+    settings = {
+        "model": loaded.source, "data": data_name, "n": len(items), "skipped_rows": examples.skipped,
+        "protocol": f"{options.samples} samples, T={options.temperature}, top_p={options.top_p}" if sampled
+        else "greedy pass@1",
+        "samples": options.samples, "temperature": options.temperature if sampled else 0.0,
+        "top_p": options.top_p if sampled else 1.0, "max_new_tokens": max_new, "seed": options.seed,
+        "chat": spec.chat, "system_prompt": spec.system_prompt, "template": spec.template,
+        "prompt_field": spec.prompt_field, "limit": options.limit,
+    }
+    return Evaluation(report, settings)
+
+
+def _grade_file(options: EvalOptions) -> Evaluation:
+    path = Path(options.predictions)
+    if not path.is_file():
+        raise UserError(f"predictions file {path} not found.")
+    rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+    if not rows:
+        raise UserError(f"{path} holds no rows.")
+    rows = rows[: options.limit] if options.limit else rows
+    with Scorer() as scorer:
+        try:
+            report = grade_predictions(rows, scorer)
+        except ValueError as exc:
+            raise UserError(f"{path}: {exc}.") from None
+    return Evaluation(report, {"predictions": str(path), "n": len(rows), "protocol": "given completions"})

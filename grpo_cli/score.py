@@ -1,0 +1,90 @@
+"""`grpo score`: the recipe's reward rules on given completions, exactly as training computes them.
+
+Rows sharing a prompt form one group, as a rollout's G completions do; each
+completion gets every rule's reward, the weighted total, and its advantage inside
+its group. It is the dry run for designing rewards before paying for a rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grpo_cli.advantages import group_advantages
+from grpo_cli.data import build_examples, load_rows
+from grpo_cli.errors import UserError
+from grpo_cli.recipe import Recipe
+from grpo_cli.scoring import Scorer
+
+
+@dataclass(frozen=True)
+class Scored:
+    completion: str
+    rewards: dict[str, float]  # rule -> reward
+    total: float  # weighted sum, the reward training uses
+    advantage: float  # z-score inside the group
+
+
+@dataclass(frozen=True)
+class Group:
+    prompt: str
+    answer: str
+    completions: list[Scored]
+
+
+def _prompt_tokenizer(recipe: Recipe):
+    """Only a chat prompt needs the tokenizer (to see what its template opens); no weights load."""
+    if not recipe.data.chat:
+        return None
+    from grpo_cli import builtin_model
+    from grpo_cli.modeling import load_tokenizer, resolve
+
+    if recipe.model.name.startswith("builtin:"):
+        return builtin_model.build_tokenizer()
+    return load_tokenizer(resolve(recipe.model.name))
+
+
+def _normalize_rows(rows: list[dict], recipe: Recipe) -> list[dict]:
+    """One row per completion; `prompt`/`answer` stand in for the recipe's field names."""
+    spec = recipe.data
+    flat = []
+    for number, row in enumerate(rows, 1):
+        completions = row.get("completions") or ([row["completion"]] if row.get("completion") is not None else None)
+        if not completions or isinstance(completions, str):
+            raise UserError(f"row {number} needs 'completion' (a string) or 'completions' (a list of strings).")
+        fields = {k: v for k, v in row.items() if k not in ("completion", "completions")}
+        if spec.prompt_field not in fields and "prompt" in fields:
+            fields[spec.prompt_field] = fields["prompt"]
+        if spec.answer_field not in fields and "answer" in fields:
+            fields[spec.answer_field] = fields["answer"]
+        flat.extend({**fields, "_completion": str(c)} for c in completions)
+    return flat
+
+
+def score_completions(recipe: Recipe, path: Path, scorer: Scorer | None = None) -> list[Group]:
+    rows = _normalize_rows(load_rows(str(path)), recipe)
+    examples = build_examples(rows, recipe.data, _prompt_tokenizer(recipe), str(path)).items
+    by_prompt: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_prompt.setdefault(example.prompt, []).append(index)
+    names = [r.rule for r in recipe.rewards]
+    weights = torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64)  # [R]
+    owned = scorer is None
+    scorer = scorer or Scorer()
+    try:
+        scores = scorer.score(names, [e.prefill + e.row["_completion"] for e in examples], [e.answer for e in examples])
+    finally:
+        if owned:
+            scorer.close()
+    totals = torch.from_numpy(scores.values) @ weights  # [N]
+    groups = []
+    for prompt, members in by_prompt.items():
+        advantages, _ = group_advantages(totals[members], len(members))  # [G]
+        groups.append(Group(prompt, examples[members[0]].answer, [
+            Scored(examples[i].row["_completion"], dict(zip(names, scores.values[i].tolist())), totals[i].item(),
+                   advantages[j].item())
+            for j, i in enumerate(members)
+        ]))
+    return groups

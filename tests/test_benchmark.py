@@ -1,0 +1,109 @@
+"""`grpo eval` as a function: model and data resolution, prompt formats, results."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA, small_recipe
+from grpo_cli import recipe as recipe_module
+from grpo_cli.benchmark import BOXED_SYSTEM_PROMPT, EvalOptions, run
+from grpo_cli.console import TrainConsole
+from grpo_cli.errors import UserError
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_path):
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    recipe = recipe_module.validate(small_recipe(run_dir, data={"eval_limit": 40}))
+    train(recipe, console=TrainConsole(quiet=True))
+    return run_dir
+
+
+def test_a_run_directory_scores_as_its_training_eval_did(trained_run):
+    evaluation = run(EvalOptions(model=str(trained_run), limit=40))
+    last = [r for r in read_jsonl(trained_run / "metrics.jsonl") if "eval/accuracy" in r][-1]
+    assert evaluation.report.accuracy == last["eval/accuracy"]
+    settings = evaluation.settings
+    assert settings["data"] == "builtin:arithmetic-test" and settings["protocol"] == "greedy pass@1"
+    assert "step 3" in settings["model"] and settings["max_new_tokens"] == 40 and settings["chat"] is False
+
+
+def test_a_checkpoint_and_the_builtin_base(trained_run):
+    checkpoint = trained_run / "checkpoints" / "step-2"
+    assert "step 2" in run(EvalOptions(model=str(checkpoint), limit=8)).settings["model"]
+    base = run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test", limit=8, max_new_tokens=40))
+    assert base.settings["template"] is None and base.settings["chat"] is False
+
+
+def test_results_have_one_record_per_row_in_order(trained_run):
+    results = run(EvalOptions(model=str(trained_run), limit=10)).results()
+    assert [item["index"] for item in results["items"]] == list(range(10))
+    first = results["items"][0]
+    assert {"question", "gold", "extracted", "correct", "completion", "kind"} <= set(first)
+    assert isinstance(first["correct"], bool)
+    assert results["accuracy"] == sum(i["correct"] for i in results["items"]) / 10
+    json.dumps(results)  # serializable as is
+
+
+def test_samples_give_the_other_protocols(trained_run):
+    results = run(EvalOptions(model=str(trained_run), limit=6, samples=4, seed=1)).results()
+    assert results["samples"] == 4
+    assert {"mean_accuracy", "pass@1", "pass@2", "pass@4", "maj@4"} <= set(results)
+    assert results["pass@1"] == pytest.approx(results["accuracy"])
+    assert results["pass@4"] >= results["pass@2"] >= results["pass@1"]
+    assert all(len(item["correct"]) == 4 for item in results["items"])
+    assert results["settings"]["temperature"] == 0.6
+
+
+def test_same_seed_same_samples(trained_run):
+    a = run(EvalOptions(model=str(trained_run), limit=4, samples=3, seed=5)).results()["items"]
+    b = run(EvalOptions(model=str(trained_run), limit=4, samples=3, seed=5)).results()["items"]
+    assert [i["completions"] for i in a] == [i["completions"] for i in b]
+
+
+def test_named_set_from_a_local_file(trained_run):
+    evaluation = run(EvalOptions(model=str(trained_run), data="gsm8k", data_file=str(SHARED_DATA / "gsm8k_test.jsonl"),
+                                 limit=3, max_new_tokens=8))
+    assert evaluation.settings["data"].startswith("gsm8k (") and evaluation.report.items[0].gold == "18"
+    assert evaluation.report.items[0].fields["question"].startswith("Janet")
+    math = run(EvalOptions(model=str(trained_run), data="math500", data_file=str(SHARED_DATA / "math500_test.jsonl"),
+                           limit=2, max_new_tokens=8))
+    # the run was trained on {question}; MATH rows carry {problem}, renamed for its prompt
+    assert math.report.items[0].fields["problem"].startswith("Convert the point")
+
+
+def test_protocol_for_a_chat_model_without_a_recipe(tiny_model_path, tmp_path):
+    # a plain model directory whose tokenizer has a chat template: chat + the boxed system prompt
+    evaluation = run(EvalOptions(model=str(tiny_model_path), data="gsm8k",
+                                 data_file=str(SHARED_DATA / "gsm8k_test.jsonl"), limit=1, max_new_tokens=4))
+    assert evaluation.settings["chat"] is True and evaluation.settings["system_prompt"] == BOXED_SYSTEM_PROMPT
+    plain = run(EvalOptions(model=str(tiny_model_path), data="gsm8k", data_file=str(SHARED_DATA / "gsm8k_test.jsonl"),
+                            limit=1, max_new_tokens=4, chat=False))
+    assert plain.settings["template"] == "Question: {question}\nAnswer:"
+
+
+def test_predictions_need_no_model(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"answer": "#### 5", "completion": "2+3=5. A: 5"}) + "\n")
+    results = run(EvalOptions(predictions=str(path))).results()
+    assert results["accuracy"] == 1.0 and results["items"][0]["extracted"] == "5"
+
+
+@pytest.mark.parametrize("options, message", [
+    (EvalOptions(), "--model"),
+    (EvalOptions(model="builtin:tiny-math"), "--data"),
+    (EvalOptions(predictions="/no/such.jsonl"), "not found"),
+    (EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test", data_file="x.jsonl"), "named set"),
+    (EvalOptions(model="builtin:tiny-math", samples=0), "at least 1"),
+])
+def test_mistakes_are_explained(options, message, tiny_model_path):
+    with pytest.raises(UserError, match=message):
+        run(options)
+
+
+def test_a_run_without_checkpoints_is_explained(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match="without a complete checkpoint"):
+        run(EvalOptions(model=str(tmp_path)))

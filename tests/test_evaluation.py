@@ -1,0 +1,102 @@
+"""Grading and the protocol figures, on hand-made rows and on the shared real data."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+from grpo_cli.answers import gold_answer
+from grpo_cli.evaluation import EvalReport, grade, grade_predictions
+from grpo_cli.scoring import Scorer
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    with Scorer() as scorer:
+        yield scorer
+
+
+def read(name):
+    return [json.loads(line) for line in open(SHARED_DATA / name)]
+
+
+def test_sampled_protocol_figures(scorer):
+    golds = ["4", "1/2"]
+    completions = [
+        ["#### 4", "#### 5", "#### 5", "#### 4"],             # 2 of 4 correct; vote tie 4 vs 5 -> 4 came first
+        ["#### 0.5", "#### 3", "\\boxed{\\frac12}", "#### 3"],  # 2 of 4; 0.5 and 1/2 are one answer
+    ]
+    items = grade(golds, completions, scorer)
+    assert [i.correct for i in items] == [[True, False, False, True], [True, False, True, False]]
+    summary = EvalReport(items, 0.0).summary()
+    assert summary["accuracy"] == pytest.approx(0.5) and summary["samples"] == 4 and summary["correct"] == 4
+    # pass@2 per problem with n=4, c=2: 1 - C(2,2)/C(4,2) = 5/6
+    assert summary["pass@2"] == pytest.approx(5 / 6)
+    assert summary["pass@4"] == pytest.approx(1.0)
+    assert summary["maj@4"] == pytest.approx(1.0)
+    assert items[1].extracted[items[1].majority] == "0.5"
+
+
+def test_majority_can_be_wrong(scorer):
+    items = grade(["7"], [["#### 7", "#### 8", "#### 8.0"]], scorer)
+    assert items[0].extracted[items[0].majority] == "8"
+    assert EvalReport(items, 0.0).summary()["maj@3"] == 0.0
+
+
+def test_predictions_keep_order_and_fields(scorer):
+    rows = [
+        {"answer": "Some work\n#### 1,000", "completion": "so 1000 in all. A: 1000", "model": "m1", "id": 7},
+        {"answer": "3", "completions": ["#### 3", "#### 2"], "subject": "Algebra"},
+    ]
+    report = grade_predictions(rows, scorer)
+    assert [i.gold for i in report.items] == ["1,000", "3"]
+    assert report.items[0].fields == {"answer": "Some work\n#### 1,000", "model": "m1", "id": 7}
+    assert [i.correct for i in report.items] == [[True], [True, False]]
+    assert report.accuracy == pytest.approx((1.0 + 0.5) / 2)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"completion": "x"}, "needs 'answer'"),
+    ({"answer": "1"}, "needs 'answer' and 'completion'"),
+    ({"answer": "1", "completions": "just a string"}, "non-empty list"),
+])
+def test_malformed_prediction_rows(scorer, row, message):
+    with pytest.raises(ValueError, match=message):
+        grade_predictions([row], scorer)
+
+
+def test_gsm8k_model_completions_agree_with_their_labels(scorer):
+    rows = read("gsm8k_test_model_solutions.jsonl")
+    report = grade_predictions(rows, scorer)
+    agree = sum(i.correct[0] == r["is_correct"] for i, r in zip(report.items, rows))
+    assert len(rows) == 5276
+    assert agree / len(rows) >= 0.995, agree
+    assert set(report.summary()["by_model"]) == {"6b_finetuning", "6b_verification", "175b_finetuning",
+                                                 "175b_verification"}
+
+
+def test_math500_reference_solutions_grade_correct(scorer):
+    rows = read("math500_test.jsonl")
+    items = grade([r["answer"] for r in rows], [[r["solution"]] for r in rows], scorer)
+    assert sum(i.correct[0] for i in items) >= 499
+
+
+def test_math500_solutions_do_not_match_other_answers(scorer):
+    rows = read("math500_test.jsonl")
+    pairs = [(r["solution"], rows[(i + 1) % len(rows)]["answer"]) for i, r in enumerate(rows)
+             if rows[(i + 1) % len(rows)]["answer"].strip() != r["answer"].strip()]
+    items = grade([a for _, a in pairs], [[s] for s, _ in pairs], scorer)
+    assert sum(i.correct[0] for i in items) <= 2
+
+
+def test_math500_breakdown_by_subject_and_level(scorer):
+    rows = read("math500_test.jsonl")[:60]
+    report = grade_predictions([{**r, "completion": r["solution"]} for r in rows], scorer)
+    summary = report.summary()
+    assert set(summary["by_level"]) <= {"1", "2", "3", "4", "5"} and len(summary["by_level"]) > 1
+    assert sum(g["n"] for g in summary["by_subject"].values()) == 60
+
+
+def test_gold_answer_forms():
+    assert gold_answer("#### 72") == "72"
+    assert gold_answer("\\frac{1}{2}") == "\\frac{1}{2}"
