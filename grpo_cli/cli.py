@@ -150,6 +150,32 @@ def score(
     print_scores(Console(), groups, [r.rule for r in loaded.rewards])
 
 
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to."),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA adapter, in the standard PEFT layout."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it is not empty."),
+) -> None:
+    """Merge the trained adapters into the base and save a model plain transformers loads; verified after writing.
+
+    Example: grpo export runs/quickstart --out models/quickstart
+    """
+    from grpo_cli.export import export as run_export
+
+    try:
+        exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force)
+    except UserError as error:
+        _fail(error)
+    check = exported.check
+    what = "LoRA adapter" if exported.adapter_only else f"{exported.dtype} model"
+    typer.echo(
+        f"exported step {exported.step} as a {what} to {exported.out}; verified: next-token distributions within "
+        f"{check.vs_adapter:.1e} of the adapter model (allowed {check.tolerance:.1e}), {check.vs_base:.2e} from the base"
+    )
+
+
 def quiet_libraries() -> None:
     """Keep the console for our own output: no per-file progress bars from transformers,
     no notice from bitsandbytes about an optional CPU kernel package we do not use."""

@@ -199,14 +199,17 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
         source = f"{found} (step {checkpoint.read_state(found)['step']})"
         return Inference(model.eval(), load_tokenizer(str(found)), recipe, source)
     spec = ModelSpec(name=ref, dtype=dtype or "auto", lora=None)
+    # a grpo export carries its training recipe: prompt it the way it was trained
+    exported_recipe = path / "grpo_recipe.yaml"
+    recipe = recipe_module.load(exported_recipe) if exported_recipe.exists() else None
     if (path / "adapter_config.json").exists():
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = _with_adapter(base_name, path, spec, target, progress)
         tokenizer_from = str(path) if (path / "tokenizer_config.json").exists() else resolve(base_name, progress)
-        return Inference(model.eval(), load_tokenizer(tokenizer_from), None, str(path))
+        return Inference(model.eval(), load_tokenizer(tokenizer_from), recipe, str(path))
     resolved = resolve(ref, progress)
     model = load_base(resolved, spec, target, pick_dtype(spec.dtype, target))
-    return Inference(model.eval(), load_tokenizer(resolved), None, ref)
+    return Inference(model.eval(), load_tokenizer(resolved), recipe, ref)
 
 
 def _with_adapter(base_name: str, adapter_dir: Path, spec: ModelSpec, device: torch.device, progress):

@@ -134,3 +134,23 @@ def test_score_through_the_runner(tmp_path):
 def test_score_missing_file(tmp_path):
     result = runner.invoke(app, ["score", str(ROOT / "recipes" / "quickstart.yaml"), str(tmp_path / "none.jsonl")])
     assert result.exit_code == 2 and "not found" in result.output
+
+
+def test_export_through_the_runner_and_as_a_subprocess(tmp_path, tiny_model_path):
+    path = write_recipe(tmp_path)
+    assert runner.invoke(app, ["train", str(path), "--set", "train.steps=2", "--set", "train.lr=0.005"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert "exported step 2 as a float32 model" in result.output and "verified" in result.output
+    again = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")])
+    assert again.exit_code == 2 and "--force" in again.output
+    proc = subprocess.run([sys.executable, "-m", "grpo_cli", "export", str(tmp_path / "run"), "--out",
+                           str(tmp_path / "adapter"), "--adapter-only"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "as a LoRA adapter" in proc.stdout
+
+
+def test_export_of_a_non_run_exits_2(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not a grpo run directory" in result.output
