@@ -4,6 +4,10 @@ The backbone runs once to hidden states; the output head and log-softmax then ru
 over chunks of tokens. Under autograd each chunk is checkpointed, so only the
 hidden states are kept and a chunk's logits are rebuilt during backward: peak
 memory grows with the chunk, not with batch x length x vocabulary.
+
+`micro_batch_logprobs` can also run each distinct prompt once for all its
+completions in a micro-batch: the prompt's KV cache (with autograd) is shared by
+the completions, and gradients flow back through it into the prompt pass.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ def causal_lm(model):
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, as `generate` assigns them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, T]
+
+
+def uses_logit_postprocessing(model) -> bool:
+    return any(getattr(causal_lm(model).config, name, None) for name in _LOGIT_POSTPROCESSING)
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
@@ -49,7 +57,7 @@ def completion_logprobs(
     targets = input_ids[:, prompt_len:]  # [N, C]
     n, c = targets.shape
     positions = position_ids(attention_mask)  # [N, P+C]
-    if any(getattr(lm.config, name, None) for name in _LOGIT_POSTPROCESSING):
+    if uses_logit_postprocessing(model):
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
             logits_to_keep=c + 1,
@@ -58,7 +66,14 @@ def completion_logprobs(
     hidden = lm.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, P+C, H]
-    hidden = hidden[:, prompt_len - 1 : -1].reshape(n * c, -1)  # [N*C, H]: the state that predicts each target
+    hidden = hidden[:, prompt_len - 1 : -1]  # [N, C, H]: the state that predicts each target
+    return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens)
+
+
+def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int):
+    """[N, C, H] hidden states, [N, C] targets -> [N, C] log-probs, chunked and checkpointed."""
+    n, c = targets.shape
+    hidden = hidden.reshape(n * c, -1)  # [N*C, H]
     flat_targets = targets.reshape(n * c)  # [N*C]
     head = lm.get_output_embeddings()
     pieces = []
@@ -69,3 +84,36 @@ def completion_logprobs(
         else:
             pieces.append(_chunk_logprobs(*args))
     return torch.cat(pieces).view(n, c)  # [N, C]
+
+
+def can_share_prompts(model) -> bool:
+    """The shared-prompt pass needs a KV cache under autograd: not with activation checkpointing
+    (transformers turns the cache off there) nor with logit post-processing."""
+    lm = causal_lm(model)
+    return not getattr(lm, "is_gradient_checkpointing", False) and not uses_logit_postprocessing(model)
+
+
+def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: bool = True,
+                         chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """[n, c] log-probs of a `batching.MicroBatch`'s completions; with share_prompts each distinct
+    prompt runs once and its KV cache serves all of its completions."""
+    if not share_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]:
+        return completion_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
+                                   chunk_tokens)
+    from grpo_cli.rollout import cache_argument, new_cache, returned_cache
+
+    lm = causal_lm(model)
+    kwarg = cache_argument(model)
+    prompt = lm.base_model(input_ids=micro.prompt_ids, attention_mask=micro.prompt_mask,
+                           position_ids=position_ids(micro.prompt_mask), use_cache=True,
+                           **{kwarg: new_cache(model)})  # [u, p, H]
+    cache = returned_cache(prompt)
+    cache.batch_select_indices(micro.prompt_index)  # each completion gets its prompt's keys and values
+    prompt_lengths = micro.prompt_mask.sum(1)[micro.prompt_index]  # [n]
+    steps = torch.arange(micro.completion_ids.shape[1], device=micro.completion_ids.device)
+    completion = lm.base_model(input_ids=micro.completion_ids, attention_mask=micro.attention_mask,
+                               position_ids=prompt_lengths[:, None] + steps[None], use_cache=True,
+                               **{kwarg: cache}).last_hidden_state  # [n, c, H]
+    last_prompt_state = prompt.last_hidden_state[micro.prompt_index, -1:]  # [n, 1, H]: predicts token 0
+    hidden = torch.cat([last_prompt_state, completion[:, :-1]], dim=1)  # [n, c, H]
+    return _head_logprobs(lm, hidden, micro.completion_ids, temperature, chunk_tokens)

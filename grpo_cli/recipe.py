@@ -79,7 +79,11 @@ class GrpoSpec(Section):
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="completions per forward/backward pass; null = the whole step at once"
+        None, ge=1, description="most completions per forward/backward pass; null = automatic (by a token budget)"
+    )
+    engine: Literal["fast", "plain"] = Field(
+        "fast", description="fast: shared-prompt rollout and update, length-grouped micro-batches; "
+        "plain: transformers' generate and padded micro-batches in order (same samples, for comparison)"
     )
 
 

@@ -1,15 +1,28 @@
 """Sampling: G completions for each prompt, packed for the update.
 
-Generation goes through transformers' `generate` (KV cache on, model in eval
-mode, no autograd). A completion ends at its first EOS, which is kept and
-trained on; everything after it is padding and masked out.
+Two engines give the same samples for the same seed (tested):
+
+- `fast` (default): each prompt is prefilled once and its KV cache shared by its G
+  samples, and sequences that have ended drop out of the decode batch, so no work
+  is spent on finished rows. It draws its random numbers exactly as
+  transformers' sampler does (one multinomial over every row at every step), so
+  dropping rows does not change what the others sample.
+- `generate`: transformers' `generate`, which prefills G copies of each prompt and
+  decodes every row to the end. The plain path, for comparison and for
+  architectures whose caches the fast engine does not handle.
+
+A completion ends at its first EOS, which is kept and trained on; everything
+after it is padding and masked out.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+
+COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this share of it has ended
 
 
 @dataclass(frozen=True)
@@ -20,6 +33,7 @@ class Rollout:
     prompt_len: int  # P
     texts: list[str]  # decoded completions, special tokens dropped
     truncated: torch.Tensor  # [N] bool: reached max_new_tokens without an EOS
+    group_size: int = 1  # consecutive rows sharing a prompt
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
@@ -37,51 +51,133 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    samples_per_prompt: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    greedy: bool = False,
-    add_special_tokens: bool = True,
-) -> Rollout:
+def cache_argument(model) -> str:
+    """transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`."""
+    from grpo_cli.logprobs import causal_lm
+
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty DynamicCache laid out for the model (sliding-window layers included where it knows them)."""
+    from transformers import DynamicCache
+
+    from grpo_cli.logprobs import causal_lm
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=causal_lm(model).config)
+    return DynamicCache()
+
+
+def returned_cache(output):
+    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -> Rollout:
+    """Prompt [N, P] and raw completion tokens [N, C] -> a Rollout with masks and texts."""
+    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # [N, C]
+    # Keep tokens up to and including the first EOS: cumsum counts EOS seen strictly before t.
+    before = is_eos.long().cumsum(1) - is_eos.long()  # [N, C]
+    completion_mask = (before == 0).long()  # [N, C]
+    completion = completion * completion_mask + tokenizer.pad_token_id * (1 - completion_mask)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, completion], dim=1),
+        attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+        completion_mask=completion_mask,
+        prompt_len=prompt_ids.shape[1],
+        texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
+        truncated=~is_eos.any(1),
+        group_size=group_size,
+    )
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
+             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
+             engine: str = "fast") -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
-    # top_k=0 turns off the default top-k=50 filter: we sample from the policy we train.
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        sequences = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=samples_per_prompt,
-            eos_token_id=eos_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            use_cache=True,
-            **sampling,
-        )  # [N, P+C]
+        run = _decode_shared if engine == "fast" else _decode_generate
+        completion = run(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                         samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
     model.train(was_training)
-    prompt_len = enc["input_ids"].shape[1]
-    completion = sequences[:, prompt_len:]  # [N, C]
-    is_eos = torch.isin(completion, torch.tensor(eos_ids, device=device))  # [N, C]
-    ended = is_eos.any(1)  # [N]
-    # Keep tokens up to and including the first EOS: cumsum counts EOS seen strictly before t.
-    before = is_eos.long().cumsum(1) - is_eos.long()  # [N, C]
-    completion_mask = (before == 0).long()  # [N, C]
+    prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
-    texts = tokenizer.batch_decode(completion * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),
-                                   skip_special_tokens=True)
-    return Rollout(
-        input_ids=sequences,
-        attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-        completion_mask=completion_mask,
-        prompt_len=prompt_len,
-        texts=texts,
-        truncated=~ended,
-    )
+    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples_per_prompt)
+
+
+def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
+                     greedy, eos_ids) -> torch.Tensor:
+    # top_k=0 turns off generate's default top-k=50 filter: we sample from the policy we train.
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
+                                                    "top_k": 0}
+    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                               num_return_sequences=samples, eos_token_id=eos_ids,
+                               pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)  # [N, P+C]
+    return sequences[:, input_ids.shape[1] :]
+
+
+def _next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The same warpers, in the same order, as transformers' sampler applies. [n, V] -> [n, V]"""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if temperature != 1.0:
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return logits
+
+
+def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
+                   greedy, eos_ids) -> torch.Tensor:
+    """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows."""
+    from grpo_cli.logprobs import position_ids
+
+    kwarg = cache_argument(model)
+    device = input_ids.device
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                use_cache=True, logits_to_keep=1, **{kwarg: new_cache(model)})
+    cache = returned_cache(out)
+    cache.batch_repeat_interleave(samples)
+    logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # [N, V]: logits of the active rows
+    n_rows, vocab = logits.shape
+    mask = attention_mask.repeat_interleave(samples, dim=0)  # [n, P + t] of the active rows
+    next_position = mask.sum(1)  # [n]
+    active = torch.arange(n_rows, device=device)  # row numbers of the active rows
+    tokens = torch.full((n_rows, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, device=device)
+    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over all rows
+    steps = 0
+    for step in range(max_new_tokens):
+        if greedy:
+            chosen = logits.argmax(-1)  # [n]
+        else:
+            scores = _next_token_scores(logits, temperature, top_p)  # [n, V]
+            # One multinomial over all N rows, as transformers draws it: the random stream does not
+            # depend on which rows are still running. Ended rows get a dummy one-hot distribution.
+            probs = torch.zeros(n_rows, vocab, device=device)
+            probs[:, tokenizer.pad_token_id] = 1.0
+            probs[active] = scores.softmax(-1)
+            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[active]  # [n]
+        tokens[active, step] = chosen
+        steps = step + 1
+        just_ended = torch.isin(chosen, eos)  # [n]
+        ended[active[just_ended]] = True
+        if bool(ended.all()) or steps == max_new_tokens:
+            break
+        if int(just_ended.sum()) and (int(ended[active].sum()) >= COMPACT_FRACTION * len(active)):
+            # Drop the ended rows (the cache index copy is amortized over many steps).
+            kept = (~ended[active]).nonzero().squeeze(1)
+            cache.batch_select_indices(kept)
+            active, mask, next_position, chosen = active[kept], mask[kept], next_position[kept], chosen[kept]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                    use_cache=True, logits_to_keep=1, **{kwarg: cache})
+        cache = returned_cache(out)
+        logits = out.logits[:, -1].float()  # [n, V]
+        next_position = next_position + 1
+    return tokens[:, :steps]

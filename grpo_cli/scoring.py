@@ -109,14 +109,14 @@ class Scorer:
     def __exit__(self, *exc):
         self.close()
 
-    def _run(self, items: list[Item]) -> dict[Item, tuple[float, int]]:
+    def _submit(self, chunks: list[list[Item]], rules: dict[str, Rule]) -> list:
+        pool = self._ensure_pool()
+        return [(chunk, pool.apply_async(_score_items, (chunk, rules, self.call_timeout_s))) for chunk in chunks]
+
+    def _collect(self, jobs: list, rules: dict[str, Rule]) -> dict[Item, tuple[float, int]]:
         results: dict[Item, tuple[float, int]] = {}
-        rules = {name: self.rules[name] for name in {rule for rule, _, _ in items}}
-        pending = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-        while pending:
-            pool = self._ensure_pool()
-            jobs = [(chunk, pool.apply_async(_score_items, (chunk, rules, self.call_timeout_s))) for chunk in pending]
-            pending = []
+        while jobs:
+            retry = []
             for index, (chunk, job) in enumerate(jobs):
                 try:
                     # The worker's alarm fires long before this; the margin covers a worker's start-up.
@@ -127,21 +127,47 @@ class Scorer:
                     if len(chunk) == 1:
                         results[chunk[0]] = (0.0, TIMEOUT)
                     else:
-                        pending.extend([item] for item in chunk)
-                    pending.extend(c for c, j in jobs[index + 1 :])
+                        retry.extend([item] for item in chunk)
+                    retry.extend(c for c, j in jobs[index + 1 :])
                     break
+            jobs = self._submit(retry, rules) if retry else []
         return results
 
-    def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> Scores:
-        """Every rule on every (completion, answer) pair."""
+    def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> "Pending":
+        """Start scoring every rule on every (completion, answer) pair; `.result()` waits for it.
+
+        The work runs in the worker processes, so the caller can do other work meanwhile.
+        """
         rules = tuple(rules)
         unknown = [r for r in rules if r not in self.rules]
         if unknown:
             raise KeyError(f"no reward rule named {unknown[0]!r}; known: {', '.join(self.rules)}")
         items = list(dict.fromkeys((r, c, a) for c, a in zip(completions, answers, strict=True) for r in rules))
-        results = self._run(items) if items else {}
+        used = {name: self.rules[name] for name in rules}
+        jobs = self._submit([items[i : i + CHUNK] for i in range(0, len(items), CHUNK)], used) if items else []
+        return Pending(self, jobs, used, rules, list(completions), list(answers))
+
+    def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> Scores:
+        """Every rule on every (completion, answer) pair."""
+        return self.submit(rules, completions, answers).result()
+
+
+@dataclass
+class Pending:
+    """Scoring under way in the pool."""
+
+    scorer: Scorer
+    jobs: list
+    used: dict
+    rules: tuple[str, ...]
+    completions: list[str]
+    answers: list[str]
+
+    def result(self) -> Scores:
+        results = self.scorer._collect(self.jobs, self.used)
         values = np.array(
-            [[results[(r, c, a)][0] for r in rules] for c, a in zip(completions, answers)], dtype=np.float64
-        ).reshape(len(completions), len(rules))
+            [[results[(r, c, a)][0] for r in self.rules] for c, a in zip(self.completions, self.answers)],
+            dtype=np.float64,
+        ).reshape(len(self.completions), len(self.rules))
         statuses = [status for _, status in results.values()]
-        return Scores(values, rules, statuses.count(TIMEOUT), statuses.count(ERROR))
+        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR))

@@ -19,11 +19,12 @@ import torch
 
 from grpo_cli import checkpoint
 from grpo_cli.advantages import group_advantages
+from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
 from grpo_cli.errors import UserError
 from grpo_cli.evaluation import evaluate
-from grpo_cli.logprobs import completion_logprobs
+from grpo_cli.logprobs import can_share_prompts, micro_batch_logprobs
 from grpo_cli.loss import grpo_loss
 from grpo_cli.modeling import Policy, load_policy
 from grpo_cli.recipe import Recipe, dump
@@ -81,18 +82,14 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
     return Examples(kept, examples.name, examples.skipped), len(examples.items) - len(kept)
 
 
-def logprobs_no_grad(model, rollout: Rollout, micro: int, temperature: float) -> torch.Tensor:
-    """[N, C] log-probs of the rollout under `model`, in micro-batches, without autograd."""
+def logprobs_no_grad(model, batches: list[MicroBatch], temperature: float, share: bool) -> list[torch.Tensor]:
+    """Log-probs of each micro-batch's completions under `model`, without autograd. [n, c] each"""
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        parts = [
-            completion_logprobs(model, rollout.input_ids[s : s + micro], rollout.attention_mask[s : s + micro],
-                                rollout.prompt_len, temperature)
-            for s in range(0, rollout.input_ids.shape[0], micro)
-        ]
+        out = [micro_batch_logprobs(model, b, temperature, share) for b in batches]
     model.train(was_training)
-    return torch.cat(parts)
+    return out
 
 
 def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: list[str], scores: np.ndarray,
@@ -127,7 +124,6 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     resume_from = prepare_run_dir(run_dir, recipe, resume)
     grpo = recipe.grpo
     group, completions = grpo.group_size, recipe.completions_per_step
-    micro = grpo.micro_batch_size or completions
     seed_everything(recipe.train.seed)
 
     # Model, data, optimizer.
@@ -163,6 +159,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     log = RunLog(run_dir, resume_step=step if resume else None)
     last_saved = resume_from
     policy.model.train()
+    fast = grpo.engine == "fast"
+    share = fast and can_share_prompts(policy.model)
 
     with Scorer() as scorer:
         if eval_set is not None and step == 0:
@@ -177,41 +175,47 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
                 rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
                                    samples_per_prompt=group, temperature=grpo.temperature, top_p=grpo.top_p,
-                                   add_special_tokens=not chat)
+                                   add_special_tokens=not chat, engine=grpo.engine)
                 t_rollout = time.perf_counter()
 
-                # Rewards, scored with what the template already wrote, then group-relative advantages.
+                # Rewards, scored with what the template already wrote. The worker processes score
+                # while this process runs the reference pass.
                 examples = [e for e in batch for _ in range(group)]
-                scores = scorer.score(scored_rules, [e.prefill + t for e, t in zip(examples, rollout.texts)],
-                                      [e.answer for e in examples])
-                rewards = torch.from_numpy(scores.values[:, : len(rule_names)]) @ weights  # [N]
-                advantages, zero_std = group_advantages(rewards, group)  # [N], [B]
-                advantages = advantages.to(policy.device, torch.float32)
-                t_score = time.perf_counter()
+                pending = scorer.submit(scored_rules, [e.prefill + t for e, t in zip(examples, rollout.texts)],
+                                        [e.answer for e in examples])
 
-                # Reference log-probs for the KL, and old log-probs when the batch is reused.
+                # Micro-batches of similar length; reference log-probs for the KL, and old log-probs
+                # when the batch is reused (both fixed for the whole step).
+                if fast:
+                    batches = split(rollout, grpo.micro_batch_size, AUTO_TOKENS, SPREAD)
+                else:
+                    batches = split(rollout, grpo.micro_batch_size)
                 ref_logp = old_logp = None
                 if grpo.kl_beta > 0:
                     with policy.reference() as reference:
-                        ref_logp = logprobs_no_grad(reference, rollout, micro, grpo.temperature)  # [N, C]
+                        ref_logp = logprobs_no_grad(reference, batches, grpo.temperature, share)
                 if grpo.updates_per_rollout > 1:
-                    old_logp = logprobs_no_grad(policy.model, rollout, micro, grpo.temperature)  # [N, C]
+                    old_logp = logprobs_no_grad(policy.model, batches, grpo.temperature, share)
+
+                # Group-relative advantages.
+                t_wait = time.perf_counter()
+                scores = pending.result()
+                rewards = torch.from_numpy(scores.values[:, : len(rule_names)]) @ weights  # [N]
+                advantages, zero_std = group_advantages(rewards, group)  # [N], [B]
+                advantages = advantages.to(policy.device, torch.float32)
+                t_scored = time.perf_counter()
 
                 # Clipped policy-gradient updates on this batch.
                 losses, kls, clipped, tokens, grad_norms = [], [], 0.0, 0.0, []
                 for _ in range(grpo.updates_per_rollout):
                     optimizer.zero_grad(set_to_none=True)
                     step_loss = 0.0
-                    for s in range(0, completions, micro):
-                        part = slice(s, s + micro)
-                        logp = completion_logprobs(policy.model, rollout.input_ids[part],
-                                                   rollout.attention_mask[part], rollout.prompt_len,
-                                                   grpo.temperature)  # [n, C]
+                    for i, micro in enumerate(batches):
+                        logp = micro_batch_logprobs(policy.model, micro, grpo.temperature, share)  # [n, c]
                         # With one update, pi_old is the current policy: the ratio is exactly 1.
-                        old = old_logp[part] if old_logp is not None else logp.detach()
-                        terms = grpo_loss(logp, old, advantages[part], rollout.completion_mask[part],
-                                          grpo.clip_eps, ref_logp[part] if ref_logp is not None else None,
-                                          grpo.kl_beta)
+                        old = old_logp[i] if old_logp is not None else logp.detach()
+                        terms = grpo_loss(logp, old, advantages[micro.rows], micro.completion_mask, grpo.clip_eps,
+                                          ref_logp[i] if ref_logp is not None else None, grpo.kl_beta)
                         loss = terms.per_completion.sum() / completions
                         loss.backward()
                         step_loss += loss.item()
@@ -243,8 +247,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     "score_timeouts": scores.timeouts,
                     "step_seconds": t_update - t_start,
                     "rollout_seconds": t_rollout - t_start,
-                    "score_seconds": t_score - t_rollout,
-                    "update_seconds": t_update - t_score,
+                    "score_seconds": t_scored - t_wait,  # waiting for the scores, past what overlapped
+                    "update_seconds": t_update - t_rollout - (t_scored - t_wait),
                 }
                 log.metrics(row)
                 console.step(row)

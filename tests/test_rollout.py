@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from grpo_cli.modeling import load_policy
@@ -28,3 +29,19 @@ def test_greedy_is_deterministic(tiny_model_path):
     a = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], 40, greedy=True)
     b = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], 40, greedy=True)
     assert a.texts == b.texts and "####" in a.texts[0]
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_p": 0.9}, {"greedy": True}])
+def test_fast_engine_samples_what_transformers_generate_samples(tiny_model_path, options):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 38?", "What is 41 + 9?"]
+    samples = 1 if options.get("greedy") else 8
+    out = {}
+    for engine in ("generate", "fast"):
+        torch.manual_seed(5)
+        out[engine] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=samples, engine=engine,
+                               **options)
+    assert out["fast"].texts == out["generate"].texts
+    assert torch.equal(out["fast"].input_ids, out["generate"].input_ids)
+    assert torch.equal(out["fast"].attention_mask, out["generate"].attention_mask)
+    assert len(set(out["fast"].lengths.tolist())) > 1  # rows ended at different steps: the compaction ran

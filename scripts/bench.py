@@ -1,0 +1,316 @@
+"""Time a GRPO step of grpo against TRL's GRPOTrainer on identical settings, and print one table.
+
+    python scripts/bench.py                                  # builtin tiny model, quickstart sizes, CPU
+    python scripts/bench.py --shape qwen2.5-0.5b --group-size 8 --max-new-tokens 256 --prompt-tokens 83 \\
+        --gradient-checkpointing                             # the issue's GPU configuration
+    python scripts/bench.py --only ours --rounds 1           # without TRL installed
+
+Each tool runs in its own process, alternately (A B, B A, ...) for --rounds rounds, each
+process doing --warmup untimed steps then --steps timed ones on the same model, prompts,
+reward function (grpo's correctness rule), LoRA (r16, all linear layers), KL beta and clip
+epsilon. The table gives medians over all timed steps: step time, its split (rollout,
+scoring, update), generated tokens per second, peak memory (GPU: torch's peak allocated;
+CPU: the process's peak resident set), and grpo/TRL ratios. TRL is a bench dependency,
+not a runtime one: pip install trl==1.16.0.
+
+Shapes: `tiny` is builtin:tiny-math with builtin:arithmetic prompts. `qwen2.5-0.5b` and
+`qwen2.5-1.5b` are the Qwen2.5 architectures with random weights and a synthetic
+word-level tokenizer covering the vocabulary (nothing is downloaded); random weights
+almost never emit EOS, so every completion runs the full length for both tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936),
+}
+
+
+# ------------------------------------------------------------------ shared set-up
+
+
+def build_random_model(shape: str, directory: Path) -> None:
+    """A Qwen2-architecture model with random weights and a word-level tokenizer over its vocabulary."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    dims = SHAPES[shape]
+    vocab = {f"t{i}": i for i in range(dims["vocab_size"] - 2)}
+    vocab["<|endoftext|>"] = dims["vocab_size"] - 2
+    vocab["<|pad|>"] = dims["vocab_size"] - 1
+    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
+                                        padding_side="left")
+    tokenizer.save_pretrained(directory)
+    # tokenizer_class so that AutoTokenizer keeps this tokenizer for a qwen2 config
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**dims, max_position_embeddings=4096, tie_word_embeddings=True,
+                                         eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|pad|>"]))
+    model.to(torch.bfloat16).save_pretrained(directory)
+
+
+def prompts(args) -> list[dict]:
+    """prompts_per_step x (warmup + steps) rows of question and answer."""
+    count = args.prompts * (args.warmup + args.steps)
+    if args.shape == "tiny":
+        from grpo_cli.builtin_task import train_split
+
+        return [{"question": p.question, "answer": p.answer} for p in train_split()[:count]]
+    import random
+
+    rng = random.Random(0)
+    vocab = SHAPES[args.shape]["vocab_size"] - 2
+    return [{"question": " ".join(f"t{rng.randrange(vocab)}" for _ in range(args.prompt_tokens)), "answer": "42"}
+            for _ in range(count)]
+
+
+def peak_memory_gib() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30, "GPU allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "CPU resident"
+
+
+# ------------------------------------------------------------------ workers (one tool per process)
+
+
+def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
+    from grpo_cli import recipe as recipe_module
+    from grpo_cli.console import TrainConsole
+    from grpo_cli.run_log import read_jsonl
+    from grpo_cli.train import train
+
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_module.validate({
+        "model": {"name": model, "dtype": args.dtype, "load_in_4bit": args.load_in_4bit,
+                  "lora": {"r": 16, "alpha": 32}, "gradient_checkpointing": args.gradient_checkpointing},
+        "data": {"train": str(data), "eval": None},
+        "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
+                 "kl_beta": args.kl_beta, "clip_eps": 0.2, "temperature": 1.0,
+                 "micro_batch_size": args.micro_batch_size},
+        "rewards": [{"rule": "correctness", "weight": 1.0}],
+        "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0},
+        "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
+    })
+    train(recipe, console=TrainConsole(quiet=True))
+    rows_out = [r for r in read_jsonl(work / "run" / "metrics.jsonl") if "step_seconds" in r][args.warmup :]
+    return {
+        "step": [r["step_seconds"] for r in rows_out],
+        "rollout": [r["rollout_seconds"] for r in rows_out],
+        "score": [r["score_seconds"] for r in rows_out],
+        "update": [r["update_seconds"] for r in rows_out],
+        "tokens": [r["completion_len"] * args.prompts * args.group_size for r in rows_out],
+    }
+
+
+def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_cli.modeling import resolve
+    from grpo_cli.rewards import correctness
+
+    path = resolve(model)
+    cuda = torch.cuda.is_available()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if cuda else torch.float32}[args.dtype]
+    kwargs = {"dtype": dtype}
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+
+    def reward(completions, answer, **kw):
+        return [correctness(c, a) for c, a in zip(completions, answer)]
+
+    completions = args.prompts * args.group_size
+    config = GRPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=completions, num_generations=args.group_size,
+        generation_batch_size=completions, max_completion_length=args.max_new_tokens, beta=args.kl_beta, epsilon=0.2,
+        loss_type="grpo", scale_rewards="group", learning_rate=args.lr, max_steps=args.warmup + args.steps,
+        logging_steps=1, report_to="none", save_strategy="no", use_cpu=not cuda, bf16=cuda and dtype == torch.bfloat16,
+        gradient_checkpointing=args.gradient_checkpointing, temperature=1.0, top_k=0, seed=0, disable_dropout=True,
+        shuffle_dataset=False, lr_scheduler_type="constant",
+    )
+    trainer = GRPOTrainer(
+        model=policy, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(
+            [{"prompt": r["question"], "answer": r["answer"]} for r in rows]),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    split = {"rollout": 0.0, "score": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                split[name] += time.perf_counter() - started
+        return wrapper
+
+    trainer._generate = timed("rollout", trainer._generate)
+    trainer._calculate_rewards = timed("score", trainer._calculate_rewards)
+    out = {"step": [], "rollout": [], "score": [], "update": [], "tokens": []}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            split.update(rollout=0.0, score=0.0)
+            if cuda:
+                torch.cuda.synchronize()
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            step = time.perf_counter() - self.started
+            for key, value in (("step", step), ("rollout", split["rollout"]), ("score", split["score"]),
+                               ("update", step - split["rollout"] - split["score"])):
+                out[key].append(value)
+
+        def on_log(self, args_, state, control, logs=None, **k):
+            if logs and "completions/mean_length" in logs:
+                out["tokens"].append(logs["completions/mean_length"] * completions)
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    return {key: values[args.warmup :] for key, values in out.items()}
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = "builtin:tiny-math"
+        if args.shape != "tiny":
+            model = str(work / "model")
+            build_random_model(args.shape, Path(model))
+        rows = prompts(args)
+        result = (run_ours if args.worker == "ours" else run_trl)(args, model, rows, work)
+    result["peak_gib"], result["memory_kind"] = peak_memory_gib()
+    result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+# ------------------------------------------------------------------ orchestration
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--prompt-tokens", type=int, default=83, help="prompt length for the random-weight shapes")
+    parser.add_argument("--kl-beta", type=float, default=0.04)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--micro-batch-size", type=int, default=None, help="grpo only")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both tools")
+    parser.add_argument("--only", choices=["ours", "trl"], default=None)
+    parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    tools = [args.only] if args.only else ["ours", "trl"]
+    results: dict[str, list[dict]] = {tool: [] for tool in tools}
+    forwarded = [a for a in sys.argv[1:] if a not in ("--json",)]
+    if args.json:
+        index = forwarded.index(str(args.json)) if str(args.json) in forwarded else None
+        if index is not None:
+            del forwarded[index]
+    for round_index in range(args.rounds):
+        order = tools if round_index % 2 == 0 else tools[::-1]
+        for tool in order:
+            proc = subprocess.run([sys.executable, __file__, *forwarded, "--worker", tool], capture_output=True,
+                                  text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"})
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("BENCH ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.exit(f"{tool} failed:\n{proc.stderr[-3000:]}")
+            results[tool].append(json.loads(line.removeprefix("BENCH ")))
+            print(f"round {round_index + 1}: {tool} done", file=sys.stderr, flush=True)
+    summary = {}
+    for tool, runs in results.items():
+        merged = {key: [v for r in runs for v in r[key]] for key in ("step", "rollout", "score", "update", "tokens")}
+        step = statistics.median(merged["step"])
+        summary[tool] = {
+            "step_s": step,
+            "rollout_s": statistics.median(merged["rollout"]),
+            "score_s": statistics.median(merged["score"]),
+            "update_s": statistics.median(merged["update"]),
+            "tokens_per_s": statistics.median(t / s for t, s in zip(merged["tokens"], merged["step"])),
+            "peak_gib": max(r["peak_gib"] for r in runs),
+            "memory_kind": runs[0]["memory_kind"],
+            "device": runs[0]["device"],
+            "timed_steps": len(merged["step"]),
+        }
+    print_table(args, summary)
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "summary": summary}, indent=1))
+
+
+def print_table(args, summary: dict) -> None:
+    import torch
+    import transformers
+
+    first = next(iter(summary.values()))
+    print(f"\n{args.shape}: {args.prompts} prompts x G={args.group_size}, max {args.max_new_tokens} new tokens, "
+          f"LoRA r16 all-linear, kl_beta {args.kl_beta}, dtype {args.dtype}"
+          f"{', nf4 base' if args.load_in_4bit else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(f"device: {first['device']}; torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"{first['timed_steps']} timed steps per tool; {time.strftime('%Y-%m-%d')}\n")
+    rows = [("median step (s)", "step_s", "{:.3f}"), ("  rollout (s)", "rollout_s", "{:.3f}"),
+            ("  scoring (s)", "score_s", "{:.3f}"), ("  update (s)", "update_s", "{:.3f}"),
+            ("generated tokens / s", "tokens_per_s", "{:.0f}"), (f"peak memory, {first['memory_kind']} (GiB)",
+                                                                 "peak_gib", "{:.2f}")]
+    tools = list(summary)
+    header = f"| what | {' | '.join('grpo' if t == 'ours' else 'TRL 1.16' for t in tools)} |"
+    if len(tools) == 2:
+        header += " grpo / TRL |"
+    print(header)
+    print("|" + " --- |" * (len(tools) + 1 + (len(tools) == 2)))
+    for label, key, fmt in rows:
+        cells = [fmt.format(summary[t][key]) for t in tools]
+        ratio = ""
+        if len(tools) == 2 and summary["trl"][key]:
+            ratio = f" {summary['ours'][key] / summary['trl'][key]:.2f}x |"
+        print(f"| {label} | {' | '.join(cells)} |{ratio}")
+
+
+if __name__ == "__main__":
+    main()
