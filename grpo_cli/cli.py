@@ -142,12 +142,12 @@ def score(
 
     try:
         loaded = recipe_module.load(recipe, set_)
-        groups = score_completions(loaded, completions)
+        groups = score_completions(loaded, completions, recipe.resolve().parent)
         if output is not None:
             output.write_text(json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
     except UserError as error:
         _fail(error)
-    print_scores(Console(), groups, [r.rule for r in loaded.rewards])
+    print_scores(Console(), groups, [r.key for r in loaded.rewards])
 
 
 @app.command()

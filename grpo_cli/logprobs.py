@@ -37,7 +37,22 @@ def uses_logit_postprocessing(model) -> bool:
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
     logits = head(hidden).float() / temperature  # [K, V]
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [K]
+    return _from_logits(logits, targets, with_entropy=False)[0]
+
+
+def _chunk_logprobs_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
+    logits = head(hidden).float() / temperature  # [K, V]
+    return _from_logits(logits, targets, with_entropy=True)
+
+
+def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    """[..., V] logits -> log-prob of each target [...], and the distribution's entropy [...] if asked."""
+    normalizer = logits.logsumexp(-1)  # [...]
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normalizer
+    if not with_entropy:
+        return logp, None
+    entropy = normalizer - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - E_p[logit]
+    return logp, entropy
 
 
 def completion_logprobs(
@@ -53,37 +68,47 @@ def completion_logprobs(
     input_ids, attention_mask: [N, P+C], prompt left-padded to P, completion after it.
     Returns [N, C]; positions past a completion's end hold junk and must be masked.
     """
+    return _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, False)[0]
+
+
+def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy):
+    """(log-probs [N, C], entropies [N, C] or None) for the completions after a P-token prompt."""
     lm = causal_lm(model)
     targets = input_ids[:, prompt_len:]  # [N, C]
-    n, c = targets.shape
+    c = targets.shape[1]
     positions = position_ids(attention_mask)  # [N, P+C]
     if uses_logit_postprocessing(model):
         logits = model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
             logits_to_keep=c + 1,
         ).logits[:, :-1].float() / temperature  # [N, C, V]
-        return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [N, C]
+        return _from_logits(logits, targets, with_entropy)
     hidden = lm.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, P+C, H]
     hidden = hidden[:, prompt_len - 1 : -1]  # [N, C, H]: the state that predicts each target
-    return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens)
+    return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens, with_entropy)
 
 
-def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int):
-    """[N, C, H] hidden states, [N, C] targets -> [N, C] log-probs, chunked and checkpointed."""
+def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int,
+                   with_entropy: bool = False):
+    """[N, C, H] hidden states, [N, C] targets -> ([N, C] log-probs, [N, C] entropies or None),
+    chunked and checkpointed."""
     n, c = targets.shape
     hidden = hidden.reshape(n * c, -1)  # [N*C, H]
     flat_targets = targets.reshape(n * c)  # [N*C]
     head = lm.get_output_embeddings()
+    chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
     pieces = []
     for start in range(0, n * c, chunk_tokens):
         args = (hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head, temperature)
         if torch.is_grad_enabled() and hidden.requires_grad:
-            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+            pieces.append(checkpoint(chunk_fn, *args, use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(*args))
-    return torch.cat(pieces).view(n, c)  # [N, C]
+            pieces.append(chunk_fn(*args))
+    if not with_entropy:
+        return torch.cat(pieces).view(n, c), None  # [N, C]
+    return torch.cat([p[0] for p in pieces]).view(n, c), torch.cat([p[1] for p in pieces]).view(n, c)
 
 
 def can_share_prompts(model) -> bool:
@@ -94,12 +119,12 @@ def can_share_prompts(model) -> bool:
 
 
 def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: bool = True,
-                         chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """[n, c] log-probs of a `batching.MicroBatch`'s completions; with share_prompts each distinct
-    prompt runs once and its KV cache serves all of its completions."""
+                         chunk_tokens: int = CHUNK_TOKENS, with_entropy: bool = False):
+    """([n, c] log-probs, [n, c] entropies or None) of a `batching.MicroBatch`'s completions; with
+    share_prompts each distinct prompt runs once and its KV cache serves all of its completions."""
     if not share_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]:
-        return completion_logprobs(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
-                                   chunk_tokens)
+        return _completion_pass(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
+                                chunk_tokens, with_entropy)
     from grpo_cli.rollout import cache_argument, new_cache, returned_cache
 
     lm = causal_lm(model)
@@ -116,4 +141,4 @@ def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: 
                                **{kwarg: cache}).last_hidden_state  # [n, c, H]
     last_prompt_state = prompt.last_hidden_state[micro.prompt_index, -1:]  # [n, 1, H]: predicts token 0
     hidden = torch.cat([last_prompt_state, completion[:, :-1]], dim=1)  # [n, c, H]
-    return _head_logprobs(lm, hidden, micro.completion_ids, temperature, chunk_tokens)
+    return _head_logprobs(lm, hidden, micro.completion_ids, temperature, chunk_tokens, with_entropy)

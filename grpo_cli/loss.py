@@ -1,9 +1,21 @@
-"""The GRPO objective (DeepSeekMath, 2024) as a pure function of log-probabilities.
+"""The GRPO family's objectives as pure functions of log-probabilities, chosen by name.
 
-J = (1/G) sum_i (1/|o_i|) sum_t [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta KL_it ]
-with rho_it = exp(logp - old_logp) and the k3 estimator KL_it = exp(ref - logp) - (ref - logp) - 1.
-The loss is -J. With one update per rollout rho is exactly 1, clipping never binds
-and the loss sits near 0 by construction: watch the reward, not the loss.
+Every variant maximizes a clipped surrogate of the importance ratio times the
+advantage, minus beta times the k3 KL to the reference, plus an optional entropy
+bonus; they differ in where the ratio lives and how tokens are averaged:
+
+- grpo (DeepSeekMath, Shao et al. 2024): token mean per completion, then mean over completions.
+- dapo (DAPO, Yu et al. 2025): token mean over the whole step, so long completions weigh by
+  their length; use with clip_eps_high ("clip-higher", e.g. 0.2 / 0.28).
+- dr_grpo (Dr. GRPO, Liu et al. 2025): token sum divided by a constant budget
+  (completions x max_new_tokens), removing GRPO's length bias; pairs with unscaled advantages.
+- gspo (GSPO, Zheng et al. 2025): one ratio per sequence, exp(mean_t(logp - old_logp)), clipped per
+  sequence. The paper's clip range is far narrower (3e-4 / 4e-4) than the token-level 0.2.
+
+Each function returns every completion's share of the step loss, so the shares of all
+micro-batches add up to the step loss whatever the split. With one update per rollout
+the ratio is exactly 1, clipping never binds, and the loss sits near 0 by
+construction: watch the reward, not the loss.
 """
 
 from __future__ import annotations
@@ -14,54 +26,101 @@ import torch
 
 
 @dataclass(frozen=True)
+class LossSettings:
+    clip_low: float  # ratio floor 1 - clip_low
+    clip_high: float  # ratio ceiling 1 + clip_high
+    kl_beta: float = 0.0
+    entropy_bonus: float = 0.0
+    step_completions: int = 1  # completions in the whole step (all micro-batches)
+    step_tokens: int = 1  # completion tokens in the whole step (dapo's normalizer)
+    max_new_tokens: int = 1  # dr_grpo's constant length budget
+
+
+@dataclass(frozen=True)
 class LossTerms:
-    per_completion: torch.Tensor  # [N] -J_i, each completion's token-mean loss (has grad)
-    kl: torch.Tensor | None  # [N] token-mean k3 KL per completion (detached), None without a reference
+    per_completion: torch.Tensor  # [n] each completion's share of the step loss (has grad); sum it to backward
+    kl: torch.Tensor | None  # [n] token-mean k3 KL per completion (detached), None without a reference
     clipped_tokens: torch.Tensor  # [] tokens where the clipped term was the smaller one
     tokens: torch.Tensor  # [] completion tokens counted
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Unbiased, always >= 0 estimate of KL(pi || ref) per token. [N, T] -> [N, T]"""
-    delta = ref_logp - logp  # [N, T]
+    """Unbiased, always >= 0 estimate of KL(pi || ref) per token. [n, T] -> [n, T]"""
+    delta = ref_logp - logp  # [n, T]
     return torch.exp(delta) - delta - 1
 
 
-def grpo_loss(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_eps: float,
-    ref_logp: torch.Tensor | None = None,
-    kl_beta: float = 0.0,
-) -> LossTerms:
-    """Clipped surrogate plus KL penalty, averaged over each completion's own tokens.
+def token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each row's unmasked positions. [n, T] -> [n]"""
+    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
 
-    logp: [N, T] current policy (with grad); old_logp, ref_logp: [N, T] (no grad);
-    advantages: [N]; mask: [N, T] 1 on completion tokens (through EOS), 0 on padding.
-    Sum `per_completion` and divide by the step's completion count to get the batch
-    mean, so micro-batches add up to the same gradient as one big batch.
-    """
-    mask = mask.to(logp.dtype)
-    ratio = torch.exp(logp - old_logp)  # [N, T]
-    adv = advantages.to(logp.dtype).unsqueeze(1)  # [N, 1]
-    unclipped = ratio * adv  # [N, T]
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv  # [N, T]
-    objective = torch.minimum(unclipped, clipped)  # [N, T]
+
+def _penalties(logp, mask, settings, ref_logp, entropy):
+    """Per-token KL penalty and entropy bonus to add to the objective, and the KL metric. [n, T]"""
+    extra = torch.zeros_like(logp)
     kl = None
     if ref_logp is not None:
-        kl_tokens = k3_kl(logp, ref_logp)  # [N, T]
-        objective = objective - kl_beta * kl_tokens
-        kl = _token_mean(kl_tokens.detach(), mask)  # [N]
-    return LossTerms(
-        per_completion=-_token_mean(objective, mask),
-        kl=kl,
-        clipped_tokens=((clipped < unclipped).to(mask.dtype) * mask).sum().detach(),
-        tokens=mask.sum().detach(),
-    )
+        kl_tokens = k3_kl(logp, ref_logp)  # [n, T]
+        extra = extra - settings.kl_beta * kl_tokens
+        kl = token_mean(kl_tokens.detach(), mask)  # [n]
+    if entropy is not None and settings.entropy_bonus:
+        extra = extra + settings.entropy_bonus * entropy
+    return extra, kl
 
 
-def _token_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over each row's unmasked positions. [N, T] -> [N]"""
-    return (values * mask).sum(1) / mask.sum(1).clamp(min=1)
+def _clipped_surrogate(ratio, advantages, settings):
+    """min(ratio A, clip(ratio) A) and where the clip binds. ratio [n, T] or [n]; advantages broadcast."""
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1.0 - settings.clip_low, 1.0 + settings.clip_high) * advantages
+    return torch.minimum(unclipped, clipped), clipped < unclipped
+
+
+def _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy):
+    """Per-token objective [n, T], the tokens where clipping binds [n, T], and the KL metric [n]."""
+    ratio = torch.exp(logp - old_logp)  # [n, T]
+    surrogate, binds = _clipped_surrogate(ratio, advantages.to(logp.dtype).unsqueeze(1), settings)  # [n, T]
+    extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
+    return surrogate + extra, binds, kl
+
+
+def _terms(per_completion, kl, binds, mask) -> LossTerms:
+    return LossTerms(per_completion, kl, (binds.to(mask.dtype) * mask).sum().detach(), mask.sum().detach())
+
+
+def grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+    """DeepSeekMath: -(1/N) sum_i (1/|o_i|) sum_t objective_it.
+
+    logp: [n, T] with grad; old_logp, ref_logp, entropy: [n, T]; advantages: [n]; mask: [n, T].
+    """
+    mask = mask.to(logp.dtype)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    return _terms(-token_mean(objective, mask) / settings.step_completions, kl, binds, mask)
+
+
+def dapo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+    """DAPO: -(1/T) sum_i sum_t objective_it, T = completion tokens in the whole step. Shapes as grpo."""
+    mask = mask.to(logp.dtype)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    return _terms(-(objective * mask).sum(1) / settings.step_tokens, kl, binds, mask)
+
+
+def dr_grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+    """Dr. GRPO: -(1/(N L)) sum_i sum_t objective_it, L = max_new_tokens, a constant. Shapes as grpo."""
+    mask = mask.to(logp.dtype)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    budget = settings.step_completions * settings.max_new_tokens
+    return _terms(-(objective * mask).sum(1) / budget, kl, binds, mask)
+
+
+def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+    """GSPO: -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp - old_logp)) per sequence;
+    the KL and entropy terms enter as token means per completion. Shapes as grpo."""
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp(token_mean(logp - old_logp, mask))  # [n]
+    surrogate, binds = _clipped_surrogate(ratio, advantages.to(logp.dtype), settings)  # [n]
+    extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
+    objective = surrogate + token_mean(extra, mask)  # [n]
+    return _terms(-objective / settings.step_completions, kl, binds.unsqueeze(1).expand_as(mask), mask)
+
+
+LOSSES = {"grpo": grpo, "dapo": dapo, "dr_grpo": dr_grpo, "gspo": gspo}

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from grpo_cli.errors import UserError
 
-RULES = ("correctness", "step_format", "reflection_bonus")
+RULES = ("correctness", "step_format", "reflection_bonus", "length", "repetition", "python")
+LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")
 
 
 class Section(BaseModel):
@@ -85,11 +86,90 @@ class GrpoSpec(Section):
         "fast", description="fast: shared-prompt rollout and update, length-grouped micro-batches; "
         "plain: transformers' generate and padded micro-batches in order (same samples, for comparison)"
     )
+    loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = Field(
+        "grpo", description="grpo: token mean per completion, then batch mean (DeepSeekMath); dapo: token mean "
+        "over the batch (DAPO); dr_grpo: token sum over a constant budget (Dr. GRPO); gspo: sequence-level ratio (GSPO)"
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, description="upper clip: ratio clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher); "
+        "null = clip_eps"
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None, description="divide advantages by the group's std, the batch's, or not at all; null = group, "
+        "or none for dr_grpo"
+    )
+    dynamic_sampling: bool = Field(
+        False, description="drop groups whose rewards are all equal and sample more prompts to fill the step (DAPO)"
+    )
+    max_sampling_rounds: int = Field(
+        3, ge=1, description="with dynamic_sampling: rollouts per step at most (each of prompts_per_step prompts)"
+    )
+    overlong_buffer: int = Field(
+        0, ge=0, description="soft penalty over the last N tokens before max_new_tokens, from 0 to -overlong_penalty "
+        "(DAPO); 0 = off"
+    )
+    overlong_penalty: float = Field(1.0, ge=0, description="the penalty at max_new_tokens")
+    mask_truncated: bool = Field(
+        False, description="completions cut off at max_new_tokens take no part in the loss (DAPO's overlong filtering)"
+    )
+    entropy_bonus: float = Field(0.0, ge=0, description="weight of the token entropy added to the objective")
+
+    @property
+    def upper_clip(self) -> float:
+        return self.clip_eps_high if self.clip_eps_high is not None else self.clip_eps
+
+    @property
+    def reward_scaling(self) -> str:
+        return self.scale_rewards or ("none" if self.loss == "dr_grpo" else "group")
 
 
-class RewardSpec(Section):
-    rule: Literal["correctness", "step_format", "reflection_bonus"]
-    weight: float = 1.0
+class _Rule(Section):
+    weight: float = Field(1.0, description="its weight in the reward sum")
+    name: str | None = Field(None, description="name in metrics (reward/<name>); default: the rule, or the function")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.rule
+
+
+class CorrectnessRule(_Rule):
+    rule: Literal["correctness"]
+
+
+class StepFormatRule(_Rule):
+    rule: Literal["step_format"]
+
+
+class ReflectionRule(_Rule):
+    rule: Literal["reflection_bonus"]
+
+
+class LengthRule(_Rule):
+    rule: Literal["length"]
+    max_chars: int = Field(1000, gt=0, description="1 for an empty completion, falling to 0 at this many characters")
+
+
+class RepetitionRule(_Rule):
+    rule: Literal["repetition"]
+    ngram: int = Field(3, ge=1, description="word n-grams; the penalty is the fraction that repeat, as a negative")
+
+
+class PythonRule(_Rule):
+    rule: Literal["python"]
+    function: str = Field(..., pattern=r"^[\w.]+:[\w]+$", description="module:function, e.g. my_rewards:brevity")
+    timeout_s: float = Field(5.0, gt=0, description="seconds one call may take; a slower call scores 0")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.function.split(":")[1]
+
+
+RULE_SPECS = {c.model_fields["rule"].annotation.__args__[0]: c
+              for c in (CorrectnessRule, StepFormatRule, ReflectionRule, LengthRule, RepetitionRule, PythonRule)}
+RewardSpec = Annotated[
+    Union[CorrectnessRule, StepFormatRule, ReflectionRule, LengthRule, RepetitionRule, PythonRule],
+    Field(discriminator="rule"),
+]
 
 
 class TrainSpec(Section):
@@ -114,9 +194,7 @@ class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     grpo: GrpoSpec = Field(default_factory=GrpoSpec)
-    rewards: list[RewardSpec] = Field(
-        default_factory=lambda: [RewardSpec(rule="correctness", weight=1.0)], min_length=1
-    )
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [CorrectnessRule(rule="correctness")], min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -146,10 +224,14 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             ("model", "load_in_4bit"),
             "a 4-bit base cannot be trained directly; set model.lora (QLoRA) or load_in_4bit: false",
         ))
-    rules = [r.rule for r in recipe.rewards]
-    for index, rule in enumerate(rules):
-        if rule in rules[:index]:
-            problems.append((("rewards", index, "rule"), f"{rule} is listed twice; give each rule one weight"))
+    keys = [r.key for r in recipe.rewards]
+    for index, key in enumerate(keys):
+        if key in keys[:index]:
+            problems.append((("rewards", index, "rule"), f"{key} is listed twice; give each rule one weight "
+                             "(or two python rules different names)"))
+    if grpo.overlong_buffer >= grpo.max_new_tokens:
+        problems.append((("grpo", "overlong_buffer"), f"{grpo.overlong_buffer} must be shorter than "
+                         f"grpo.max_new_tokens ({grpo.max_new_tokens})"))
     return problems
 
 
@@ -181,8 +263,11 @@ def _line_map(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Valid key names of the section that `loc` points into."""
+def _fields_at(raw_loc: tuple) -> list[str]:
+    """Valid key names of the section that pydantic's `raw_loc` points into."""
+    if len(raw_loc) > 2 and raw_loc[0] == "rewards" and raw_loc[2] in RULE_SPECS:
+        return list(RULE_SPECS[raw_loc[2]].model_fields)
+    loc = _clean_loc(raw_loc)
     model: Any = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
@@ -206,16 +291,20 @@ def _section_type(annotation) -> type[BaseModel] | None:
 
 
 def _clean_loc(loc: tuple) -> tuple:
-    """Drop pydantic's union-branch tags ('str', 'HubDataset', 'list[str]') so a loc is a recipe path."""
+    """Drop pydantic's union-branch tags ('str', 'HubDataset', 'list[str]', a reward's rule) so a loc is
+    a recipe path."""
     tags = {"str", "int", "float", "bool", "none", *(c.__name__ for c in Section.__subclasses__())}
-    return tuple(p for p in loc if not (isinstance(p, str) and (p in tags or "[" in p)))
+    loc = tuple(p for p in loc if not (isinstance(p, str) and (p in tags or "[" in p)))
+    if len(loc) > 2 and loc[0] == "rewards" and loc[2] in RULES:
+        loc = loc[:2] + loc[3:]
+    return loc
 
 
 def _describe(error: dict) -> str:
     loc = _clean_loc(error["loc"])
     dotted = ".".join(str(p) for p in loc) or "recipe"
     if error["type"] == "extra_forbidden":
-        valid = _fields_at(loc)
+        valid = _fields_at(tuple(error["loc"]))
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         section = ".".join(str(p) for p in loc[:-1]) or "the recipe"
@@ -225,6 +314,12 @@ def _describe(error: dict) -> str:
         message = message[len("Value error, ") :]
     if error["type"] in ("missing",):
         return f"{dotted}: required key is missing."
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tag = error.get("ctx", {}).get("tag")
+        close = difflib.get_close_matches(str(tag), RULES, n=1, cutoff=0.5) if tag else []
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        given = f"unknown rule {tag!r}." if tag else "each reward needs a rule."
+        return f"{dotted}.rule: {given}{hint} The rules are: {', '.join(RULES)}."
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
     return f"{dotted}: {message}{shown}."
@@ -247,9 +342,10 @@ def _drop_union_noise(errors: list[dict]) -> list[dict]:
 
 
 def _report(items: list[tuple[tuple, str]], source: str, lines: dict) -> RecipeError:
+    located = [(_nearest_line(lines, loc), text) for loc, text in items]
+    located.sort(key=lambda item: item[0] if isinstance(item[0], int) else float("inf"))  # file order, then --set
     paragraphs = []
-    for loc, text in items:
-        line = _nearest_line(lines, loc)
+    for line, text in located:
         where = f"{source}:{line}" if isinstance(line, int) else (line or source)
         paragraphs.append(f"  {where}: {text}")
     count = len(paragraphs)

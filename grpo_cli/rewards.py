@@ -1,4 +1,4 @@
-"""Reward rules: pure functions (completion, gold answer) -> float.
+"""Reward rules: pure functions (completion, gold answer) -> float, and custom ones from the recipe.
 
 The product brief grades four answers to x^2 - 5x + 6 = 0; with the default
 weights (correctness 1.0, step_format 0.2, reflection_bonus 0.1) these rules rank
@@ -11,10 +11,17 @@ for it (e.g. a chat template that ends in "<think>"): see `data.Example.prefill`
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from grpo_cli.answers import find_final, is_correct
+from grpo_cli.errors import UserError
 
 Rule = Callable[[str, str], float]
 
@@ -77,8 +84,76 @@ def reflection_bonus(completion: str, answer: str) -> float:
     return correctness(completion, answer)
 
 
+def length(completion: str, answer: str, max_chars: int = 1000) -> float:
+    """1 for an empty completion, falling linearly to 0 at `max_chars` characters and beyond:
+    with a positive weight, a pull towards brevity."""
+    return 1.0 - min(1.0, len(completion) / max_chars)
+
+
+def repetition(completion: str, answer: str, ngram: int = 3) -> float:
+    """Minus the fraction of the completion's word n-grams that repeat an earlier one: 0 for no
+    repetition, towards -1 for a completion that loops. Shorter than n words: 0."""
+    words = completion.split()
+    grams = [tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1)]
+    if not grams:
+        return 0.0
+    return -(1.0 - len(set(grams)) / len(grams))
+
+
 RULES: dict[str, Rule] = {
     "correctness": correctness,
     "step_format": step_format,
     "reflection_bonus": reflection_bonus,
+    "length": length,
+    "repetition": repetition,
 }
+
+
+@dataclass(frozen=True)
+class CustomRule:
+    """A rule from the user's module, called as function(completion=, answer=, prompt=, **row fields)
+    (only the arguments it accepts), returning a number or None to skip the completion."""
+
+    function: Callable
+    timeout_s: float
+
+    def __call__(self, completion: str, answer: str, context: dict) -> float | None:
+        parameters = inspect.signature(self.function).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        arguments = {"completion": completion, "answer": answer, **context}
+        return self.function(**(arguments if takes_all else {k: v for k, v in arguments.items() if k in parameters}))
+
+
+def load_custom(function: str, timeout_s: float, search_dir: Path | None = None) -> CustomRule:
+    """Import `module:function`, looking in `search_dir` (the recipe's directory) before the Python path."""
+    module_name, function_name = function.split(":")
+    if search_dir is not None and str(search_dir) not in sys.path:
+        sys.path.insert(0, str(search_dir))  # the scoring workers inherit sys.path, so they find it too
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise UserError(
+            f"reward rule python: cannot import {module_name!r} for {function!r} ({type(exc).__name__}: {exc}). "
+            f"Put {module_name.replace('.', '/')}.py next to the recipe ({search_dir}) or on PYTHONPATH."
+        ) from None
+    target = getattr(module, function_name, None)
+    if not callable(target):
+        raise UserError(f"reward rule python: {module_name} has no function {function_name!r}.")
+    parameters = inspect.signature(target).parameters
+    if not {"completion"} <= set(parameters) and not any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise UserError(f"reward rule python: {function} must accept `completion` (and may take answer, prompt "
+                        "and the row's other fields): def rule(completion, answer, prompt, **fields) -> float | None.")
+    return CustomRule(target, timeout_s)
+
+
+_BUILDERS: dict[str, Callable] = {
+    "python": lambda spec, where: load_custom(spec.function, spec.timeout_s, where),
+    "length": lambda spec, where: functools.partial(length, max_chars=spec.max_chars),
+    "repetition": lambda spec, where: functools.partial(repetition, ngram=spec.ngram),
+}
+
+
+def rule_functions(specs, search_dir: Path | None = None) -> dict[str, Callable]:
+    """The callable for each recipe reward entry, by its key (its name in metrics)."""
+    return {spec.key: _BUILDERS.get(spec.rule, lambda s, w: RULES[s.rule])(spec, search_dir) for spec in specs}

@@ -181,3 +181,34 @@ def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, 
         logits = out.logits[:, -1].float()  # [n, V]
         next_position = next_position + 1
     return tokens[:, :steps]
+
+
+def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
+    """The rows of the given groups (each group_size consecutive rows), in that order."""
+    rows = torch.tensor([g * rollout.group_size + j for g in groups for j in range(rollout.group_size)],
+                        dtype=torch.long, device=rollout.input_ids.device)
+    return Rollout(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_mask[rows],
+                   rollout.prompt_len, [rollout.texts[i] for i in rows.tolist()], rollout.truncated[rows],
+                   rollout.group_size)
+
+
+def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One rollout from several of the same group size: prompts re-padded on the left, completions
+    on the right, to the longest of each."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    p = max(r.prompt_len for r in rollouts)
+    c = max(r.completion_mask.shape[1] for r in rollouts)
+
+    def pad(tensor, left, right, value):
+        return torch.nn.functional.pad(tensor, (left, right), value=value)
+
+    ids, masks, completion_masks = [], [], []
+    for r in rollouts:
+        left, right = p - r.prompt_len, c - r.completion_mask.shape[1]
+        ids.append(pad(r.input_ids, left, right, pad_id))
+        masks.append(pad(r.attention_mask, left, right, 0))
+        completion_masks.append(pad(r.completion_mask, 0, right, 0))
+    return Rollout(torch.cat(ids), torch.cat(masks), torch.cat(completion_masks), p,
+                   [t for r in rollouts for t in r.texts], torch.cat([r.truncated for r in rollouts]),
+                   rollouts[0].group_size)

@@ -12,17 +12,18 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli.advantages import group_advantages
+from grpo_cli.advantages import group_advantages, total_reward
 from grpo_cli.data import build_examples, load_rows
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import Recipe
-from grpo_cli.scoring import Scorer
+from grpo_cli.rewards import rule_functions
+from grpo_cli.scoring import GRADERS, Scorer
 
 
 @dataclass(frozen=True)
 class Scored:
     completion: str
-    rewards: dict[str, float]  # rule -> reward
+    rewards: dict[str, float]  # rule -> reward (NaN where a custom rule skipped it)
     total: float  # weighted sum, the reward training uses
     advantage: float  # z-score inside the group
 
@@ -63,22 +64,20 @@ def _normalize_rows(rows: list[dict], recipe: Recipe) -> list[dict]:
     return flat
 
 
-def score_completions(recipe: Recipe, path: Path, scorer: Scorer | None = None) -> list[Group]:
+def score_completions(recipe: Recipe, path: Path, recipe_dir: Path | None = None) -> list[Group]:
+    rules = rule_functions(recipe.rewards, recipe_dir)
     rows = _normalize_rows(load_rows(str(path)), recipe)
     examples = build_examples(rows, recipe.data, _prompt_tokenizer(recipe), str(path)).items
     by_prompt: dict[str, list[int]] = {}
     for index, example in enumerate(examples):
         by_prompt.setdefault(example.prompt, []).append(index)
-    names = [r.rule for r in recipe.rewards]
+    names = [r.key for r in recipe.rewards]
     weights = torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64)  # [R]
-    owned = scorer is None
-    scorer = scorer or Scorer()
-    try:
-        scores = scorer.score(names, [e.prefill + e.row["_completion"] for e in examples], [e.answer for e in examples])
-    finally:
-        if owned:
-            scorer.close()
-    totals = torch.from_numpy(scores.values) @ weights  # [N]
+    contexts = [{"prompt": e.prompt, **{k: v for k, v in e.row.items() if k != "_completion"}} for e in examples]
+    with Scorer({**GRADERS, **rules}) as scorer:
+        scores = scorer.score(names, [e.prefill + e.row["_completion"] for e in examples], [e.answer for e in examples],
+                              contexts)
+    totals = total_reward(scores.values, weights)  # [N]
     groups = []
     for prompt, members in by_prompt.items():
         advantages, _ = group_advantages(totals[members], len(members))  # [G]

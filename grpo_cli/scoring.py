@@ -1,45 +1,51 @@
 """Run reward rules over many completions without letting one of them hang the run.
 
-The rules are pure functions (`rewards.RULES`). Here they run in a pool of worker
+The rules are pure functions (`rewards`). Here they run in a pool of worker
 processes, each call under a per-call alarm. Inside a worker the call runs on
 the process's main thread, so the alarm works whatever thread called us (the
 trap math-verify's own timeouts fall into). A call that ignores the alarm (stuck
 in C code) is cut off from outside: the pool is killed and the rest of its chunk
-is retried one item at a time, so only the offender is lost. A call cut off
-either way scores 0 and is counted in `Scores.timeouts`; a rule that raises
-scores 0 and is counted in `Scores.errors`. Identical (rule, completion, answer)
-triples are scored once.
+is retried one item at a time, so only the offender is lost.
+
+A call cut off either way scores 0 and is counted in `Scores.timeouts`; a rule
+that raises or returns something that is not a finite number scores 0 and is
+counted in `Scores.errors`, with the first messages kept for a warning; a custom
+rule that returns None skips that completion (NaN here: it adds nothing to the
+reward and is left out of the rule's mean). Identical calls are made once.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import multiprocessing
 import os
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from grpo_cli.answers import equivalence
-from grpo_cli.rewards import RULES, Rule
+from grpo_cli.rewards import RULES, CustomRule, Rule
 
 CALL_TIMEOUT_S = 5.0
 START_MARGIN_S = 30.0  # a fresh worker imports SymPy and math-verify before its first item
 CHUNK = 32
+OK, TIMEOUT, ERROR = 0, 1, 2
 # What the pool runs by default: the reward rules, and answer-to-answer equivalence for majority votes.
 GRADERS: dict[str, Rule] = {**RULES, "equivalent": equivalence}
-OK, TIMEOUT, ERROR = 0, 1, 2
 
-Item = tuple[str, str, str]  # (rule, completion, answer)
+Item = tuple[str, str, str, str]  # (rule, completion, answer, context as JSON; "" for rules without context)
 
 
 @dataclass(frozen=True)
 class Scores:
-    values: np.ndarray  # [N, R] one column per rule, in the order asked
+    values: np.ndarray  # [N, R] one column per rule, in the order asked; NaN where a custom rule skipped
     rules: tuple[str, ...]
     timeouts: int  # calls cut off (scored 0)
-    errors: int  # calls that raised (scored 0)
+    errors: int  # calls that raised or returned a non-number (scored 0)
+    messages: tuple[str, ...] = field(default_factory=tuple)  # the first few, "rule: what happened"
 
     def column(self, rule: str) -> np.ndarray:  # [N]
         return self.values[:, self.rules.index(rule)]
@@ -60,18 +66,32 @@ def _prepare_worker() -> None:
     is_equivalent("1/2", "0.5")
 
 
-def _score_items(items: list[Item], rules: dict[str, Rule], timeout_s: float) -> list[tuple[float, int]]:
-    """Worker side: (value, status) for each item, each call under its own alarm."""
+def _call(rule, completion: str, answer: str, context: str):
+    if isinstance(rule, CustomRule):
+        return rule(completion, answer, json.loads(context))
+    return rule(completion, answer)
+
+
+def _score_items(items: list[Item], rules: dict[str, Rule], timeout_s: float) -> list[tuple[float, int, str]]:
+    """Worker side: (value, status, message) for each item, each call under its own alarm."""
     signal.signal(signal.SIGALRM, _on_alarm)
     results = []
-    for rule, completion, answer in items:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    for name, completion, answer, context in items:
+        rule = rules[name]
+        limit = rule.timeout_s if isinstance(rule, CustomRule) else timeout_s
+        signal.setitimer(signal.ITIMER_REAL, limit)
         try:
-            results.append((float(rules[rule](completion, answer)), OK))
+            value = _call(rule, completion, answer, context)
+            if value is None:
+                results.append((math.nan, OK, ""))
+            elif isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
+                results.append((float(value), OK, ""))
+            else:
+                results.append((0.0, ERROR, f"{name}: returned {value!r}, not a finite number"))
         except _Alarm:
-            results.append((0.0, TIMEOUT))
-        except Exception:
-            results.append((0.0, ERROR))
+            results.append((0.0, TIMEOUT, f"{name}: took longer than {limit:g}s"))
+        except Exception as exc:
+            results.append((0.0, ERROR, f"{name}: {type(exc).__name__}: {exc}"))
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     return results
@@ -80,7 +100,8 @@ def _score_items(items: list[Item], rules: dict[str, Rule], timeout_s: float) ->
 class Scorer:
     """A lazily started pool of scoring workers, reused across calls; close() or use as a context.
 
-    `rules` maps names to module-level functions (workers import them by name).
+    `rules` maps names to module-level functions or `rewards.CustomRule`s (workers import them by
+    name, so they must be importable: the recipe's directory is put on sys.path before the pool starts).
     """
 
     def __init__(self, rules: Mapping[str, Rule] = GRADERS, workers: int | None = None,
@@ -109,23 +130,27 @@ class Scorer:
     def __exit__(self, *exc):
         self.close()
 
+    def _limit(self, chunk: list[Item], rules: dict[str, Rule]) -> float:
+        """How long a chunk may take before the pool is killed: every call's alarm, plus start-up."""
+        calls = sum(rules[name].timeout_s if isinstance(rules[name], CustomRule) else self.call_timeout_s
+                    for name, *_ in chunk)
+        return calls + self.call_timeout_s + self.start_margin_s
+
     def _submit(self, chunks: list[list[Item]], rules: dict[str, Rule]) -> list:
         pool = self._ensure_pool()
         return [(chunk, pool.apply_async(_score_items, (chunk, rules, self.call_timeout_s))) for chunk in chunks]
 
-    def _collect(self, jobs: list, rules: dict[str, Rule]) -> dict[Item, tuple[float, int]]:
-        results: dict[Item, tuple[float, int]] = {}
+    def _collect(self, jobs: list, rules: dict[str, Rule]) -> dict[Item, tuple[float, int, str]]:
+        results: dict[Item, tuple[float, int, str]] = {}
         while jobs:
             retry = []
             for index, (chunk, job) in enumerate(jobs):
                 try:
-                    # The worker's alarm fires long before this; the margin covers a worker's start-up.
-                    limit = self.call_timeout_s * (len(chunk) + 1) + self.start_margin_s
-                    results.update(zip(chunk, job.get(timeout=limit)))
+                    results.update(zip(chunk, job.get(timeout=self._limit(chunk, rules))))
                 except multiprocessing.TimeoutError:
                     self.close()
                     if len(chunk) == 1:
-                        results[chunk[0]] = (0.0, TIMEOUT)
+                        results[chunk[0]] = (0.0, TIMEOUT, f"{chunk[0][0]}: stopped answering; its worker was killed")
                     else:
                         retry.extend([item] for item in chunk)
                     retry.extend(c for c, j in jobs[index + 1 :])
@@ -133,23 +158,29 @@ class Scorer:
             jobs = self._submit(retry, rules) if retry else []
         return results
 
-    def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> "Pending":
+    def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
+               contexts: list[dict] | None = None) -> "Pending":
         """Start scoring every rule on every (completion, answer) pair; `.result()` waits for it.
 
-        The work runs in the worker processes, so the caller can do other work meanwhile.
+        `contexts` (the prompt and the row's fields, one dict per completion) reach custom rules
+        only. The work runs in the worker processes, so the caller can do other work meanwhile.
         """
         rules = tuple(rules)
         unknown = [r for r in rules if r not in self.rules]
         if unknown:
             raise KeyError(f"no reward rule named {unknown[0]!r}; known: {', '.join(self.rules)}")
-        items = list(dict.fromkeys((r, c, a) for c, a in zip(completions, answers, strict=True) for r in rules))
         used = {name: self.rules[name] for name in rules}
+        encoded = [json.dumps(c, default=str, sort_keys=True) for c in contexts] if contexts else [""] * len(completions)
+        keys = [[(r, c, a, ctx if isinstance(used[r], CustomRule) else "") for r in rules]
+                for c, a, ctx in zip(completions, answers, encoded, strict=True)]
+        items = list(dict.fromkeys(item for row in keys for item in row))
         jobs = self._submit([items[i : i + CHUNK] for i in range(0, len(items), CHUNK)], used) if items else []
-        return Pending(self, jobs, used, rules, list(completions), list(answers))
+        return Pending(self, jobs, used, rules, keys)
 
-    def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str]) -> Scores:
+    def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
+              contexts: list[dict] | None = None) -> Scores:
         """Every rule on every (completion, answer) pair."""
-        return self.submit(rules, completions, answers).result()
+        return self.submit(rules, completions, answers, contexts).result()
 
 
 @dataclass
@@ -160,14 +191,12 @@ class Pending:
     jobs: list
     used: dict
     rules: tuple[str, ...]
-    completions: list[str]
-    answers: list[str]
+    keys: list[list[Item]]  # [N][R] the item behind each value
 
     def result(self) -> Scores:
         results = self.scorer._collect(self.jobs, self.used)
-        values = np.array(
-            [[results[(r, c, a)][0] for r in self.rules] for c, a in zip(self.completions, self.answers)],
-            dtype=np.float64,
-        ).reshape(len(self.completions), len(self.rules))
-        statuses = [status for _, status in results.values()]
-        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR))
+        values = np.array([[results[item][0] for item in row] for row in self.keys],
+                          dtype=np.float64).reshape(len(self.keys), len(self.rules))
+        statuses = [status for _, status, _ in results.values()]
+        messages = tuple(dict.fromkeys(m for _, _, m in results.values() if m))[:3]
+        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR), messages)

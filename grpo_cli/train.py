@@ -18,19 +18,20 @@ import numpy as np
 import torch
 
 from grpo_cli import checkpoint
-from grpo_cli.advantages import group_advantages
+from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
 from grpo_cli.errors import UserError
 from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts, micro_batch_logprobs
-from grpo_cli.loss import grpo_loss
+from grpo_cli.loss import LOSSES, LossSettings, token_mean
 from grpo_cli.modeling import Policy, load_policy
 from grpo_cli.recipe import Recipe, dump
-from grpo_cli.rollout import Rollout, generate
+from grpo_cli.rewards import rule_functions
+from grpo_cli.rollout import Rollout, concat, generate, select_groups
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl
-from grpo_cli.scoring import Scorer
+from grpo_cli.scoring import GRADERS, Pending, Scorer, Scores
 from grpo_cli.update import make_optimizer
 
 
@@ -87,9 +88,88 @@ def logprobs_no_grad(model, batches: list[MicroBatch], temperature: float, share
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        out = [micro_batch_logprobs(model, b, temperature, share) for b in batches]
+        out = [micro_batch_logprobs(model, b, temperature, share)[0] for b in batches]
     model.train(was_training)
     return out
+
+
+@dataclass
+class Done:
+    """Scores already in hand, behaving like scoring.Pending."""
+
+    scores: Scores
+
+    def result(self) -> Scores:
+        return self.scores
+
+
+@dataclass
+class Sampled:
+    rollout: Rollout  # the groups to train on
+    examples: list[Example]  # their prompts, one per group
+    pending: Pending | Done  # their scores
+    dropped_groups: int = 0  # groups with equal rewards left out (dynamic sampling)
+    rounds: int = 1
+    sampled_accuracy: float | None = None  # over every completion sampled, dropped ones included
+
+
+def sample_step(policy: Policy, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
+                rules: list[str], weights: torch.Tensor) -> Sampled:
+    """Rollouts and their scoring for one step. Without dynamic sampling the scores are left pending,
+    to overlap with the reference pass; with it, groups whose rewards are all equal are dropped and
+    more prompts are sampled (up to max_sampling_rounds rollouts) until the step has prompts_per_step
+    informative groups."""
+    grpo = recipe.grpo
+
+    def rollout_of(batch: list[Example]):
+        rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
+                           samples_per_prompt=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
+                           add_special_tokens=not recipe.data.chat, engine=grpo.engine)
+        rows = [e for e in batch for _ in range(grpo.group_size)]
+        pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
+                                [{"prompt": e.prompt, **e.row} for e in rows])
+        return rollout, pending
+
+    batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
+    rollout, pending = rollout_of(batch)
+    if not grpo.dynamic_sampling:
+        return Sampled(rollout, batch, pending)
+    kept: list[tuple[Rollout, list[Example], Scores]] = []
+    dropped = rounds = correct = total = 0
+    while True:
+        rounds += 1
+        scores = pending.result()
+        rewards = total_reward(scores.values[:, : len(weights)], weights)  # [N]
+        _, zero_std = group_advantages(rewards, grpo.group_size)  # [B]
+        informative = [g for g, flat in enumerate(zero_std.tolist()) if not flat]
+        dropped += len(batch) - len(informative)
+        correct += int((scores.column("correctness") > 0.5).sum())
+        total += len(scores.values)
+        if informative:
+            rows = [g * grpo.group_size + j for g in informative for j in range(grpo.group_size)]
+            kept.append((select_groups(rollout, informative), [batch[g] for g in informative],
+                         Scores(scores.values[rows], scores.rules, scores.timeouts, scores.errors, scores.messages)))
+        have = sum(len(examples) for _, examples, _ in kept)
+        if have >= grpo.prompts_per_step or rounds == grpo.max_sampling_rounds:
+            break
+        batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
+        rollout, pending = rollout_of(batch)
+    if not kept:  # nothing informative at all: train on the last round, whose advantages are all 0
+        return Sampled(rollout, batch, Done(scores), dropped, rounds, correct / total)
+    groups = grpo.prompts_per_step
+    rollout = concat([r for r, _, _ in kept], policy.tokenizer.pad_token_id)
+    examples = [e for _, es, _ in kept for e in es][:groups]
+    merged = np.concatenate([sc.values for _, _, sc in kept])[: groups * grpo.group_size]
+    first = kept[0][2]
+    return Sampled(select_groups(rollout, list(range(len(examples)))), examples,
+                   Done(Scores(merged, first.rules, sum(sc.timeouts for *_, sc in kept),
+                               sum(sc.errors for *_, sc in kept), first.messages)),
+                   dropped, rounds, correct / total)
+
+
+def mean_or_none(values: np.ndarray) -> float | None:
+    """Mean of a rule's rewards, leaving out completions it skipped (NaN); None if it skipped them all."""
+    return None if np.isnan(values).all() else float(np.nanmean(values))
 
 
 def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: list[str], scores: np.ndarray,
@@ -121,9 +201,10 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     console = console or TrainConsole()
     started = time.perf_counter()
     run_dir = Path(recipe.output.dir)
-    resume_from = prepare_run_dir(run_dir, recipe, resume)
     grpo = recipe.grpo
-    group, completions = grpo.group_size, recipe.completions_per_step
+    rule_keys = [r.key for r in recipe.rewards]
+    rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
+    resume_from = prepare_run_dir(run_dir, recipe, resume)
     seed_everything(recipe.train.seed)
 
     # Model, data, optimizer.
@@ -146,9 +227,9 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     optimizer, scheduler = make_optimizer(policy.trainable_parameters(), recipe.train,
                                           recipe.train.steps * grpo.updates_per_rollout)
     order = PromptOrder(len(train_set.items), recipe.train.seed)
-    rule_names = [r.rule for r in recipe.rewards]
     weights = torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64)  # [R]
-    scored_rules = rule_names + ([] if "correctness" in rule_names else ["correctness"])
+    scored_rules = rule_keys + ([] if "correctness" in rule_keys else ["correctness"])
+    loss_fn = LOSSES[grpo.loss]
 
     step = 0
     if resume_from is not None:
@@ -162,7 +243,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     fast = grpo.engine == "fast"
     share = fast and can_share_prompts(policy.model)
 
-    with Scorer() as scorer:
+    with Scorer({**GRADERS, **rule_fns}) as scorer:
         if eval_set is not None and step == 0:
             run_eval(0, policy, eval_set, recipe, scorer, log, console)
         console.start(recipe.train.steps, step)
@@ -171,18 +252,11 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 step += 1
                 t_start = time.perf_counter()
 
-                # Rollout: G completions for each of this step's prompts.
-                batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
-                rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
-                                   samples_per_prompt=group, temperature=grpo.temperature, top_p=grpo.top_p,
-                                   add_special_tokens=not chat, engine=grpo.engine)
+                # Rollout: G completions for each prompt; the worker processes start scoring them.
+                sampled = sample_step(policy, train_set, order, scorer, recipe, scored_rules, weights)
+                rollout, group = sampled.rollout, grpo.group_size
+                completions = rollout.input_ids.shape[0]
                 t_rollout = time.perf_counter()
-
-                # Rewards, scored with what the template already wrote. The worker processes score
-                # while this process runs the reference pass.
-                examples = [e for e in batch for _ in range(group)]
-                pending = scorer.submit(scored_rules, [e.prefill + t for e, t in zip(examples, rollout.texts)],
-                                        [e.answer for e in examples])
 
                 # Micro-batches of similar length; reference log-probs for the KL, and old log-probs
                 # when the batch is reused (both fixed for the whole step).
@@ -197,30 +271,43 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 if grpo.updates_per_rollout > 1:
                     old_logp = logprobs_no_grad(policy.model, batches, grpo.temperature, share)
 
-                # Group-relative advantages.
+                # Rewards (with DAPO's overlong penalty), then group-relative advantages.
                 t_wait = time.perf_counter()
-                scores = pending.result()
-                rewards = torch.from_numpy(scores.values[:, : len(rule_names)]) @ weights  # [N]
-                advantages, zero_std = group_advantages(rewards, group)  # [N], [B]
+                scores = sampled.pending.result()
+                overlong = overlong_penalty(rollout.lengths.cpu(), grpo.max_new_tokens, grpo.overlong_buffer,
+                                            grpo.overlong_penalty)  # [N]
+                rewards = total_reward(scores.values[:, : len(rule_keys)], weights) + overlong  # [N]
+                advantages, zero_std = group_advantages(rewards, group, grpo.reward_scaling)  # [N], [B]
                 advantages = advantages.to(policy.device, torch.float32)
+                if scores.errors or scores.timeouts:
+                    console.message(f"warning: step {step}: {scores.errors + scores.timeouts} reward calls failed "
+                                    f"and scored 0 ({'; '.join(scores.messages)})")
                 t_scored = time.perf_counter()
 
                 # Clipped policy-gradient updates on this batch.
-                losses, kls, clipped, tokens, grad_norms = [], [], 0.0, 0.0, []
+                loss_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
+                    else rollout.completion_mask  # [N, C]
+                settings = LossSettings(grpo.clip_eps, grpo.upper_clip, grpo.kl_beta, grpo.entropy_bonus,
+                                        completions, max(1, int(loss_mask.sum())), grpo.max_new_tokens)
+                losses, kls, entropies, clipped, tokens, grad_norms = [], [], [], 0.0, 0.0, []
                 for _ in range(grpo.updates_per_rollout):
                     optimizer.zero_grad(set_to_none=True)
                     step_loss = 0.0
                     for i, micro in enumerate(batches):
-                        logp = micro_batch_logprobs(policy.model, micro, grpo.temperature, share)  # [n, c]
+                        logp, entropy = micro_batch_logprobs(policy.model, micro, grpo.temperature, share,
+                                                             with_entropy=True)  # [n, c] each
+                        mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
                         # With one update, pi_old is the current policy: the ratio is exactly 1.
                         old = old_logp[i] if old_logp is not None else logp.detach()
-                        terms = grpo_loss(logp, old, advantages[micro.rows], micro.completion_mask, grpo.clip_eps,
-                                          ref_logp[i] if ref_logp is not None else None, grpo.kl_beta)
-                        loss = terms.per_completion.sum() / completions
+                        terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
+                                        ref_logp[i] if ref_logp is not None else None,
+                                        entropy if grpo.entropy_bonus else entropy.detach())
+                        loss = terms.per_completion.sum()
                         loss.backward()
                         step_loss += loss.item()
                         if terms.kl is not None:
                             kls.append(terms.kl)
+                        entropies.append(token_mean(entropy.detach(), micro.completion_mask))
                         clipped += terms.clipped_tokens.item()
                         tokens += terms.tokens.item()
                     max_norm = recipe.train.max_grad_norm or float("inf")
@@ -234,9 +321,11 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     "step": step,
                     "reward_mean": rewards.mean().item(),
                     "reward_std": rewards.std(unbiased=False).item(),
-                    **{f"reward/{name}": float(scores.column(name).mean()) for name in rule_names},
+                    **{f"reward/{key}": mean_or_none(scores.column(key)) for key in rule_keys},
+                    **({"reward/overlong": overlong.mean().item()} if grpo.overlong_buffer else {}),
                     "accuracy": float((scores.column("correctness") > 0.5).mean()),
                     "kl": torch.cat(kls).mean().item() if kls else None,
+                    "entropy": torch.cat(entropies).mean().item(),
                     "clip_frac": clipped / max(tokens, 1.0),
                     "loss": sum(losses) / len(losses),
                     "grad_norm": sum(grad_norms) / len(grad_norms),
@@ -244,6 +333,9 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     "completion_len": rollout.lengths.float().mean().item(),
                     "truncated_frac": rollout.truncated.float().mean().item(),
                     "frac_zero_std": zero_std.float().mean().item(),
+                    **({"dropped_groups": sampled.dropped_groups, "sampling_rounds": sampled.rounds,
+                        "sampled_accuracy": sampled.sampled_accuracy} if grpo.dynamic_sampling else {}),
+                    "score_errors": scores.errors,
                     "score_timeouts": scores.timeouts,
                     "step_seconds": t_update - t_start,
                     "rollout_seconds": t_rollout - t_start,
@@ -253,8 +345,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 log.metrics(row)
                 console.step(row)
                 if step == 1 or step % recipe.output.samples_every == 0:
-                    log.samples(sample_rows(step, batch, rollout, rule_names, scores.values, rewards, advantages,
-                                            recipe.output.samples_groups, group))
+                    log.samples(sample_rows(step, sampled.examples, rollout, rule_keys, scores.values, rewards,
+                                            advantages, recipe.output.samples_groups, group))
                 if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
                     run_eval(step, policy, eval_set, recipe, scorer, log, console)
                 if step % recipe.output.save_every == 0 or step == recipe.train.steps:

@@ -21,3 +21,11 @@ def ignores_alarms(completion, answer):
 
 def raises(completion, answer):
     raise ValueError("broken rule")
+
+
+def skips_odd(completion, answer, prompt, **fields):
+    return None if len(completion) % 2 else float(fields["level"])
+
+
+def returns_text(completion, answer):
+    return "high"

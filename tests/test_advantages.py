@@ -39,3 +39,31 @@ def test_scale_of_rewards_does_not_matter():
     a, _ = group_advantages(rewards, 4)
     b, _ = group_advantages(rewards * 10 + 5, 4)
     assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_batch_scaling_divides_by_the_std_of_the_whole_step():
+    rewards = torch.tensor([0.0, 2.0, 1.0, 1.0])  # group means 1, 1; batch std = sqrt(0.5)
+    adv, _ = group_advantages(rewards, 2, scale="batch")
+    scale = 1 / (0.5 ** 0.5 + STD_EPS)
+    assert adv.tolist() == pytest.approx([-scale, scale, 0.0, 0.0])
+
+
+def test_no_scaling_only_centers_each_group():
+    adv, zero = group_advantages(torch.tensor([0.0, 3.0, 5.0, 5.0]), 2, scale="none")
+    assert adv.tolist() == [-1.5, 1.5, 0.0, 0.0] and zero.tolist() == [False, True]
+
+
+def test_overlong_penalty_hand_values():
+    from grpo_cli.advantages import overlong_penalty
+
+    lengths = torch.tensor([10, 12, 14, 15, 16])
+    # max 16, buffer 4: free up to 12 tokens, then -0.5 per... -(L - 12) / 4 x penalty 0.5
+    assert overlong_penalty(lengths, 16, 4, 0.5).tolist() == pytest.approx([0.0, 0.0, -0.25, -0.375, -0.5])
+    assert overlong_penalty(lengths, 16, 0).tolist() == [0.0] * 5
+
+
+def test_total_reward_skips_missing_values():
+    from grpo_cli.advantages import total_reward
+
+    values = [[1.0, float("nan")], [0.0, 2.0]]
+    assert total_reward(values, torch.tensor([1.0, 0.5])).tolist() == [1.0, 1.0]

@@ -96,14 +96,17 @@ def test_shared_prompt_pass_equals_the_plain_pass(policy):
                        max_new_tokens=20, samples_per_prompt=4)
     for micro in split(rollout, max_rows=5, spread=0.75):
         mask = micro.completion_mask.bool()
-        values, grads = [], []
+        values, grads, entropies = [], [], []
         for share in (True, False):
             policy.model.zero_grad()
-            logp = micro_batch_logprobs(policy.model, micro, temperature=0.8, share_prompts=share)
+            logp, entropy = micro_batch_logprobs(policy.model, micro, temperature=0.8, share_prompts=share,
+                                                 with_entropy=True)
             (logp * micro.completion_mask).sum().backward()
+            entropies.append(entropy[mask].detach())
             values.append(logp[mask].detach())
             grads.append(torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
         assert torch.allclose(values[0], values[1], atol=1e-5)
+        assert torch.allclose(entropies[0], entropies[1], atol=1e-5)
         assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
     policy.model.zero_grad()
 
@@ -123,3 +126,17 @@ def test_the_head_never_sees_more_than_a_chunk(policy, rollout):
     n, c = rollout.completion_ids.shape
     assert seen and max(rows for rows, _ in seen) <= 7
     assert sum(rows for rows, _ in seen) == 2 * n * c  # forward once, recomputed once in backward
+
+
+def test_entropy_matches_the_full_distribution(policy, rollout):
+    from grpo_cli.logprobs import _completion_pass
+
+    with torch.no_grad():
+        logp, entropy = _completion_pass(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                         0.7, 5, True)
+        logits = policy.model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                              position_ids=position_ids(rollout.attention_mask)).logits.float() / 0.7
+        dist = torch.distributions.Categorical(logits=logits[:, rollout.prompt_len - 1 : -1])
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(entropy[mask], dist.entropy()[mask], atol=1e-5)
+    assert torch.allclose(logp[mask], dist.log_prob(rollout.completion_ids)[mask], atol=1e-5)

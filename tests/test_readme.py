@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from grpo_cli.recipe import Recipe, _section_type
+from grpo_cli.recipe import RULE_SPECS, Recipe, _section_type
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -11,9 +11,13 @@ README = (ROOT / "README.md").read_text()
 def recipe_keys() -> list[str]:
     """Every key a recipe can set, as the README writes it: model.lora.r, rewards[].weight, ..."""
     keys = []
+    for spec in RULE_SPECS.values():
+        keys.extend(f"rewards[].{name}" for name in spec.model_fields if f"rewards[].{name}" not in keys)
     for section, field in Recipe.model_fields.items():
+        if section == "rewards":
+            continue
         model = _section_type(field.annotation)
-        prefix = f"{section}[]." if section == "rewards" else f"{section}."
+        prefix = f"{section}."
         for name, inner in model.model_fields.items():
             keys.append(prefix + name)
             if name == "lora":

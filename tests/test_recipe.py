@@ -137,3 +137,40 @@ def test_resolved_recipe_round_trips(tmp_path):
     original = load(write(tmp_path, "grpo: {group_size: 4}\ndata: {train: {name: openai/gsm8k, config: main}}\n"))
     again = load(write(tmp_path, recipe.dump(original), "resolved.yaml"))
     assert again == original
+
+
+def test_reward_rules_have_their_own_keys(tmp_path):
+    path = write(tmp_path, """\
+        rewards:
+          - {rule: correctnes}
+          - {rule: python, functon: "a:b"}
+          - {rule: length, max_char: 5}
+        """)
+    with pytest.raises(RecipeError) as error:
+        load(path)
+    message = str(error.value)
+    assert f"{path}:2: rewards.0.rule: unknown rule 'correctnes'. Did you mean 'correctness'?" in message
+    assert f"{path}:3: rewards.1.functon: unknown key. Did you mean 'function'?" in message
+    assert f"{path}:3: rewards.1.function: required key is missing." in message
+    assert f"{path}:4: rewards.2.max_char: unknown key. Did you mean 'max_chars'?" in message
+
+
+def test_variants_and_their_defaults(tmp_path):
+    r = load(write(tmp_path, "grpo: {loss: dr_grpo, clip_eps: 0.2, clip_eps_high: 0.28}\n"))
+    assert r.grpo.reward_scaling == "none" and r.grpo.upper_clip == 0.28
+    r = load(write(tmp_path, "grpo: {loss: dapo, scale_rewards: batch}\n"))
+    assert r.grpo.reward_scaling == "batch" and r.grpo.upper_clip == 0.2
+    r = load(write(tmp_path, "rewards:\n  - {rule: python, function: 'pkg.mod:fn'}\n  - {rule: repetition, ngram: 4}\n"))
+    assert [x.key for x in r.rewards] == ["fn", "repetition"]
+
+
+def test_overlong_buffer_must_fit(tmp_path):
+    with pytest.raises(RecipeError, match="grpo.overlong_buffer: 64 must be shorter than grpo.max_new_tokens"):
+        load(write(tmp_path, "grpo: {max_new_tokens: 64, overlong_buffer: 64}\n"))
+
+
+def test_two_python_rules_need_different_names(tmp_path):
+    path = write(tmp_path, "rewards:\n  - {rule: python, function: 'a:f'}\n  - {rule: python, function: 'b:f'}\n")
+    with pytest.raises(RecipeError, match="f is listed twice"):
+        load(path)
+    assert len(load(path, ["rewards.1.name=g"]).rewards) == 2

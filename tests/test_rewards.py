@@ -64,3 +64,57 @@ def test_format_sees_what_the_template_already_opened():
     prefill = "<think>\n"
     completion = "2+2=4.</think> The answer is 4."
     assert step_format(prefill + completion, "4") == 1.0
+
+
+def test_length_rule():
+    from grpo_cli.rewards import length
+
+    assert length("", "x") == 1.0
+    assert length("a" * 250, "x", max_chars=1000) == 0.75
+    assert length("a" * 5000, "x") == 0.0
+
+
+def test_repetition_rule():
+    from grpo_cli.rewards import repetition
+
+    assert repetition("a b c d e", "x", ngram=3) == 0.0  # 3 distinct trigrams
+    # "a b a b a b": trigrams aba, bab, aba, bab -> 2 distinct of 4 -> -0.5
+    assert repetition("a b a b a b", "x", ngram=3) == -0.5
+    assert repetition("too short", "x", ngram=3) == 0.0
+
+
+def write_module(tmp_path, name, source):
+    (tmp_path / f"{name}.py").write_text(source)
+    return tmp_path
+
+
+def test_custom_rule_gets_the_arguments_it_asks_for(tmp_path):
+    from grpo_cli.rewards import load_custom
+
+    write_module(tmp_path, "custom_a", "def brevity(completion, prompt):\n    return -len(completion) / len(prompt)\n"
+                 "def everything(completion, answer, **fields):\n    return fields['kind'] == 'add'\n")
+    rule = load_custom("custom_a:brevity", 2.0, tmp_path)
+    assert rule("abcd", "1", {"prompt": "xx", "kind": "add"}) == -2.0
+    assert load_custom("custom_a:everything", 2.0, tmp_path)("a", "1", {"prompt": "q", "kind": "add"}) is True
+
+
+@pytest.mark.parametrize("source, function, message", [
+    ("", "custom_none:brevity", "has no function 'brevity'"),
+    ("def brevity(text):\n    return 1\n", "custom_sig:brevity", "must accept `completion`"),
+    ("raise ImportError('nope')\n", "custom_broken:brevity", "cannot import 'custom_broken'"),
+])
+def test_custom_rule_mistakes_are_explained(tmp_path, source, function, message):
+    from grpo_cli.errors import UserError
+    from grpo_cli.rewards import load_custom
+
+    write_module(tmp_path, function.split(":")[0], source)
+    with pytest.raises(UserError, match=message):
+        load_custom(function, 1.0, tmp_path)
+
+
+def test_missing_custom_module(tmp_path):
+    from grpo_cli.errors import UserError
+    from grpo_cli.rewards import load_custom
+
+    with pytest.raises(UserError, match="Put no_such_rules.py next to the recipe"):
+        load_custom("no_such_rules:f", 1.0, tmp_path)

@@ -74,3 +74,18 @@ def test_duplicates_are_scored_once_but_returned_for_every_row():
 def test_unknown_rule_is_refused():
     with pytest.raises(KeyError, match="no reward rule named 'nope'"):
         Scorer().score(["nope"], ["a"], ["b"])
+
+
+def test_custom_rules_get_their_context_skip_and_fail_cleanly():
+    from grpo_cli.rewards import CustomRule
+
+    rules = {"skips": CustomRule(bad.skips_odd, 2.0), "text": CustomRule(bad.returns_text, 2.0),
+             "slow": CustomRule(bad.sleeps, 0.3)}
+    with Scorer(rules, workers=1) as scorer:
+        scores = scorer.score(["skips", "text", "slow"], ["ab", "abc"], ["1", "1"],
+                              [{"prompt": "p", "level": 3}, {"prompt": "p", "level": 4}])
+    assert scores.column("skips")[0] == 3.0 and np.isnan(scores.column("skips")[1])  # None: skipped
+    assert scores.column("text").tolist() == [0.0, 0.0] and scores.errors == 2
+    assert scores.column("slow").tolist() == [0.0, 0.0] and scores.timeouts == 2
+    assert any("text: returned 'high', not a finite number" in m for m in scores.messages)
+    assert any("slow: took longer than 0.3s" in m for m in scores.messages)

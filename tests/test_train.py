@@ -155,3 +155,35 @@ def test_fast_engine_learns_as_the_plain_path(tmp_path, tiny_model_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-5), (a["step"], key)
             else:
                 assert a[key] == b[key], (a["step"], key)
+
+
+def test_dynamic_sampling_trains_only_on_informative_groups(tmp_path, tiny_model_path):
+    run(tmp_path, grpo={"dynamic_sampling": True, "max_sampling_rounds": 4, "group_size": 4, "prompts_per_step": 4},
+        train={"steps": 3, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+    rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
+    for row in rows:
+        assert {"dropped_groups", "sampling_rounds", "sampled_accuracy"} <= set(row)
+        assert 1 <= row["sampling_rounds"] <= 4
+        if row["sampling_rounds"] < 4:  # the quota was met: every trained group carries signal
+            assert row["frac_zero_std"] == 0.0
+    assert sum(r["dropped_groups"] for r in rows) > 0  # the warm-started model agrees with itself often
+
+
+def test_overlong_shaping_masking_entropy_and_a_custom_rule(tmp_path, tiny_model_path):
+    (tmp_path / "my_rules.py").write_text("def short(completion, answer, prompt, **fields):\n"
+                                          "    return None if fields['kind'] == 'quadratic' else -len(completion) / 40\n")
+    recipe = recipe_module.validate(small_recipe(
+        tmp_path / "run",
+        grpo={"max_new_tokens": 24, "overlong_buffer": 8, "overlong_penalty": 0.5, "mask_truncated": True,
+              "entropy_bonus": 0.01, "loss": "dapo", "clip_eps_high": 0.28},
+        rewards=[{"rule": "correctness"}, {"rule": "python", "function": "my_rules:short", "weight": 0.1}],
+        train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0},
+    ))
+    train(recipe, recipe_dir=tmp_path, console=TrainConsole(quiet=True))
+    rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
+    for row in rows:
+        assert -0.5 <= row["reward/overlong"] <= 0
+        assert row["entropy"] > 0 and row["reward/short"] <= 0 and row["score_errors"] == 0
+    assert any(r["reward/overlong"] < 0 for r in rows) and any(r["truncated_frac"] > 0 for r in rows)
+    samples = read_jsonl(tmp_path / "run" / "samples.jsonl")
+    assert {"correctness", "short"} == set(samples[0]["rewards"])
