@@ -3,9 +3,14 @@
 `checkpoints/step-N/` holds the weights in the standard layout (a PEFT adapter,
 or a full transformers model), the tokenizer, the optimizer and scheduler state,
 every RNG state, the data position, and the run's recipe, so a checkpoint copied
-on its own still says how to load and prompt the model. It is written to a temporary directory
-and renamed into place only when complete, so a crash mid-save never leaves a
-checkpoint that resume would load.
+on its own still says how to load and prompt the model.
+
+Crash safety: a checkpoint is written into a temporary directory, flushed to disk,
+and renamed into place only when complete. Its last file is `manifest.json`, the
+size of every other file; a checkpoint whose manifest is missing or does not match
+(a torn copy, a disk that filled up) is never loaded. Old checkpoints are pruned
+(`output.keep_last`) only after the new one is in place. A save that fails (a full
+disk) removes its partial directory and leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import torch
 
 from grpo_cli.errors import UserError
 
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"
+MANIFEST = "manifest.json"  # written last: {file: size} for everything else in the checkpoint
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -47,33 +53,81 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict, recipe_yaml: str) -> Path:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(directory: Path) -> None:
+    files = {str(f.relative_to(directory)): f.stat().st_size for f in sorted(directory.rglob("*")) if f.is_file()}
+    for name in files:
+        _fsync(directory / name)
+    (directory / MANIFEST).write_text(json.dumps(files, indent=1))
+    _fsync(directory / MANIFEST)
+    _fsync(directory)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether `path` is a checkpoint whose manifest lists files that are all there, at their sizes."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())
+        return STATE_FILE in files and all((path / n).stat().st_size == size for n, size in files.items())
+    except (OSError, ValueError):
+        return False
+
+
+def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict, recipe_yaml: str,
+         rng: dict | None = None, keep_last: int | None = None) -> Path:
+    """Write checkpoint step-`step` (rng: the RNG state to record, default the current one)."""
     final = checkpoint_dir(run_dir, step)
     partial = final.with_name(f".{final.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    policy.model.save_pretrained(partial)
-    policy.tokenizer.save_pretrained(partial)
-    torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    torch.save(scheduler.state_dict(), partial / "scheduler.pt")
-    torch.save(rng_state(), partial / "rng.pt")
-    (partial / RECIPE_FILE).write_text(recipe_yaml)
-    state = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **trainer_state}
-    (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(partial, final)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        policy.model.save_pretrained(partial)
+        policy.tokenizer.save_pretrained(partial)
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        torch.save(rng if rng is not None else rng_state(), partial / "rng.pt")
+        (partial / RECIPE_FILE).write_text(recipe_yaml)
+        state = {"step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **trainer_state}
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _write_manifest(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync(final.parent)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = latest(run_dir)
+        raise UserError(
+            f"could not save the checkpoint for step {step} in {final.parent}: {exc.strerror or exc}. "
+            + (f"The previous checkpoint, {previous.name}, is intact. " if previous else "")
+            + "Free some space (or set output.dir elsewhere) and continue with --resume."
+        ) from None
+    if keep_last:
+        for old in complete_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Every complete checkpoint of the run, oldest first."""
+    found = []
+    for path in (run_dir / "checkpoints").glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and is_complete(path):
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
 
 
 def latest(run_dir: Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
-    found = []
-    for path in (run_dir / "checkpoints").glob("step-*"):
-        suffix = path.name.removeprefix("step-")
-        if suffix.isdigit() and (path / STATE_FILE).exists():
-            found.append((int(suffix), path))
-    return max(found)[1] if found else None
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
 
 
 def locate(path: Path) -> Path | None:
@@ -82,7 +136,10 @@ def locate(path: Path) -> Path | None:
     None when `path` is neither (a merged model or anything else); an error for a run
     directory that holds no complete checkpoint yet.
     """
-    if (path / STATE_FILE).exists():
+    if (path / STATE_FILE).exists() or (path / MANIFEST).exists():
+        if not is_complete(path):
+            raise UserError(f"{path} is an incomplete checkpoint (its manifest does not match its files); "
+                            "use an earlier one.")
         return path
     if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():
         found = latest(path)

@@ -32,7 +32,12 @@ def _root(
 
 
 def _fail(error: UserError) -> None:
-    typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+    from grpo_cli.guard import Stopped
+
+    if isinstance(error, Stopped):
+        typer.secho(str(error), err=True, fg=typer.colors.YELLOW)
+    else:
+        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
     raise typer.Exit(error.exit_code)
 
 
@@ -57,6 +62,10 @@ def train(
         summary = run_training(loaded, resume=resume, recipe_dir=recipe.resolve().parent, console=console)
     except UserError as error:
         _fail(error)
+    except KeyboardInterrupt:
+        typer.secho("interrupted; the last complete checkpoint (if any) is intact: continue with --resume.",
+                    err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130) from None
     moved = ""
     if summary.eval_first is not None and summary.eval_last is not None:
         moved = f"; held-out accuracy {summary.eval_first:.1%} -> {summary.eval_last:.1%}"

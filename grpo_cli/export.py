@@ -125,8 +125,8 @@ def _model_card(recipe: Recipe, state: dict, source: Path, dtype: str, adapter_o
     what = "a LoRA adapter (PEFT layout)" if adapter_only else (
         "LoRA adapters merged in float32 into the full-precision base weights" if recipe.model.lora else
         "fully fine-tuned weights")
-    load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-            f"base = AutoModelForCausalLM.from_pretrained(\"<base model>\")\nmodel = PeftModel.from_pretrained(base, \"<this dir>\")"
+    load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            "base = AutoModelForCausalLM.from_pretrained(\"<base model>\")\nmodel = PeftModel.from_pretrained(base, \"<this dir>\")"
             if adapter_only else
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\ntokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")")

@@ -180,6 +180,8 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     seed: int = 0
+    max_bad_steps: int = Field(3, ge=1, description="stop after this many consecutive steps whose loss, rewards "
+                               "or gradients were not finite (each is skipped)")
 
 
 class OutputSpec(Section):
@@ -188,6 +190,7 @@ class OutputSpec(Section):
     eval_every: int = Field(50, ge=1, description="held-out evaluation every N steps (and at start and end)")
     samples_every: int = Field(10, ge=1, description="log sample completions every N steps")
     samples_groups: int = Field(2, ge=0, description="how many groups to log each time")
+    keep_last: int | None = Field(None, ge=1, description="keep only the newest N checkpoints; null = all")
 
 
 class Recipe(Section):
@@ -436,6 +439,26 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 del lines[known]
         lines[key] = f"--set {text_override}"
     return validate(data, source=str(path), lines=lines)
+
+
+# Settings a resumed run cannot change without training something else than what the checkpoint holds.
+RESUME_FIXED = ("model.name", "model.load_in_4bit", "model.lora", "data.train", "data.prompt_field",
+                "data.answer_field", "data.template", "data.chat", "data.system_prompt", "grpo.group_size",
+                "train.seed")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def changes(before: Recipe, after: Recipe) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(changes resume must refuse, changes it can allow), each {dotted key: (before, after)}."""
+    old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
+    changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    fixed = {k: v for k, v in changed.items() if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)}
+    return fixed, {k: v for k, v in changed.items() if k not in fixed}
 
 
 def dump(recipe: Recipe) -> str:

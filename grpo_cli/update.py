@@ -1,12 +1,18 @@
-"""The optimizer side of a step: AdamW over the trainable parameters and its learning-rate schedule."""
+"""The optimizer side of a step: AdamW, its learning-rate schedule, and the clipped updates on a batch."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from grpo_cli.recipe import TrainSpec
+from grpo_cli.batching import MicroBatch
+from grpo_cli.logprobs import micro_batch_logprobs
+from grpo_cli.loss import LOSSES, LossSettings, token_mean
+from grpo_cli.recipe import Recipe, TrainSpec
+from grpo_cli.rollout import Rollout
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
@@ -26,3 +32,64 @@ def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, total_upda
         optimizer, lambda s: lr_factor(s, spec.warmup_steps, total_updates, spec.schedule)
     )
     return optimizer, scheduler
+
+
+@dataclass
+class UpdateStats:
+    losses: list[float]
+    kls: list[torch.Tensor]
+    entropies: list[torch.Tensor]
+    clipped: float
+    tokens: float
+    grad_norms: list[float]
+    problems: list[str]  # what was not finite ("loss", "gradients"); those updates were skipped
+    applied: int  # optimizer steps taken
+
+
+def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout, batches: list[MicroBatch],
+                  advantages: torch.Tensor, ref_logp, old_logp, share: bool) -> UpdateStats:
+    """updates_per_rollout clipped policy-gradient steps on the batch; a step whose loss or gradients
+    are not finite is not applied (the scheduler still advances, so lr stays tied to the step)."""
+    grpo = recipe.grpo
+    loss_fn = LOSSES[grpo.loss]
+    loss_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
+        else rollout.completion_mask  # [N, C]
+    settings = LossSettings(grpo.clip_eps, grpo.upper_clip, grpo.kl_beta, grpo.entropy_bonus,
+                            rollout.input_ids.shape[0], max(1, int(loss_mask.sum())), grpo.max_new_tokens)
+    stats = UpdateStats([], [], [], 0.0, 0.0, [], [], 0)
+    for _ in range(grpo.updates_per_rollout):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, bad = 0.0, []
+        for i, micro in enumerate(batches):
+            logp, entropy = micro_batch_logprobs(policy.model, micro, grpo.temperature, share,
+                                                 with_entropy=True)  # [n, c] each
+            mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
+            # With one update, pi_old is the current policy: the ratio is exactly 1.
+            old = old_logp[i] if old_logp is not None else logp.detach()
+            terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
+                            ref_logp[i] if ref_logp is not None else None,
+                            entropy if grpo.entropy_bonus else entropy.detach())
+            loss = terms.per_completion.sum()
+            loss.backward()
+            step_loss += loss.item()
+            if terms.kl is not None:
+                stats.kls.append(terms.kl)
+            stats.entropies.append(token_mean(entropy.detach(), micro.completion_mask))
+            stats.clipped += terms.clipped_tokens.item()
+            stats.tokens += terms.tokens.item()
+        max_norm = recipe.train.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm).item()
+        if not np.isfinite(step_loss):
+            bad.append("loss")
+        if not np.isfinite(grad_norm):
+            bad.append("gradients")
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            stats.problems.extend(p for p in bad if p not in stats.problems)
+        else:
+            optimizer.step()
+            stats.applied += 1
+        scheduler.step()
+        stats.losses.append(step_loss)
+        stats.grad_norms.append(grad_norm)
+    return stats

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from grpo_cli.batching import plan, split

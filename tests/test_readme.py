@@ -36,3 +36,14 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install torch==2.13.0" in ci and 'pip install -e ".[test]"' in ci and "python -m pytest -q" in ci
     assert 'pip install torch==2.13.0 && pip install -e ".[test]"\npython -m pytest -q' in README
+
+
+def test_the_failure_modes_document_names_real_tests():
+    import re
+
+    document = (ROOT / "docs" / "failure-modes.md").read_text()
+    sources = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    named = set(re.findall(r"::(test_\w+)|`(test_\w+)`", document))
+    names = {a or b for a, b in named}
+    assert len(names) > 20
+    assert [n for n in names if f"def {n}(" not in sources] == []

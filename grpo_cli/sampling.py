@@ -1,0 +1,93 @@
+"""A step's groups: rollouts of G completions per prompt, and their scores.
+
+Without dynamic sampling one rollout of prompts_per_step prompts is taken and its
+scoring left running in the worker processes, to overlap with the reference pass.
+With it (DAPO), groups whose rewards are all equal are dropped, since they carry no
+gradient, and more prompts are rolled out until the step has prompts_per_step
+informative groups or max_sampling_rounds rollouts were made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from grpo_cli.advantages import group_advantages, total_reward
+from grpo_cli.data import Example, Examples, PromptOrder
+from grpo_cli.modeling import Policy
+from grpo_cli.recipe import Recipe
+from grpo_cli.rollout import Rollout, concat, generate, select_groups
+from grpo_cli.scoring import Pending, Scorer, Scores
+
+
+@dataclass
+class Done:
+    """Scores already in hand, behaving like scoring.Pending."""
+
+    scores: Scores
+
+    def result(self) -> Scores:
+        return self.scores
+
+
+@dataclass
+class Sampled:
+    rollout: Rollout  # the groups to train on
+    examples: list[Example]  # their prompts, one per group
+    pending: Pending | Done  # their scores
+    dropped_groups: int = 0  # groups with equal rewards left out (dynamic sampling)
+    rounds: int = 1
+    sampled_accuracy: float | None = None  # over every completion sampled, dropped ones included
+
+
+def sample_step(policy: Policy, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
+                rules: list[str], weights: torch.Tensor) -> Sampled:
+    """Rollouts and their scoring for one step (see the module's docstring)."""
+    grpo = recipe.grpo
+
+    def rollout_of(batch: list[Example]):
+        rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
+                           samples_per_prompt=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
+                           add_special_tokens=not recipe.data.chat, engine=grpo.engine)
+        rows = [e for e in batch for _ in range(grpo.group_size)]
+        pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
+                                [{"prompt": e.prompt, **e.row} for e in rows])
+        return rollout, pending
+
+    batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
+    rollout, pending = rollout_of(batch)
+    if not grpo.dynamic_sampling:
+        return Sampled(rollout, batch, pending)
+    kept: list[tuple[Rollout, list[Example], Scores]] = []
+    dropped = rounds = correct = total = 0
+    while True:
+        rounds += 1
+        scores = pending.result()
+        rewards = total_reward(scores.values[:, : len(weights)], weights)  # [N]
+        _, zero_std = group_advantages(rewards, grpo.group_size)  # [B]
+        informative = [g for g, flat in enumerate(zero_std.tolist()) if not flat]
+        dropped += len(batch) - len(informative)
+        correct += int((scores.column("correctness") > 0.5).sum())
+        total += len(scores.values)
+        if informative:
+            rows = [g * grpo.group_size + j for g in informative for j in range(grpo.group_size)]
+            kept.append((select_groups(rollout, informative), [batch[g] for g in informative],
+                         Scores(scores.values[rows], scores.rules, scores.timeouts, scores.errors, scores.messages)))
+        have = sum(len(examples) for _, examples, _ in kept)
+        if have >= grpo.prompts_per_step or rounds == grpo.max_sampling_rounds:
+            break
+        batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
+        rollout, pending = rollout_of(batch)
+    if not kept:  # nothing informative at all: train on the last round, whose advantages are all 0
+        return Sampled(rollout, batch, Done(scores), dropped, rounds, correct / total)
+    groups = grpo.prompts_per_step
+    rollout = concat([r for r, _, _ in kept], policy.tokenizer.pad_token_id)
+    examples = [e for _, es, _ in kept for e in es][:groups]
+    merged = np.concatenate([sc.values for _, _, sc in kept])[: groups * grpo.group_size]
+    first = kept[0][2]
+    return Sampled(select_groups(rollout, list(range(len(examples)))), examples,
+                   Done(Scores(merged, first.rules, sum(sc.timeouts for *_, sc in kept),
+                               sum(sc.errors for *_, sc in kept), first.messages)),
+                   dropped, rounds, correct / total)

@@ -1,0 +1,302 @@
+"""Runs that survive: kills, Ctrl-C, non-finite numbers, out of memory, full disks, changed recipes.
+
+docs/failure-modes.md lists every case with the behaviour promised and the test that checks it.
+"""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, small_recipe
+from grpo_cli import checkpoint
+from grpo_cli import recipe as recipe_module
+from grpo_cli.console import TrainConsole
+from grpo_cli.errors import UserError
+from grpo_cli.guard import Halted
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds"}
+SIX_STEPS = {"train": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+             "output": {"save_every": 2, "eval_every": 3, "samples_every": 1}}
+
+
+def sections(run_dir, **overrides):
+    base = {**SIX_STEPS, **overrides}
+    base["output"] = {**base.get("output", {}), "dir": str(run_dir)}
+    return small_recipe(run_dir, **base)
+
+
+def run_in_process(run_dir, resume=False, **overrides):
+    return train(recipe_module.validate(sections(run_dir, **overrides)), resume=resume,
+                 console=TrainConsole(quiet=True))
+
+
+def metrics(run_dir):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def adapter(run_dir, step):
+    return load_file(str(run_dir / "checkpoints" / f"step-{step}" / "adapter_model.safetensors"))
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_model_path):
+    """An uninterrupted six-step run, the reference every interrupted run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    run_in_process(run_dir)
+    return run_dir
+
+
+def start_cli(tmp_path, *extra):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(sections(tmp_path / "run")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "grpo_cli", "train", str(path), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+
+
+def wait_for(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_reaches_the_same_run(tmp_path, straight):
+    proc = start_cli(tmp_path)
+    wait_for(lambda: checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-4") or proc.poll() is not None)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    assert not checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-6"), "killed too late to test"
+    resumed = start_cli(tmp_path, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert metrics(tmp_path / "run") == metrics(straight)
+    assert same_weights(adapter(tmp_path / "run", 6), adapter(straight, 6))
+
+
+def test_ctrl_c_saves_and_stops_then_resume_continues_exactly(tmp_path, straight):
+    proc = start_cli(tmp_path)
+    wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 2 or proc.poll() is not None)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "stopped by Ctrl-C after step" in err and "--resume" in err and "Traceback" not in err
+    stopped_at = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert stopped_at < 6 and checkpoint.is_complete(tmp_path / "run" / "checkpoints" / f"step-{stopped_at}")
+    resumed = start_cli(tmp_path, "--resume")
+    assert resumed.wait(timeout=600) == 0
+    assert metrics(tmp_path / "run") == metrics(straight)
+    assert same_weights(adapter(tmp_path / "run", 6), adapter(straight, 6))
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_model_path):
+    proc = start_cli(tmp_path)
+    wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 1 or proc.poll() is not None)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err
+
+
+def test_torn_checkpoints_and_metrics_lines_are_never_loaded(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    torn = run_dir / "checkpoints" / "step-6" / "optimizer.pt"
+    torn.write_bytes(torn.read_bytes()[:100])  # a copy that did not finish
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    (run_dir / "checkpoints" / ".step-8.partial").mkdir()  # a save that crashed half way
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 7, "reward_me')  # and a torn last line
+    assert checkpoint.latest(run_dir) == run_dir / "checkpoints" / "step-2"
+    run_in_process(run_dir, resume=True)
+    assert metrics(run_dir) == metrics(straight)
+    assert same_weights(adapter(run_dir, 6), adapter(straight, 6))
+
+
+def test_keep_last_prunes_only_complete_older_checkpoints(tmp_path, tiny_model_path):
+    run_in_process(tmp_path / "run", output={"save_every": 1, "keep_last": 2})
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-5", "step-6"]
+
+
+def nan_loss_on(monkeypatch, steps: set[int]):
+    """Make the loss NaN during the given training steps (counted by optimizer-step calls)."""
+    import grpo_cli.update as update
+
+    original = update.LOSSES["grpo"]
+    calls = {"step": 0}
+
+    def poisoned(logp, *args, **kwargs):
+        terms = original(logp, *args, **kwargs)
+        if calls["step"] in steps:
+            return type(terms)(terms.per_completion * float("nan"), terms.kl, terms.clipped_tokens, terms.tokens)
+        return terms
+
+    original_update = update.update_policy
+
+    def counting(*args, **kwargs):
+        calls["step"] += 1
+        return original_update(*args, **kwargs)
+
+    monkeypatch.setitem(update.LOSSES, "grpo", poisoned)
+    monkeypatch.setattr("grpo_cli.train.update_policy", counting)
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, tiny_model_path):
+    nan_loss_on(monkeypatch, {2})
+    run_in_process(tmp_path / "run", train={"steps": 3, "lr": 2e-3, "warmup_steps": 0, "seed": 0},
+                   output={"save_every": 1})
+    rows = {r["step"]: r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r}
+    assert rows[2]["skipped_update"] == "loss, gradients" and rows[2]["loss"] is None
+    assert "skipped_update" not in rows[1] and "skipped_update" not in rows[3]
+    # the skipped step changed nothing: the adapter after step 2 is the adapter after step 1
+    assert same_weights(adapter(tmp_path / "run", 1), adapter(tmp_path / "run", 2))
+    assert not same_weights(adapter(tmp_path / "run", 2), adapter(tmp_path / "run", 3))
+
+
+def test_too_many_bad_steps_stop_the_run_with_the_last_checkpoint_intact(tmp_path, monkeypatch, tiny_model_path):
+    nan_loss_on(monkeypatch, {3, 4, 5})
+    with pytest.raises(Halted) as error:
+        run_in_process(tmp_path / "run", train={"steps": 6, "lr": 2e-3, "warmup_steps": 0, "seed": 0,
+                                                "max_bad_steps": 3})
+    message = str(error.value)
+    assert "stopped at step 5: 3 steps in a row had non-finite loss, gradients" in message and "step-4" in message
+    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-4"
+
+
+def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight):
+    import grpo_cli.update as update
+
+    original = update.micro_batch_logprobs
+    calls = {"n": 0}
+
+    def runs_out(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:  # some way into step 3 or later
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(update, "micro_batch_logprobs", runs_out)
+    with pytest.raises(Halted) as error:
+        run_in_process(tmp_path / "run", output={"save_every": 100, "eval_every": 3})
+    message = str(error.value)
+    assert "CUDA ran out of memory during the update of step" in message
+    assert "grpo.micro_batch_size" in message and "grpo.group_size" in message and "grpo.max_new_tokens" in message
+    saved = checkpoint.latest(tmp_path / "run")
+    assert saved is not None and f"saved as {saved}" in message
+    monkeypatch.setattr(update, "micro_batch_logprobs", original)
+    run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3})
+    assert [r for r in metrics(tmp_path / "run") if "reward_mean" in r] == \
+        [r for r in metrics(straight) if "reward_mean" in r]
+
+
+def test_resume_refuses_a_recipe_that_trains_something_else(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    with pytest.raises(UserError) as error:
+        run_in_process(run_dir, resume=True, model={"name": "builtin:tiny-math", "dtype": "float32",
+                                                    "lora": {"r": 4, "alpha": 16}},
+                       grpo={"group_size": 8, "prompts_per_step": 2, "max_new_tokens": 40})
+    message = str(error.value)
+    assert "model.lora.r: 8 -> 4" in message and "grpo.group_size: 4 -> 8" in message
+    assert "model.lora.alpha" not in message  # unchanged keys are not listed
+
+
+def test_resume_allows_and_records_harmless_changes(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    summary = run_in_process(run_dir, resume=True, train={"steps": 7, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+                             output={"save_every": 2, "eval_every": 3, "samples_every": 5})
+    assert summary.step == 7
+    record = [json.loads(line) for line in (run_dir / "resumes.jsonl").read_text().splitlines()][-1]
+    assert record["from_step"] == 6
+    # the copy moved the run, so output.dir changed too
+    assert set(record["changed"]) == {"output.samples_every", "train.steps", "output.dir"}
+    assert record["changed"]["train.steps"] == [6, 7] and record["changed"]["output.samples_every"] == [1, 5]
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_model_path):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def fills_up(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the second checkpoint's first torch.save
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(UserError) as error:
+        run_in_process(tmp_path / "run")
+    message = str(error.value)
+    assert "could not save the checkpoint for step 4" in message and "No space left on device" in message
+    assert "step-2, is intact" in message and "--resume" in message
+    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-2"
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
+
+
+def test_an_unwritable_output_dir(tmp_path, tiny_model_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="cannot write the run directory"):
+        run_in_process(tmp_path / "a_file" / "run")
+
+
+def test_a_model_directory_without_weights(tmp_path, tiny_model_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    (model / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=f"could not load the model for '{model}'"):
+        run_in_process(tmp_path / "run", model={"name": str(model), "dtype": "float32"})
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(tmp_path, tiny_model_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model)
+    assert AutoTokenizer.from_pretrained(model).pad_token is None
+    summary = run_in_process(tmp_path / "run", model={"name": str(model), "dtype": "float32"},
+                             train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+    assert summary.step == 2
+
+
+def test_an_empty_dataset(tmp_path, tiny_model_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UserError, match="empty"):
+        run_in_process(tmp_path / "run", data={"train": str(tmp_path / "empty.jsonl"), "eval": None})
+
+
+def test_prompts_longer_than_the_context(tmp_path, tiny_model_path):
+    rows = [{"question": "x" * 300, "answer": "1"}, {"question": "What is 2 + 3?", "answer": "5"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = []
+    recipe = recipe_module.validate(sections(tmp_path / "run", data={"train": str(tmp_path / "d.jsonl"), "eval": None},
+                                             train={"steps": 1, "lr": 1e-3, "warmup_steps": 0, "seed": 0}))
+    console = TrainConsole(quiet=True)
+    console.message = messages.append
+    train(recipe, console=console)
+    assert any("1 prompts too long for the context skipped" in m for m in messages)
+    (tmp_path / "long.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(UserError, match="every prompt of .* is too long: the longest is 300 tokens"):
+        run_in_process(tmp_path / "run2", data={"train": str(tmp_path / "long.jsonl"), "eval": None})
