@@ -11,11 +11,16 @@ from grpo_cli import __version__
 from grpo_cli.errors import UserError
 
 app = typer.Typer(
-    help="Fine-tune language models with GRPO from YAML recipes.",
+    help="Fine-tune language models with GRPO from YAML recipes.\n\n"
+    "Start with: grpo train recipes/quickstart.yaml (or simply: grpo train quickstart)",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
 )
+recipes_app = typer.Typer(
+    help="List the shipped recipes, a line each; show one.\n\nExample: grpo recipes;  grpo recipes show quickstart",
+    invoke_without_command=True,
+)
+app.add_typer(recipes_app, name="recipes")
 
 
 def _version(value: bool) -> None:
@@ -43,7 +48,7 @@ def _fail(error: UserError) -> None:
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="The YAML recipe, e.g. recipes/quickstart.yaml."),
+    recipe: Path = typer.Argument(..., help="The YAML recipe, e.g. recipes/quickstart.yaml, or a shipped recipe's name."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set grpo.kl_beta=0.02 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the final summary."),
@@ -52,10 +57,12 @@ def train(
 
     Example: grpo train recipes/quickstart.yaml --set train.steps=50
     """
+    from grpo_cli import catalog
     from grpo_cli import recipe as recipe_module
     from grpo_cli.console import TrainConsole
     from grpo_cli.train import train as run_training
 
+    recipe = catalog.resolve(recipe)
     try:
         loaded = recipe_module.load(recipe, set_)
         console = TrainConsole(quiet=quiet)
@@ -183,6 +190,121 @@ def export(
         f"exported step {exported.step} as a {what} to {exported.out}; verified: next-token distributions within "
         f"{check.vs_adapter:.1e} of the adapter model (allowed {check.tolerance:.1e}), {check.vs_base:.2e} from the base"
     )
+
+
+@app.command()
+def plot(
+    runs: list[Path] = typer.Argument(..., help="One or more run directories (finished or in progress)."),
+    out: Path = typer.Option(None, "--out", "-o", help="PNG to write; default: plot.png in the (first) run directory."),
+) -> None:
+    """Draw reward per rule, accuracy (train and held-out), KL, length, step time and diversity over steps.
+
+    Example: grpo plot runs/quickstart;  grpo plot runs/a runs/b --out compare.png
+    """
+    from grpo_cli.plot import plot_runs
+
+    try:
+        written = plot_runs(runs, out or runs[0] / "plot.png")
+    except UserError as error:
+        _fail(error)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+def samples(
+    run: Path = typer.Argument(..., help="A run directory."),
+    step: int = typer.Option(None, help="A logged step; default the latest."),
+) -> None:
+    """Read the completions a run logged, with each rule's reward, the total and the advantage.
+
+    Example: grpo samples runs/quickstart --step 40
+    """
+    from rich.console import Console
+
+    from grpo_cli.console import print_scores
+    from grpo_cli.score import logged_groups
+
+    try:
+        shown, groups = logged_groups(run, step)
+    except UserError as error:
+        _fail(error)
+    rules = list(dict.fromkeys(k for g in groups for c in g.completions for k in c.rewards))
+    Console().print(f"step {shown}", style="bold")
+    print_scores(Console(), groups, rules, title="prompt")
+
+
+@recipes_app.callback()
+def recipes_list(context: typer.Context) -> None:
+    """List the shipped recipes, a line each.
+
+    Example: grpo recipes;  grpo recipes show quickstart
+    """
+    if context.invoked_subcommand is not None:
+        return
+    from grpo_cli.catalog import shipped
+
+    width = max(len(r.name) for r in shipped())
+    for recipe in shipped():
+        typer.echo(f"{recipe.name.ljust(width)}  {recipe.summary}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: str = typer.Argument(..., help="A name from grpo recipes.")) -> None:
+    """Print a shipped recipe.
+
+    Example: grpo recipes show quickstart > my-recipe.yaml
+    """
+    from grpo_cli.catalog import find
+
+    try:
+        typer.echo(find(name).read_text(), nl=False)
+    except UserError as error:
+        _fail(error)
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="The YAML recipe, or a shipped recipe's name."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)."),
+) -> None:
+    """Check a recipe and show what it would train: resolved values, parameters, estimated peak memory.
+
+    Example: grpo validate recipes/qwen2.5-0.5b-gsm8k-lora.yaml
+    """
+    import torch
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.table import Table
+
+    from grpo_cli import catalog
+    from grpo_cli import recipe as recipe_module
+    from grpo_cli.estimate import count_parameters, estimate, model_config
+
+    console = Console()
+    try:
+        loaded = recipe_module.load(catalog.resolve(recipe), set_)
+    except UserError as error:
+        _fail(error)
+    console.print(Syntax(recipe_module.dump(loaded), "yaml", background_color="default"))
+    console.print(f"{catalog.resolve(recipe)}: valid.", style="green")
+    try:
+        config = model_config(loaded)
+    except Exception as exc:  # an unreachable hub model: the recipe is still valid
+        console.print(f"could not read the model's config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                      "the parameter count and memory estimate need it.", style="yellow")
+        return
+    total, trainable = count_parameters(loaded, config)
+    on_gpu = loaded.model.device == "cuda" or (loaded.model.device == "auto" and torch.cuda.is_available())
+    guess = estimate(loaded, config, total, trainable, on_gpu=on_gpu)
+    table = Table(title="what it trains, and an estimate of peak memory", title_justify="left")
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_row("parameters", f"{total:,}")
+    table.add_row("trainable", f"{trainable:,} ({trainable / total:.2%})")
+    for part, gib in guess.parts.items():
+        table.add_row(part, f"{gib:.2f} GiB")
+    table.add_row("estimated peak", f"{guess.total_gib:.2f} GiB")
+    console.print(table)
 
 
 def quiet_libraries() -> None:

@@ -1,11 +1,56 @@
-"""What a training run shows: a rich progress bar on a terminal, plain lines otherwise."""
+"""What runs show: a live dashboard on a terminal, plain lines otherwise, and the tables of
+`grpo eval`, `grpo score` and `grpo samples`."""
 
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
 
 PLAIN_EVERY = 10  # steps between lines when the output is not a terminal
+SHOWN_CHARS = 160  # of the best and worst completion
+
+
+def _short(text: str, limit: int = SHOWN_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _figure(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def dashboard(row: dict, best: tuple[str, float] | None, worst: tuple[str, float] | None) -> Group:
+    """The per-step panel: the figures a GRPO run is judged by, and its best and worst completion."""
+    figures = Table.grid(padding=(0, 2))
+    for _ in range(4):
+        figures.add_column(justify="left")
+    rules = [(k.removeprefix("reward/"), v) for k, v in row.items() if k.startswith("reward/")]
+    cells = [
+        ("reward", _figure(row["reward_mean"], "+.3f")), ("accuracy", _figure(row["accuracy"], ".1%")),
+        ("KL", _figure(row.get("kl"), ".4f")), ("clip frac", _figure(row["clip_frac"], ".3f")),
+        ("length", _figure(row["completion_len"], ".1f")), ("zero-std groups", _figure(row["frac_zero_std"], ".0%")),
+        ("tokens/s", _figure(row.get("tokens_per_second"), ".0f")),
+        ("peak memory", f"{_figure(row.get('peak_memory_gib'), '.2f')} GiB"),
+        ("answer diversity", _figure(row.get("answer_diversity"), ".2f")),
+        ("entropy", _figure(row.get("entropy"), ".3f")),
+        *((f"  {name}", _figure(value, "+.3f")) for name, value in rules),
+    ]
+    for i in range(0, len(cells), 2):
+        pair = cells[i : i + 2]
+        figures.add_row(*[part for label, value in pair for part in (Text(label, style="dim"), value)])
+    parts = [Panel(figures, title=f"step {row['step']}", title_align="left")]
+    if best and worst:
+        samples = Table.grid(padding=(0, 1))
+        samples.add_column(style="dim")
+        samples.add_column()
+        samples.add_row(f"best {best[1]:+.2f}", _short(best[0]))
+        samples.add_row(f"worst {worst[1]:+.2f}", _short(worst[0]))
+        parts.append(Panel(samples, title="completions", title_align="left"))
+    return Group(*parts)
 
 
 class TrainConsole:
@@ -14,8 +59,10 @@ class TrainConsole:
         self.quiet = quiet
         self.live = self.console.is_terminal and not quiet
         self._progress: Progress | None = None
+        self._live: Live | None = None
         self._task = None
         self._total = 0
+        self._panel = None
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -27,15 +74,17 @@ class TrainConsole:
             return
         self._progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
         )
-        self._progress.start()
         self._task = self._progress.add_task("train", total=total, completed=done, stats="")
+        self._live = Live(Group(self._progress), console=self.console, refresh_per_second=4, transient=False)
+        self._live.start()
 
-    def step(self, row: dict) -> None:
+    def step(self, row: dict, best: tuple[str, float] | None = None, worst: tuple[str, float] | None = None) -> None:
         stats = f"reward {row['reward_mean']:+.3f}  acc {row['accuracy']:.0%}  len {row['completion_len']:.0f}"
-        if self._progress is not None:
+        if self._live is not None:
             self._progress.update(self._task, completed=row["step"], stats=stats)
+            self._live.update(Group(self._progress, dashboard(row, best, worst)))
         elif not self.quiet and (row["step"] % PLAIN_EVERY == 0 or row["step"] in (1, self._total)):
             line = f"step {row['step']}/{self._total}  {stats}  {row['step_seconds']:.2f}s/step"
             self.console.print(line, highlight=False, soft_wrap=True)
@@ -44,9 +93,9 @@ class TrainConsole:
         self.message(f"eval at step {step}: accuracy {accuracy:.1%} on {n} held-out problems ({seconds:.1f}s)")
 
     def stop(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
 
 
 class TaskProgress:
@@ -79,8 +128,6 @@ class TaskProgress:
 
 def print_eval(console: Console, results: dict) -> None:
     """The summary of `grpo eval` as tables: overall figures, then per subject and level."""
-    from rich.table import Table
-
     settings = results["settings"]
     title = f"{settings.get('model') or settings.get('predictions')}"
     if settings.get("data"):
@@ -108,20 +155,17 @@ def print_eval(console: Console, results: dict) -> None:
             console.print(breakdown)
 
 
-def print_scores(console: Console, groups, rules: list[str]) -> None:
+def print_scores(console: Console, groups, rules: list[str], title: str = "group") -> None:
     """One table per prompt: each completion's reward per rule, total and advantage."""
-    from rich.table import Table
-
     for number, group in enumerate(groups, 1):
-        prompt = group.prompt if len(group.prompt) <= 70 else group.prompt[:67] + "..."
-        table = Table(title=f"group {number}: {prompt}  (gold {group.answer})", title_justify="left")
+        prompt = _short(group.prompt, 70)
+        table = Table(title=f"{title} {number}: {prompt}  (gold {group.answer})", title_justify="left")
         table.add_column("completion", overflow="fold", max_width=60)
         for rule in rules:
             table.add_column(rule, justify="right")
         table.add_column("total", justify="right")
         table.add_column("advantage", justify="right")
         for scored in group.completions:
-            text = scored.completion.strip().replace("\n", " ")
-            table.add_row(text if len(text) <= 120 else text[:117] + "...",
-                          *[f"{scored.rewards[r]:+.2f}" for r in rules], f"{scored.total:+.3f}", f"{scored.advantage:+.3f}")
+            table.add_row(_short(scored.completion, 120), *[_figure(scored.rewards.get(r), "+.2f") for r in rules],
+                          f"{scored.total:+.3f}", f"{scored.advantage:+.3f}")
         console.print(table)

@@ -191,6 +191,7 @@ class OutputSpec(Section):
     samples_every: int = Field(10, ge=1, description="log sample completions every N steps")
     samples_groups: int = Field(2, ge=0, description="how many groups to log each time")
     keep_last: int | None = Field(None, ge=1, description="keep only the newest N checkpoints; null = all")
+    tensorboard: bool = Field(False, description="also write scalars and samples for tensorboard --logdir <dir>")
 
 
 class Recipe(Section):

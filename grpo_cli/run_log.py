@@ -1,4 +1,5 @@
-"""The run's logs: metrics.jsonl (one JSON object per step or evaluation) and samples.jsonl.
+"""The run's logs: metrics.jsonl (one JSON object per step or evaluation) and samples.jsonl,
+and the same scalars and sample completions for TensorBoard when the recipe asks.
 
 Each line is written whole and flushed to disk before the next step starts, so
 after a crash the file ends at a complete line or one torn line, which `read_jsonl`
@@ -36,10 +37,24 @@ def _clean(value):
     return value
 
 
+def tensorboard_writer(log_dir: Path):
+    """A SummaryWriter, or a UserError saying how to install the optional dependency."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from grpo_cli.errors import UserError
+
+        raise UserError("output.tensorboard is true but the tensorboard package is not installed: "
+                        "pip install tensorboard (or pip install 'grpo-cli[tensorboard]'), or set "
+                        "output.tensorboard: false.") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 class RunLog:
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard=None):
         self.metrics_path = run_dir / METRICS
         self.samples_path = run_dir / SAMPLES
+        self.tensorboard = tensorboard  # a SummaryWriter, or None
         if resume_step is not None:
             for path in (self.metrics_path, self.samples_path):
                 kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
@@ -60,6 +75,22 @@ class RunLog:
 
     def metrics(self, row: dict) -> None:
         self._append(self.metrics_path, [row])
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                        and math.isfinite(value):
+                    self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+            self.tensorboard.flush()
 
     def samples(self, rows: list[dict]) -> None:
         self._append(self.samples_path, rows)
+        if self.tensorboard is not None and rows:
+            text = "\n\n".join(
+                f"**reward {r['reward']:+.3f}, advantage {r['advantage']:+.3f}** — {r['prompt']}\n\n    "
+                + r["completion"].replace("\n", "\n    ") for r in rows)
+            self.tensorboard.add_text("samples", text, rows[0]["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

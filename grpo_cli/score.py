@@ -87,3 +87,22 @@ def score_completions(recipe: Recipe, path: Path, recipe_dir: Path | None = None
             for j, i in enumerate(members)
         ]))
     return groups
+
+
+def logged_groups(run_dir: Path, step: int | None = None) -> tuple[int, list[Group]]:
+    """The groups a run logged in samples.jsonl at `step` (default: the latest logged step)."""
+    from grpo_cli.run_log import SAMPLES, read_jsonl
+
+    rows = read_jsonl(Path(run_dir) / SAMPLES)
+    if not rows:
+        raise UserError(f"{run_dir} has no logged samples ({SAMPLES}); pass the directory of a grpo train run.")
+    steps = sorted({r["step"] for r in rows})
+    chosen = steps[-1] if step is None else step
+    if chosen not in steps:
+        raise UserError(f"no samples were logged at step {step}; the logged steps are {', '.join(map(str, steps))} "
+                        "(output.samples_every sets how often).")
+    groups: dict[int, Group] = {}
+    for row in (r for r in rows if r["step"] == chosen):
+        group = groups.setdefault(row["group"], Group(row["prompt"], row["answer"], []))
+        group.completions.append(Scored(row["completion"], row["rewards"], row["reward"], row["advantage"]))
+    return chosen, list(groups.values())

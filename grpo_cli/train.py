@@ -24,6 +24,7 @@ from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
+from grpo_cli.diversity import group_diversity
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Interrupts, NonFiniteGuard, Stopped, out_of_memory
 from grpo_cli.evaluation import evaluate
@@ -34,7 +35,7 @@ from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import sample_step
-from grpo_cli.run_log import METRICS, RunLog, read_jsonl
+from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
 from grpo_cli.scoring import GRADERS, Scorer
 from grpo_cli.update import UpdateStats, make_optimizer, update_policy
 
@@ -119,6 +120,15 @@ def logprobs_no_grad(model, batches: list[MicroBatch], temperature: float, share
     return out
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """GPU: the peak allocated since the step began; CPU: the process's peak resident set so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def mean_or_none(values: np.ndarray) -> float | None:
     """Mean of a rule's rewards, leaving out completions it skipped (NaN); None if it skipped them all."""
     return None if np.isnan(values).all() else float(np.nanmean(values))
@@ -157,6 +167,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     rule_keys = [r.key for r in recipe.rewards]
     rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
     resume_from = prepare_run_dir(run_dir, recipe, resume, console.message)
+    tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
     seed_everything(recipe.train.seed)
 
     # Model, data, optimizer.
@@ -188,7 +199,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
         step = state["step"]
         order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
-    log = RunLog(run_dir, resume_step=step if resume else None)
+    log = RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard)
     last_saved = resume_from
     policy.model.train()
     fast = grpo.engine == "fast"
@@ -206,6 +217,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 step += 1
                 t_start = time.perf_counter()
                 rng_before, order_before = rng_state(), order.state()  # to save this step undone, on OOM
+                if policy.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(policy.device)
                 phase, stats = "rollout", None
                 try:
                     # Rollout: G completions for each prompt; the worker processes start scoring them.
@@ -272,6 +285,9 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
                     "lr": scheduler.get_last_lr()[0],
                     "completion_len": rollout.lengths.float().mean().item(),
+                    "tokens_per_second": rollout.lengths.sum().item() / (t_update - t_start),
+                    "peak_memory_gib": peak_memory_gib(policy.device),
+                    **dict(zip(("answer_diversity", "text_diversity"), group_diversity(rollout.texts, group))),
                     "truncated_frac": rollout.truncated.float().mean().item(),
                     "frac_zero_std": zero_std.float().mean().item(),
                     **({"dropped_groups": sampled.dropped_groups, "sampling_rounds": sampled.rounds,
@@ -285,7 +301,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     "update_seconds": t_update - t_rollout - (t_scored - t_wait),
                 }
                 log.metrics(row)
-                console.step(row)
+                best, worst = int(rewards.argmax()), int(rewards.argmin())
+                console.step(row, (rollout.texts[best], rewards[best].item()), (rollout.texts[worst], rewards[worst].item()))
                 if stats.problems:
                     console.message(f"warning: step {step}: non-finite {', '.join(stats.problems)}; update skipped")
                 guard.record(step, stats.problems, last_saved)
@@ -302,6 +319,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                                   "Continue with the same command and --resume.")
         finally:
             console.stop()
+            log.close()
 
     evals = [r["eval/accuracy"] for r in read_jsonl(run_dir / METRICS) if "eval/accuracy" in r]
     return RunSummary(run_dir, step, last_saved, evals[0] if evals else None, evals[-1] if evals else None,

@@ -26,7 +26,8 @@ from grpo_cli.guard import Halted
 from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
-TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds"}
+TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds", "tokens_per_second",
+          "peak_memory_gib"}  # measurements of the machine, not of the learning
 SIX_STEPS = {"train": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
              "output": {"save_every": 2, "eval_every": 3, "samples_every": 1}}
 

@@ -14,7 +14,8 @@ from grpo_cli.errors import UserError
 from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
-TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds"}
+TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds", "tokens_per_second",
+          "peak_memory_gib"}  # measurements of the machine, not of the learning
 REQUIRED = {"step", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "loss", "completion_len",
             "frac_zero_std", "step_seconds", "rollout_seconds", "score_seconds", "update_seconds"}
 

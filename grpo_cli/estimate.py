@@ -1,0 +1,94 @@
+"""`grpo validate`: what a recipe will train and roughly how much memory it needs, without training.
+
+Parameters are counted on a model built on PyTorch's meta device (no memory, no
+weights read; only the config is needed). The memory figure is an estimate from
+standard formulas, not a measurement: weights at their dtype (nf4: half a byte a
+weight), fp32 adapters, gradients and AdamW moments for what trains, a frozen copy
+for a full fine-tune with KL, then the larger of the rollout's KV cache and the
+update's activations (about 34 bytes x hidden size per token and layer in 16 bits,
+2 with activation checkpointing) plus one chunk of logits. Expect it within a
+factor of about 1.5 of what a GPU shows; allocator slack is not in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grpo_cli.batching import AUTO_TOKENS
+from grpo_cli.logprobs import CHUNK_TOKENS
+from grpo_cli.recipe import Recipe
+
+ASSUMED_PROMPT_TOKENS = 256  # the recipe does not know its prompts' length; a GSM8K chat prompt is ~150-250
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Estimate:
+    total_params: int
+    trainable_params: int
+    parts: dict[str, float]  # GiB by what holds them
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.parts.values())
+
+
+def model_config(recipe: Recipe):
+    from grpo_cli import builtin_model
+
+    if recipe.model.name.startswith("builtin:"):
+        return builtin_model.build_config(builtin_model.build_tokenizer())
+    from transformers import AutoConfig
+
+    from grpo_cli.modeling import resolve
+
+    return AutoConfig.from_pretrained(resolve(recipe.model.name))
+
+
+def count_parameters(recipe: Recipe, config) -> tuple[int, int]:
+    """(all parameters, trainable ones) of the policy the recipe builds, counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+        total = sum(p.numel() for p in model.parameters())
+        if recipe.model.lora is None:
+            return total, total
+        from peft import LoraConfig, get_peft_model
+
+        lora = recipe.model.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = True) -> Estimate:
+    spec, grpo = recipe.model, recipe.grpo
+    width = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if on_gpu else 4}[spec.dtype]
+    weight_bytes = 0.5 if spec.load_in_4bit else width
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    parts = {"weights": total * weight_bytes / GIB}
+    # fp32 adapters and their gradients, or gradients at the weights' width; AdamW's two fp32 moments
+    trained_bytes = (4 + 4) if spec.lora is not None else width
+    parts["training state (grads, AdamW)"] = trainable * (trained_bytes + 8) / GIB
+    if spec.lora is None and grpo.kl_beta > 0:
+        parts["frozen reference copy"] = total * width / GIB
+    prompt, completion = ASSUMED_PROMPT_TOKENS, grpo.max_new_tokens
+    completions = recipe.completions_per_step
+    kv_tokens = grpo.prompts_per_step * prompt + completions * completion if grpo.engine == "fast" \
+        else completions * (prompt + completion)
+    kv_cache = 2 * layers * kv_heads * head_dim * kv_tokens * width / GIB
+    pass_tokens = min(AUTO_TOKENS, completions * (prompt + completion)) if grpo.micro_batch_size is None \
+        else grpo.micro_batch_size * (prompt + completion)
+    per_token_layer = (2 if spec.gradient_checkpointing else 34) * hidden * width / 2
+    activations = pass_tokens * layers * per_token_layer / GIB
+    logits = 3 * CHUNK_TOKENS * config.vocab_size * 4 / GIB
+    if kv_cache > activations + logits:
+        parts["rollout KV cache (largest phase)"] = kv_cache
+    else:
+        parts["update activations + a chunk of logits (largest phase)"] = activations + logits
+    return Estimate(total, trainable, parts)

@@ -1,0 +1,167 @@
+"""Seeing a run: the live dashboard, TensorBoard, plots, logged samples, recipes and validate."""
+
+import io
+import json
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conftest import ROOT, small_recipe
+from grpo_cli import recipe as recipe_module
+from grpo_cli.cli import app
+from grpo_cli.console import TrainConsole, dashboard
+from grpo_cli.errors import UserError
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_path):
+    run_dir = tmp_path_factory.mktemp("seeing") / "run"
+    recipe = recipe_module.validate(small_recipe(run_dir, output={"dir": str(run_dir), "save_every": 2,
+                                                                  "eval_every": 2, "samples_every": 1,
+                                                                  "tensorboard": True}))
+    train(recipe, console=TrainConsole(quiet=True))
+    return run_dir
+
+
+def test_steps_log_what_the_dashboard_shows(run_dir):
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward_mean" in r]
+    for row in rows:
+        assert row["tokens_per_second"] > 0 and row["peak_memory_gib"] > 0
+        assert 0 < row["answer_diversity"] <= 1 and 0 < row["text_diversity"] <= 1
+
+
+def test_dashboard_panel(run_dir):
+    row = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward_mean" in r][-1]
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(dashboard(row, ("2+2=4. #### 4", 1.2), ("#### 5", -0.2)))
+    text = console.export_text()
+    for label in ("reward", "accuracy", "KL", "clip frac", "length", "zero-std groups", "tokens/s", "peak memory",
+                  "correctness", "step_format", "best +1.20", "worst -0.20", "#### 5"):
+        assert label in text, label
+
+
+def test_live_console_on_a_terminal_and_plain_lines_otherwise(run_dir):
+    row = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward_mean" in r][-1]
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=100)
+    live = TrainConsole(console=terminal)
+    live.start(3, 0)
+    live.step(row, ("a", 1.0), ("b", 0.0))
+    live.stop()
+    assert "step 3" in terminal.file.getvalue() and "best" in terminal.file.getvalue()
+    plain_out = io.StringIO()
+    plain = TrainConsole(console=Console(file=plain_out, force_terminal=False, width=100))
+    plain.start(30, 0)
+    for step in range(1, 31):
+        plain.step({**row, "step": step})
+    lines = plain_out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/30", "10/30", "20/30", "30/30"]
+    assert "\x1b[" not in plain_out.getvalue()
+    quiet_out = io.StringIO()
+    quiet = TrainConsole(quiet=True, console=Console(file=quiet_out, force_terminal=True))
+    quiet.start(3, 0)
+    quiet.step(row)
+    quiet.message("hello")
+    assert quiet_out.getvalue() == ""
+
+
+def test_tensorboard_gets_the_same_scalars_and_the_samples(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert files
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reward_mean", "train/kl", "reward/correctness", "eval/accuracy"} <= tags
+    steps = [e.step for e in events.Scalars("train/reward_mean")]
+    assert steps == [1, 2, 3]
+    assert "samples/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_missing_is_explained(tmp_path, monkeypatch, tiny_model_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    recipe = recipe_module.validate(small_recipe(tmp_path / "run", output={"tensorboard": True}))
+    with pytest.raises(UserError, match="pip install tensorboard"):
+        train(recipe, console=TrainConsole(quiet=True))
+
+
+def test_plot_renders_a_real_run(run_dir, tmp_path):
+    import matplotlib.image
+
+    result = runner.invoke(app, ["plot", str(run_dir), "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'p.png'}" in result.output
+    image = matplotlib.image.imread(tmp_path / "p.png")
+    assert image.shape[0] >= 600 and image.shape[1] >= 1200
+    assert image[..., :3].std() > 0.05  # not a blank canvas
+    assert (tmp_path / "p.png").stat().st_size > 30_000
+
+
+def test_plot_compares_runs_and_defaults_into_the_run(run_dir, tmp_path):
+    result = runner.invoke(app, ["plot", str(run_dir), str(run_dir)])
+    assert result.exit_code == 0 and (run_dir / "plot.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(app, ["plot", str(empty)])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output
+
+
+def test_samples_view(run_dir):
+    result = runner.invoke(app, ["samples", str(run_dir), "--step", "2"])
+    assert result.exit_code == 0, result.output
+    assert "step 2" in result.output and "advantage" in result.output and "correctness" in result.output
+    missing = runner.invoke(app, ["samples", str(run_dir), "--step", "99"])
+    assert missing.exit_code == 2 and "the logged steps are 1, 2, 3" in missing.output
+
+
+def test_recipes_list_and_show():
+    listed = runner.invoke(app, ["recipes"])
+    assert listed.exit_code == 0
+    names = [line.split()[0] for line in listed.output.splitlines()]
+    assert names == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+    shown = runner.invoke(app, ["recipes", "show", "quickstart"])
+    assert shown.exit_code == 0 and shown.output == (ROOT / "recipes" / "quickstart.yaml").read_text()
+    unknown = runner.invoke(app, ["recipes", "show", "quickstrat"])
+    assert unknown.exit_code == 2 and "quickstart" in unknown.output
+
+
+def test_validate_shows_parameters_and_memory(tiny_model_path):
+    result = runner.invoke(app, ["validate", "quickstart", "--set", "model.lora.r=4"])
+    assert result.exit_code == 0, result.output
+    assert "valid." in result.output and "r: 4" in result.output
+    assert "800,512" in result.output and "trainable" in result.output and "estimated peak" in result.output
+
+
+def test_validate_refuses_a_broken_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("grpo: {group_sise: 4}\n")
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Did you mean 'group_size'?" in result.output
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["score"], ["export"], ["plot"], ["samples"],
+                                     ["validate"], ["recipes"], ["recipes", "show"]])
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0 and "Example" in result.output
+
+
+def test_version_and_completion():
+    assert runner.invoke(app, ["--version"]).exit_code == 0
+    result = runner.invoke(app, ["--help"])
+    assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+def test_a_shipped_recipe_by_name(tmp_path, tiny_model_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "quickstart", "--set", "train.steps=1", "--set", "data.eval=null",
+                                 "--set", f"output.dir={tmp_path / 'r'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
