@@ -79,17 +79,22 @@ def wait_for(predicate, timeout=300):
         time.sleep(0.05)
 
 
+def resume_and_compare(tmp_path, straight):
+    """Resume the CLI run in tmp_path and check it ends as the uninterrupted run did."""
+    resumed = start_cli(tmp_path, "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+    assert metrics(tmp_path / "run") == metrics(straight)
+    assert same_weights(adapter(tmp_path / "run", 6), adapter(straight, 6))
+
+
 def test_sigkill_then_resume_reaches_the_same_run(tmp_path, straight):
     proc = start_cli(tmp_path)
     wait_for(lambda: checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-4") or proc.poll() is not None)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
     assert not checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-6"), "killed too late to test"
-    resumed = start_cli(tmp_path, "--resume")
-    out, err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, err
-    assert metrics(tmp_path / "run") == metrics(straight)
-    assert same_weights(adapter(tmp_path / "run", 6), adapter(straight, 6))
+    resume_and_compare(tmp_path, straight)
 
 
 def test_ctrl_c_saves_and_stops_then_resume_continues_exactly(tmp_path, straight):
@@ -101,10 +106,7 @@ def test_ctrl_c_saves_and_stops_then_resume_continues_exactly(tmp_path, straight
     assert "stopped by Ctrl-C after step" in err and "--resume" in err and "Traceback" not in err
     stopped_at = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
     assert stopped_at < 6 and checkpoint.is_complete(tmp_path / "run" / "checkpoints" / f"step-{stopped_at}")
-    resumed = start_cli(tmp_path, "--resume")
-    assert resumed.wait(timeout=600) == 0
-    assert metrics(tmp_path / "run") == metrics(straight)
-    assert same_weights(adapter(tmp_path / "run", 6), adapter(straight, 6))
+    resume_and_compare(tmp_path, straight)
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, tiny_model_path):
