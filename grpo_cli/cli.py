@@ -36,13 +36,20 @@ def _root(
     pass
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _fail(error: UserError) -> None:
     from grpo_cli.guard import Stopped
 
+    where = f"[rank {_rank()}] " if _rank() else ""
     if isinstance(error, Stopped):
-        typer.secho(str(error), err=True, fg=typer.colors.YELLOW)
+        if not _rank():
+            typer.secho(str(error), err=True, fg=typer.colors.YELLOW)
     else:
-        typer.secho(f"error: {error}", err=True, fg=typer.colors.RED)
+        typer.secho(f"{where}error: {error}", err=True, fg=typer.colors.RED)
     raise typer.Exit(error.exit_code)
 
 
@@ -73,6 +80,8 @@ def train(
         typer.secho("interrupted; the last complete checkpoint (if any) is intact: continue with --resume.",
                     err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(130) from None
+    if _rank():
+        return  # under torchrun the first process reports
     moved = ""
     if summary.eval_first is not None and summary.eval_last is not None:
         moved = f"; held-out accuracy {summary.eval_first:.1%} -> {summary.eval_last:.1%}"

@@ -138,8 +138,9 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_policy(spec: ModelSpec, kl_beta: float, progress=None) -> Policy:
-    device = pick_device(spec.device)
+def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.device | None = None) -> Policy:
+    """The policy as the recipe describes it, on `device` (default: model.device's choice)."""
+    device = device or pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
     path = resolve(spec.name, progress)
     tokenizer = load_tokenizer(path)

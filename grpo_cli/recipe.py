@@ -194,6 +194,13 @@ class OutputSpec(Section):
     tensorboard: bool = Field(False, description="also write scalars and samples for tensorboard --logdir <dir>")
 
 
+class DistributedSpec(Section):
+    strategy: Literal["ddp"] = Field(
+        "ddp", description="under torchrun: ddp = every process holds the whole model, gradients averaged"
+    )
+    timeout_minutes: int = Field(30, ge=1, description="how long a process waits for the others at a collective")
+
+
 class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -201,6 +208,7 @@ class Recipe(Section):
     rewards: list[RewardSpec] = Field(default_factory=lambda: [CorrectnessRule(rule="correctness")], min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @property
     def completions_per_step(self) -> int:

@@ -93,17 +93,22 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
-             engine: str = "fast") -> Rollout:
-    """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples."""
+             engine: str = "fast", world=None) -> Rollout:
+    """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
+
+    `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        run = _decode_shared if engine == "fast" else _decode_generate
-        completion = run(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                         samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
+        if engine == "fast":
+            completion = _decode_shared(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                        samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
+        else:
+            completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                          samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
     model.train(was_training)
     prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
@@ -133,8 +138,13 @@ def _next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) -
 
 
 def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
-                   greedy, eos_ids) -> torch.Tensor:
-    """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows."""
+                   greedy, eos_ids, world=None) -> torch.Tensor:
+    """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows.
+
+    With several processes (`world`), each draws the random numbers of every rank's rows and keeps
+    its own, and all continue until the last row of any rank has ended: the same draws as one
+    process sampling the whole step.
+    """
     from grpo_cli.logprobs import position_ids
 
     kwarg = cache_argument(model)
@@ -143,37 +153,47 @@ def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, 
                 use_cache=True, logits_to_keep=1, **{kwarg: new_cache(model)})
     cache = returned_cache(out)
     cache.batch_repeat_interleave(samples)
-    logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # [N, V]: logits of the active rows
+    logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # [n, V]: logits of the active rows
     n_rows, vocab = logits.shape
+    ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     mask = attention_mask.repeat_interleave(samples, dim=0)  # [n, P + t] of the active rows
     next_position = mask.sum(1)  # [n]
     active = torch.arange(n_rows, device=device)  # row numbers of the active rows
     tokens = torch.full((n_rows, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
-    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over all rows
+    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over this rank's rows
     steps = 0
     for step in range(max_new_tokens):
         if greedy:
-            chosen = logits.argmax(-1)  # [n]
+            chosen = logits.argmax(-1) if len(active) else active  # [n]
         else:
-            scores = _next_token_scores(logits, temperature, top_p)  # [n, V]
-            # One multinomial over all N rows, as transformers draws it: the random stream does not
-            # depend on which rows are still running. Ended rows get a dummy one-hot distribution.
-            probs = torch.zeros(n_rows, vocab, device=device)
+            # One multinomial over every row of the step, as transformers draws it: the random stream
+            # does not depend on which rows are still running (or on which rank). Rows that ended, or
+            # belong to another rank, get a dummy one-hot distribution.
+            probs = torch.zeros(n_rows * ranks, vocab, device=device)
             probs[:, tokenizer.pad_token_id] = 1.0
-            probs[active] = scores.softmax(-1)
-            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[active]  # [n]
+            if len(active):
+                probs[offset + active] = _next_token_scores(logits, temperature, top_p).softmax(-1)
+            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
         tokens[active, step] = chosen
         steps = step + 1
         just_ended = torch.isin(chosen, eos)  # [n]
         ended[active[just_ended]] = True
-        if bool(ended.all()) or steps == max_new_tokens:
+        all_ended = bool(ended.all())
+        if ranks > 1:
+            all_ended = world.reduce(float(all_ended), "min") == 1.0
+        if all_ended or steps == max_new_tokens:
             break
         if int(just_ended.sum()) and (int(ended[active].sum()) >= COMPACT_FRACTION * len(active)):
             # Drop the ended rows (the cache index copy is amortized over many steps).
             kept = (~ended[active]).nonzero().squeeze(1)
+            if len(kept) == 0:  # this rank is done; it keeps drawing in step with the others
+                active = active[:0]
+                continue
             cache.batch_select_indices(kept)
             active, mask, next_position, chosen = active[kept], mask[kept], next_position[kept], chosen[kept]
+        if len(active) == 0:
+            continue
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],
                     use_cache=True, logits_to_keep=1, **{kwarg: cache})

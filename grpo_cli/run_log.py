@@ -51,11 +51,12 @@ def tensorboard_writer(log_dir: Path):
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard=None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard=None, enabled: bool = True):
         self.metrics_path = run_dir / METRICS
         self.samples_path = run_dir / SAMPLES
         self.tensorboard = tensorboard  # a SummaryWriter, or None
-        if resume_step is not None:
+        self.enabled = enabled  # only the first of several processes writes
+        if resume_step is not None and enabled:
             for path in (self.metrics_path, self.samples_path):
                 kept = [row for row in read_jsonl(path) if row.get("step", 0) <= resume_step]
                 self._rewrite(path, kept)
@@ -74,6 +75,8 @@ class RunLog:
             os.fsync(handle.fileno())
 
     def metrics(self, row: dict) -> None:
+        if not self.enabled:
+            return
         self._append(self.metrics_path, [row])
         if self.tensorboard is not None:
             for key, value in row.items():
@@ -83,6 +86,8 @@ class RunLog:
             self.tensorboard.flush()
 
     def samples(self, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
         self._append(self.samples_path, rows)
         if self.tensorboard is not None and rows:
             text = "\n\n".join(

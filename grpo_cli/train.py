@@ -24,6 +24,7 @@ from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
+from grpo_cli.distributed import World, check_recipe, connect, disconnect
 from grpo_cli.diversity import group_diversity
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Interrupts, NonFiniteGuard, Stopped, out_of_memory
@@ -37,7 +38,7 @@ from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import sample_step
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
 from grpo_cli.scoring import GRADERS, Scorer
-from grpo_cli.update import UpdateStats, make_optimizer, update_policy
+from grpo_cli.update import UpdateStats, gradient_averaging, make_optimizer, update_policy
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -159,19 +160,36 @@ def run_eval(step: int, policy: Policy, eval_set: Examples, recipe: Recipe, scor
 
 def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
           console: TrainConsole | None = None) -> RunSummary:
-    """Run the recipe; with resume, continue from the run directory's latest checkpoint."""
-    console = console or TrainConsole()
+    """Run the recipe; with resume, continue from the run directory's latest checkpoint.
+
+    Under torchrun each process runs this with its share of every step (see distributed.py)."""
+    world = connect(recipe.distributed.timeout_minutes)
+    try:
+        check_recipe(recipe, world)
+        if not world.main:
+            console = TrainConsole(quiet=True)
+        return _train(recipe, resume, recipe_dir, console or TrainConsole(), world)
+    finally:
+        disconnect(world)
+
+
+def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World) -> RunSummary:
     started = time.perf_counter()
     run_dir = Path(recipe.output.dir)
     grpo = recipe.grpo
     rule_keys = [r.key for r in recipe.rewards]
     rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
-    resume_from = prepare_run_dir(run_dir, recipe, resume, console.message)
-    tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
+    tensorboard = None
+    if world.main:
+        resume_from = prepare_run_dir(run_dir, recipe, resume, console.message)
+        tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
+    world.barrier()  # the run directory is ready
+    if not world.main:
+        resume_from = checkpoint.latest(run_dir) if resume else None
     seed_everything(recipe.train.seed)
 
     # Model, data, optimizer.
-    policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message)
+    policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message, device=world.device(recipe.model.device))
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
     train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model, grpo.max_new_tokens, not chat)
@@ -181,7 +199,8 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
         if recipe.data.eval_limit:
             eval_set = Examples(eval_set.items[: recipe.data.eval_limit], eval_set.name, eval_set.skipped)
     console.message(
-        f"model {recipe.model.name} on {policy.device} ({str(policy.dtype).removeprefix('torch.')}), "
+        f"model {recipe.model.name} on {policy.device} ({str(policy.dtype).removeprefix('torch.')})"
+        + (f" x {world.size} processes" if world.active else "") + ", "
         f"{sum(p.numel() for p in policy.trainable_parameters()):,} trainable parameters; "
         f"train set {train_set.name}: {len(train_set.items)} prompts"
         + (f" ({train_set.skipped} rows without an answer skipped)" if train_set.skipped else "")
@@ -199,17 +218,18 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
         step = state["step"]
         order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
-    log = RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard)
+    log = RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard, enabled=world.main)
     last_saved = resume_from
     policy.model.train()
     fast = grpo.engine == "fast"
     share = fast and can_share_prompts(policy.model)
+    ddp = gradient_averaging(policy, world)  # None for a single process
 
     guard = NonFiniteGuard(recipe.train.max_bad_steps)
     trainer_state = lambda: {"data": order.state(), "base_model": recipe.model.name}  # noqa: E731
 
     with Scorer({**GRADERS, **rule_fns}) as scorer, Interrupts(console.message) as interrupts:
-        if eval_set is not None and step == 0:
+        if eval_set is not None and step == 0 and world.main:
             run_eval(0, policy, eval_set, recipe, scorer, log, console)
         console.start(recipe.train.steps, step)
         try:
@@ -222,7 +242,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                 phase, stats = "rollout", None
                 try:
                     # Rollout: G completions for each prompt; the worker processes start scoring them.
-                    sampled = sample_step(policy, train_set, order, scorer, recipe, scored_rules, weights)
+                    sampled = sample_step(policy, train_set, order, scorer, recipe, scored_rules, weights, world)
                     rollout, group = sampled.rollout, grpo.group_size
                     t_rollout = time.perf_counter()
 
@@ -246,17 +266,20 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                     overlong = overlong_penalty(rollout.lengths.cpu(), grpo.max_new_tokens, grpo.overlong_buffer,
                                                 grpo.overlong_penalty)  # [N]
                     rewards = total_reward(scores.values[:, : len(rule_keys)], weights) + overlong  # [N]
-                    advantages, zero_std = group_advantages(rewards, group, grpo.reward_scaling)  # [N], [B]
-                    advantages = advantages.to(policy.device, torch.float32)
+                    # Every process sees the whole step's rewards: groups stay local, batch scaling does not.
+                    all_rewards = world.all_gather(rewards)  # [N_all]
+                    advantages, zero_std = group_advantages(all_rewards, group, grpo.reward_scaling)  # [N_all], [B_all]
+                    mine = slice(world.rank * len(rewards), (world.rank + 1) * len(rewards))
+                    advantages = advantages[mine].to(policy.device, torch.float32)  # [N]
                     if scores.errors or scores.timeouts:
                         console.message(f"warning: step {step}: {scores.errors + scores.timeouts} reward calls "
                                         f"failed and scored 0 ({'; '.join(scores.messages)})")
                     t_scored = time.perf_counter()
 
                     # Clipped policy-gradient updates on this batch, skipped if anything is not finite.
-                    if torch.isfinite(rewards).all():
+                    if torch.isfinite(all_rewards).all():
                         stats = update_policy(policy, optimizer, scheduler, recipe, rollout, batches, advantages,
-                                              ref_logp, old_logp, share)
+                                              ref_logp, old_logp, share, ddp, world)
                     else:
                         scheduler.step()
                         stats = UpdateStats([float("nan")], [], [], 0.0, 0.0, [float("nan")], ["rewards"], 0)
@@ -271,50 +294,60 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
                                                 dump(recipe), rng=rng_before, keep_last=recipe.output.keep_last)
                     raise out_of_memory(phase, step, grpo, saved or last_saved) from None
 
+                # The step's figures, over every process's completions.
+                values = world.all_gather(torch.from_numpy(scores.values)).numpy()  # [N_all, R']
+                texts = world.all_gather_objects(rollout.texts)
+                lengths = world.all_gather(rollout.lengths.cpu())  # [N_all]
+                losses = [world.reduce(loss) for loss in stats.losses]
+                column = {rule: values[:, i] for i, rule in enumerate(scores.rules)}
                 row = {
                     "step": step,
-                    "reward_mean": rewards.mean().item(),
-                    "reward_std": rewards.std(unbiased=False).item(),
-                    **{f"reward/{key}": mean_or_none(scores.column(key)) for key in rule_keys},
-                    **({"reward/overlong": overlong.mean().item()} if grpo.overlong_buffer else {}),
-                    "accuracy": float((scores.column("correctness") > 0.5).mean()),
-                    "kl": torch.cat(stats.kls).mean().item() if stats.kls else None,
-                    "entropy": torch.cat(stats.entropies).mean().item() if stats.entropies else None,
-                    "clip_frac": stats.clipped / max(stats.tokens, 1.0),
-                    "loss": sum(stats.losses) / len(stats.losses),
+                    "reward_mean": all_rewards.mean().item(),
+                    "reward_std": all_rewards.std(unbiased=False).item(),
+                    **{f"reward/{key}": mean_or_none(column[key]) for key in rule_keys},
+                    **({"reward/overlong": world.all_gather(overlong).mean().item()} if grpo.overlong_buffer else {}),
+                    "accuracy": float((column["correctness"] > 0.5).mean()),
+                    "kl": world.all_gather(torch.cat(stats.kls)).mean().item() if stats.kls else None,
+                    "entropy": world.all_gather(torch.cat(stats.entropies)).mean().item() if stats.entropies else None,
+                    "clip_frac": world.reduce(stats.clipped) / max(world.reduce(stats.tokens), 1.0),
+                    "loss": sum(losses) / len(losses),
                     "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
                     "lr": scheduler.get_last_lr()[0],
-                    "completion_len": rollout.lengths.float().mean().item(),
-                    "tokens_per_second": rollout.lengths.sum().item() / (t_update - t_start),
-                    "peak_memory_gib": peak_memory_gib(policy.device),
-                    **dict(zip(("answer_diversity", "text_diversity"), group_diversity(rollout.texts, group))),
-                    "truncated_frac": rollout.truncated.float().mean().item(),
+                    "completion_len": lengths.float().mean().item(),
+                    "tokens_per_second": lengths.sum().item() / (t_update - t_start),
+                    "peak_memory_gib": world.reduce(peak_memory_gib(policy.device), "max"),
+                    **dict(zip(("answer_diversity", "text_diversity"), group_diversity(texts, group))),
+                    "truncated_frac": world.all_gather(rollout.truncated.cpu().float()).mean().item(),
                     "frac_zero_std": zero_std.float().mean().item(),
                     **({"dropped_groups": sampled.dropped_groups, "sampling_rounds": sampled.rounds,
                         "sampled_accuracy": sampled.sampled_accuracy} if grpo.dynamic_sampling else {}),
                     **({"skipped_update": ", ".join(stats.problems)} if stats.problems else {}),
-                    "score_errors": scores.errors,
-                    "score_timeouts": scores.timeouts,
+                    "score_errors": int(world.reduce(scores.errors)),
+                    "score_timeouts": int(world.reduce(scores.timeouts)),
                     "step_seconds": t_update - t_start,
                     "rollout_seconds": t_rollout - t_start,
                     "score_seconds": t_scored - t_wait,  # waiting for the scores, past what overlapped
                     "update_seconds": t_update - t_rollout - (t_scored - t_wait),
                 }
                 log.metrics(row)
-                best, worst = int(rewards.argmax()), int(rewards.argmin())
-                console.step(row, (rollout.texts[best], rewards[best].item()), (rollout.texts[worst], rewards[worst].item()))
+                best, worst = int(all_rewards.argmax()), int(all_rewards.argmin())
+                console.step(row, (texts[best], all_rewards[best].item()), (texts[worst], all_rewards[worst].item()))
                 if stats.problems:
                     console.message(f"warning: step {step}: non-finite {', '.join(stats.problems)}; update skipped")
                 guard.record(step, stats.problems, last_saved)
                 if step == 1 or step % recipe.output.samples_every == 0:
                     log.samples(sample_rows(step, sampled.examples, rollout, rule_keys, scores.values, rewards,
                                             advantages, recipe.output.samples_groups, group))
-                if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
+                if world.main and eval_set is not None and (step % recipe.output.eval_every == 0
+                                                            or step == recipe.train.steps):
                     run_eval(step, policy, eval_set, recipe, scorer, log, console)
-                if step % recipe.output.save_every == 0 or step == recipe.train.steps or interrupts.requested:
-                    last_saved = checkpoint.save(run_dir, step, policy, optimizer, scheduler, trainer_state(),
-                                                 dump(recipe), keep_last=recipe.output.keep_last)
-                if interrupts.requested and step < recipe.train.steps:
+                stop = world.reduce(float(interrupts.requested), "max") > 0  # Ctrl-C on any process stops all
+                if step % recipe.output.save_every == 0 or step == recipe.train.steps or stop:
+                    last_saved = checkpoint.checkpoint_dir(run_dir, step)
+                    if world.main:
+                        checkpoint.save(run_dir, step, policy, optimizer, scheduler, trainer_state(), dump(recipe),
+                                        keep_last=recipe.output.keep_last)
+                if stop and step < recipe.train.steps:
                     raise Stopped(f"stopped by Ctrl-C after step {step}; saved {last_saved}. "
                                   "Continue with the same command and --resume.")
         finally:

@@ -1,0 +1,109 @@
+"""Several processes through torchrun, on the CPU with gloo: the same run as one process."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, small_recipe
+from grpo_cli import recipe as recipe_module
+from grpo_cli.console import TrainConsole
+from grpo_cli.distributed import World, check_recipe
+from grpo_cli.errors import UserError
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+MEASURED = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds",
+            "tokens_per_second", "peak_memory_gib"}
+SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 40, "kl_beta": 0.04},
+            "train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+            "output": {"save_every": 2, "eval_every": 2, "samples_every": 1}}
+
+
+def recipe_dict(run_dir):
+    sections = {k: dict(v) for k, v in SECTIONS.items()}
+    sections["output"]["dir"] = str(run_dir)
+    return small_recipe(run_dir, **sections)
+
+
+def torchrun(tmp_path, run_dir, processes=2, *extra):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(run_dir)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "grpo_cli", "train", str(path), "--quiet", *extra]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def compare(run_a, run_b):
+    """Same metrics up to float rounding, and the same final adapter."""
+    a, b = read_jsonl(run_a / "metrics.jsonl"), read_jsonl(run_b / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert {k for k in x if k not in MEASURED} == {k for k in y if k not in MEASURED}
+        for key, value in x.items():
+            if key in MEASURED:
+                continue
+            if isinstance(value, float):
+                assert value == pytest.approx(y[key], rel=1e-3, abs=1e-5), (x["step"], key)
+            else:
+                assert value == y[key], (x["step"], key)
+    final = max(int(p.name.removeprefix("step-")) for p in (run_a / "checkpoints").glob("step-*"))
+    wa = load_file(str(run_a / "checkpoints" / f"step-{final}" / "adapter_model.safetensors"))
+    wb = load_file(str(run_b / "checkpoints" / f"step-{final}" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_path):
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    train(recipe_module.validate(recipe_dict(run_dir)), console=TrainConsole(quiet=True))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory, tiny_model_path):
+    tmp = tmp_path_factory.mktemp("double")
+    result = torchrun(tmp, tmp / "run")
+    return tmp / "run", result
+
+
+def test_two_processes_learn_as_one(single, double):
+    run_dir, result = double
+    compare(single, run_dir)
+    # only the first process wrote: one metrics row per step, one summary line
+    assert result.stdout.count("done: 4 steps") == 1
+
+
+def test_resume_at_two_processes(tmp_path, single, double):
+    run_dir = tmp_path / "run"
+    shutil.copytree(double[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")  # as if stopped after step 2
+    torchrun(tmp_path, run_dir, 2, "--resume")
+    compare(single, run_dir)
+
+
+def test_resume_a_two_process_run_in_one(tmp_path, single, double):
+    run_dir = tmp_path / "run"
+    shutil.copytree(double[0], run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step-4")
+    train(recipe_module.validate(recipe_dict(run_dir)), resume=True, console=TrainConsole(quiet=True))
+    compare(single, run_dir)
+
+
+def test_recipes_that_cannot_split_are_refused():
+    recipe = recipe_module.validate(recipe_dict("runs/x"))
+    with pytest.raises(UserError, match="must divide evenly over the 3 processes"):
+        check_recipe(recipe, World(0, 3, 0))
+    dynamic = recipe.model_copy(update={"grpo": recipe.grpo.model_copy(update={"dynamic_sampling": True})})
+    with pytest.raises(UserError, match="dynamic_sampling is not supported with several processes"):
+        check_recipe(dynamic, World(0, 2, 0))
+    check_recipe(recipe, World(0, 2, 0))
+    check_recipe(dynamic, World())  # one process: anything goes
