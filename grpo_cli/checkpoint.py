@@ -79,17 +79,25 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def save(run_dir: Path, step: int, policy, optimizer, scheduler, trainer_state: dict, recipe_yaml: str,
-         rng: dict | None = None, keep_last: int | None = None) -> Path:
-    """Write checkpoint step-`step` (rng: the RNG state to record, default the current one)."""
+def save(run_dir: Path, step: int, policy, optimizer_state: dict, scheduler, trainer_state: dict, recipe_yaml: str,
+         rng: dict | None = None, keep_last: int | None = None, model_state: dict | None = None) -> Path:
+    """Write checkpoint step-`step`.
+
+    optimizer_state: keyed by parameter name (distributed.Parallel.optimizer_state), so it loads
+    under any strategy and world size; model_state: the full weights when they are sharded (else
+    the policy's own are saved); rng: the RNG state to record, default the current one.
+    """
     final = checkpoint_dir(run_dir, step)
     partial = final.with_name(f".{final.name}.partial")
     try:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-        policy.model.save_pretrained(partial)
+        if model_state is None:
+            policy.model.save_pretrained(partial)
+        else:
+            policy.model.save_pretrained(partial, state_dict=model_state)
         policy.tokenizer.save_pretrained(partial)
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        torch.save(optimizer_state, partial / "optimizer.pt")
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         torch.save(rng if rng is not None else rng_state(), partial / "rng.pt")
         (partial / RECIPE_FILE).write_text(recipe_yaml)
@@ -173,8 +181,8 @@ def _load_full_weights(model: torch.nn.Module, path: Path) -> None:
         raise RuntimeError(f"checkpoint {path} lacks weights: {missing[:5]}")
 
 
-def restore(path: Path, policy, optimizer, scheduler) -> dict:
-    """Load weights, optimizer, scheduler and RNG states from `path`; returns its trainer state."""
+def restore_weights(path: Path, policy) -> None:
+    """Load the checkpoint's weights into the (not yet sharded) policy."""
     if policy.is_lora:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -182,7 +190,11 @@ def restore(path: Path, policy, optimizer, scheduler) -> dict:
         set_peft_model_state_dict(policy.model, load_file(str(path / "adapter_model.safetensors")))
     else:
         _load_full_weights(policy.model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=policy.device, weights_only=True))
+
+
+def restore_training(path: Path, parallel, optimizer, scheduler) -> dict:
+    """Load optimizer, scheduler and RNG states from `path`; returns its trainer state."""
+    parallel.load_optimizer_state(optimizer, torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return read_state(path)

@@ -67,19 +67,21 @@ class EvalReport:
 
 def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, samples: int = 1,
                          temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
-                         add_special_tokens: bool = True, on_progress=None) -> list[list[str]]:
+                         add_special_tokens: bool = True, on_progress=None, sampler=None) -> list[list[str]]:
     """`samples` completions per prompt (greedy when samples is 1), in input order.
 
-    Prompts are batched by token length, so a batch pads to similar lengths.
+    Prompts are batched by token length, so a batch pads to similar lengths. `sampler` takes
+    rollout.generate's arguments but the model (a training run passes its Parallel's generate).
     """
+    sampler = sampler or (lambda **kwargs: generate(model, **kwargs))
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        rollout = generate(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, samples_per_prompt=samples,
-                           temperature=temperature, top_p=top_p, greedy=samples == 1,
-                           add_special_tokens=add_special_tokens)
+        rollout = sampler(tokenizer=tokenizer, prompts=[prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+                          samples_per_prompt=samples, temperature=temperature, top_p=top_p, greedy=samples == 1,
+                          add_special_tokens=add_special_tokens)
         for j, index in enumerate(batch):
             out[index] = rollout.texts[j * samples : (j + 1) * samples]
         if on_progress:
@@ -122,11 +124,11 @@ def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields
 
 def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, scorer: Scorer, samples: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, add_special_tokens: bool = True,
-             on_progress=None) -> EvalReport:
+             on_progress=None, sampler=None) -> EvalReport:
     """Generate and grade: greedy when samples is 1, else `samples` sampled completions per problem."""
     started = time.perf_counter()
     completions = generate_completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, samples,
-                                       temperature, top_p, batch_size, add_special_tokens, on_progress)
+                                       temperature, top_p, batch_size, add_special_tokens, on_progress, sampler)
     items = grade([e.answer for e in examples], completions, scorer, [e.row for e in examples],
                   [e.prefill for e in examples])
     return EvalReport(items, time.perf_counter() - started)

@@ -195,8 +195,9 @@ class OutputSpec(Section):
 
 
 class DistributedSpec(Section):
-    strategy: Literal["ddp"] = Field(
-        "ddp", description="under torchrun: ddp = every process holds the whole model, gradients averaged"
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp = every process holds the whole model, gradients averaged; "
+        "fsdp = FSDP2 shards weights, gradients and optimizer state across the processes"
     )
     timeout_minutes: int = Field(30, ge=1, description="how long a process waits for the others at a collective")
 

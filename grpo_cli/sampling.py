@@ -16,10 +16,9 @@ import torch
 
 from grpo_cli.advantages import group_advantages, total_reward
 from grpo_cli.data import Example, Examples, PromptOrder
-from grpo_cli.distributed import World
-from grpo_cli.modeling import Policy
+from grpo_cli.distributed import Parallel
 from grpo_cli.recipe import Recipe
-from grpo_cli.rollout import Rollout, concat, generate, select_groups
+from grpo_cli.rollout import Rollout, concat, select_groups
 from grpo_cli.scoring import Pending, Scorer, Scores
 
 
@@ -43,16 +42,18 @@ class Sampled:
     sampled_accuracy: float | None = None  # over every completion sampled, dropped ones included
 
 
-def sample_step(policy: Policy, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
-                rules: list[str], weights: torch.Tensor, world: World = World()) -> Sampled:
+def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
+                rules: list[str], weights: torch.Tensor) -> Sampled:
     """Rollouts and their scoring for one step (see the module's docstring). With several processes,
     each takes its share of the step's prompts (see distributed.py)."""
     grpo = recipe.grpo
+    policy, world = parallel.policy, parallel.world
 
     def rollout_of(batch: list[Example]):
-        rollout = generate(policy.model, policy.tokenizer, [e.prompt for e in batch], grpo.max_new_tokens,
-                           samples_per_prompt=grpo.group_size, temperature=grpo.temperature, top_p=grpo.top_p,
-                           add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world)
+        rollout = parallel.generate(tokenizer=policy.tokenizer, prompts=[e.prompt for e in batch],
+                                    max_new_tokens=grpo.max_new_tokens, samples_per_prompt=grpo.group_size,
+                                    temperature=grpo.temperature, top_p=grpo.top_p,
+                                    add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world)
         rows = [e for e in batch for _ in range(grpo.group_size)]
         pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
                                 [{"prompt": e.prompt, **e.row} for e in rows])

@@ -24,13 +24,13 @@ from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
-from grpo_cli.distributed import World, check_recipe, connect, disconnect
+from grpo_cli.distributed import Parallel, World, check_recipe, connect, disconnect
 from grpo_cli.diversity import group_diversity
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Interrupts, NonFiniteGuard, Stopped, out_of_memory
 from grpo_cli.evaluation import evaluate
-from grpo_cli.logprobs import can_share_prompts, micro_batch_logprobs
-from grpo_cli.modeling import Policy, load_policy
+from grpo_cli.logprobs import can_share_prompts
+from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import Recipe, changes, dump
 from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
@@ -38,7 +38,7 @@ from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import sample_step
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
 from grpo_cli.scoring import GRADERS, Scorer
-from grpo_cli.update import UpdateStats, gradient_averaging, make_optimizer, update_policy
+from grpo_cli.update import UpdateStats, make_optimizer, update_policy
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -111,12 +111,18 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
     return Examples(kept, examples.name, examples.skipped), len(examples.items) - len(kept)
 
 
-def logprobs_no_grad(model, batches: list[MicroBatch], temperature: float, share: bool) -> list[torch.Tensor]:
-    """Log-probs of each micro-batch's completions under `model`, without autograd. [n, c] each"""
+def logprobs_no_grad(parallel: Parallel, batches: list[MicroBatch], temperature: float, share: bool,
+                     reference: bool) -> list[torch.Tensor]:
+    """Log-probs of each micro-batch's completions under the policy (or its reference), without
+    autograd. [n, c] each"""
+    model = parallel.policy.model
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        out = [micro_batch_logprobs(model, b, temperature, share)[0] for b in batches]
+    with torch.no_grad(), parallel.gathered(reference=reference):
+        if reference:
+            out = [parallel.reference_logprobs(b, temperature, share) for b in batches]
+        else:
+            out = [parallel.module(b, temperature, share)[0] for b in batches]
     model.train(was_training)
     return out
 
@@ -148,14 +154,33 @@ def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: l
     return rows
 
 
-def run_eval(step: int, policy: Policy, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
+def run_eval(step: int, parallel: Parallel, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
              console: TrainConsole) -> float:
-    report = evaluate(policy.model, policy.tokenizer, eval_set.items, recipe.grpo.max_new_tokens, scorer,
-                      add_special_tokens=not recipe.data.chat)
-    log.metrics({"step": step, "eval/accuracy": report.accuracy, "eval/n": len(report.items),
-                 "eval/seconds": report.seconds})
-    console.evaluation(step, report.accuracy, len(report.items), report.seconds)
-    return report.accuracy
+    """Greedy accuracy on the held-out set; several processes each take a share of it."""
+    world, policy = parallel.world, parallel.policy
+    share = eval_set.items[world.rank :: world.size]
+    with parallel.gathered():
+        report = evaluate(policy.model, policy.tokenizer, share, recipe.grpo.max_new_tokens, scorer,
+                          add_special_tokens=not recipe.data.chat,
+                          sampler=lambda **kwargs: parallel.generate(**kwargs))
+    correct = world.all_gather_objects([c for item in report.items for c in item.correct])
+    accuracy, seconds = sum(correct) / len(correct), world.reduce(report.seconds, "max")
+    log.metrics({"step": step, "eval/accuracy": accuracy, "eval/n": len(correct), "eval/seconds": seconds})
+    console.evaluation(step, accuracy, len(correct), seconds)
+    return accuracy
+
+
+def save_checkpoint(run_dir: Path, step: int, parallel: Parallel, optimizer, scheduler, trainer_state: dict,
+                    recipe: Recipe, rng: dict | None = None) -> Path:
+    """Every process takes part in gathering the state (sharded weights, the optimizer's); the first writes."""
+    sharded = parallel.strategy == "fsdp"
+    model_state = parallel.model_state() if sharded else None
+    optimizer_state = parallel.optimizer_state(optimizer)
+    if parallel.world.main:
+        checkpoint.save(run_dir, step, parallel.policy, optimizer_state, scheduler, trainer_state, dump(recipe),
+                        rng=rng, keep_last=recipe.output.keep_last, model_state=model_state)
+    parallel.world.barrier()  # resume or export may read it next
+    return checkpoint.checkpoint_dir(run_dir, step)
 
 
 def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
@@ -206,6 +231,9 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         + (f" ({train_set.skipped} rows without an answer skipped)" if train_set.skipped else "")
         + (f" ({too_long} prompts too long for the context skipped)" if too_long else "")
     )
+    if resume_from is not None:
+        checkpoint.restore_weights(resume_from, policy)  # before sharding: into whole tensors
+    parallel = Parallel(policy, world, recipe.distributed.strategy)
     optimizer, scheduler = make_optimizer(policy.trainable_parameters(), recipe.train,
                                           recipe.train.steps * grpo.updates_per_rollout)
     order = PromptOrder(len(train_set.items), recipe.train.seed)
@@ -214,7 +242,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
 
     step = 0
     if resume_from is not None:
-        state = checkpoint.restore(resume_from, policy, optimizer, scheduler)
+        state = checkpoint.restore_training(resume_from, parallel, optimizer, scheduler)
         step = state["step"]
         order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
@@ -222,15 +250,16 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     last_saved = resume_from
     policy.model.train()
     fast = grpo.engine == "fast"
-    share = fast and can_share_prompts(policy.model)
-    ddp = gradient_averaging(policy, world)  # None for a single process
+    # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
+    # only when a micro-batch repeats a prompt, which would differ between processes.
+    share = fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp"
 
     guard = NonFiniteGuard(recipe.train.max_bad_steps)
     trainer_state = lambda: {"data": order.state(), "base_model": recipe.model.name}  # noqa: E731
 
     with Scorer({**GRADERS, **rule_fns}) as scorer, Interrupts(console.message) as interrupts:
-        if eval_set is not None and step == 0 and world.main:
-            run_eval(0, policy, eval_set, recipe, scorer, log, console)
+        if eval_set is not None and step == 0:
+            run_eval(0, parallel, eval_set, recipe, scorer, log, console)
         console.start(recipe.train.steps, step)
         try:
             while step < recipe.train.steps:
@@ -242,7 +271,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                 phase, stats = "rollout", None
                 try:
                     # Rollout: G completions for each prompt; the worker processes start scoring them.
-                    sampled = sample_step(policy, train_set, order, scorer, recipe, scored_rules, weights, world)
+                    sampled = sample_step(parallel, train_set, order, scorer, recipe, scored_rules, weights)
                     rollout, group = sampled.rollout, grpo.group_size
                     t_rollout = time.perf_counter()
 
@@ -255,10 +284,9 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                         batches = split(rollout, grpo.micro_batch_size)
                     ref_logp = old_logp = None
                     if grpo.kl_beta > 0:
-                        with policy.reference() as reference:
-                            ref_logp = logprobs_no_grad(reference, batches, grpo.temperature, share)
+                        ref_logp = logprobs_no_grad(parallel, batches, grpo.temperature, share, reference=True)
                     if grpo.updates_per_rollout > 1:
-                        old_logp = logprobs_no_grad(policy.model, batches, grpo.temperature, share)
+                        old_logp = logprobs_no_grad(parallel, batches, grpo.temperature, share, reference=False)
 
                     # Rewards (with DAPO's overlong penalty), then group-relative advantages.
                     t_wait = time.perf_counter()
@@ -279,7 +307,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                     # Clipped policy-gradient updates on this batch, skipped if anything is not finite.
                     if torch.isfinite(all_rewards).all():
                         stats = update_policy(policy, optimizer, scheduler, recipe, rollout, batches, advantages,
-                                              ref_logp, old_logp, share, ddp, world)
+                                              ref_logp, old_logp, share, parallel)
                     else:
                         scheduler.step()
                         stats = UpdateStats([float("nan")], [], [], 0.0, 0.0, [float("nan")], ["rewards"], 0)
@@ -290,8 +318,8 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                             checkpoint.checkpoint_dir(run_dir, step - 1):
                         # Nothing of this step was applied: save the state it started from.
                         order.epoch, order.position = order_before["epoch"], order_before["position"]
-                        saved = checkpoint.save(run_dir, step - 1, policy, optimizer, scheduler, trainer_state(),
-                                                dump(recipe), rng=rng_before, keep_last=recipe.output.keep_last)
+                        saved = save_checkpoint(run_dir, step - 1, parallel, optimizer, scheduler, trainer_state(),
+                                                recipe, rng=rng_before)
                     raise out_of_memory(phase, step, grpo, saved or last_saved) from None
 
                 # The step's figures, over every process's completions.
@@ -338,15 +366,11 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                 if step == 1 or step % recipe.output.samples_every == 0:
                     log.samples(sample_rows(step, sampled.examples, rollout, rule_keys, scores.values, rewards,
                                             advantages, recipe.output.samples_groups, group))
-                if world.main and eval_set is not None and (step % recipe.output.eval_every == 0
-                                                            or step == recipe.train.steps):
-                    run_eval(step, policy, eval_set, recipe, scorer, log, console)
+                if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
+                    run_eval(step, parallel, eval_set, recipe, scorer, log, console)
                 stop = world.reduce(float(interrupts.requested), "max") > 0  # Ctrl-C on any process stops all
                 if step % recipe.output.save_every == 0 or step == recipe.train.steps or stop:
-                    last_saved = checkpoint.checkpoint_dir(run_dir, step)
-                    if world.main:
-                        checkpoint.save(run_dir, step, policy, optimizer, scheduler, trainer_state(), dump(recipe),
-                                        keep_last=recipe.output.keep_last)
+                    last_saved = save_checkpoint(run_dir, step, parallel, optimizer, scheduler, trainer_state(), recipe)
                 if stop and step < recipe.train.steps:
                     raise Stopped(f"stopped by Ctrl-C after step {step}; saved {last_saved}. "
                                   "Continue with the same command and --resume.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
@@ -10,8 +9,7 @@ import numpy as np
 import torch
 
 from grpo_cli.batching import MicroBatch
-from grpo_cli.distributed import World
-from grpo_cli.logprobs import micro_batch_logprobs
+from grpo_cli.distributed import Parallel
 from grpo_cli.loss import LOSSES, LossSettings, token_mean
 from grpo_cli.recipe import Recipe, TrainSpec
 from grpo_cli.rollout import Rollout
@@ -48,36 +46,16 @@ class UpdateStats:
     applied: int  # optimizer steps taken
 
 
-class PolicyLogprobs(torch.nn.Module):
-    """The policy's log-probabilities as a module, so DistributedDataParallel can wrap the pass."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, micro: MicroBatch, temperature: float, share: bool):
-        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True)
-
-
-def gradient_averaging(policy, world: World):
-    """A DistributedDataParallel wrapper of the log-prob pass when there are several processes."""
-    if not world.active:
-        return None
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [world.local_rank] if policy.device.type == "cuda" else None
-    return DistributedDataParallel(PolicyLogprobs(policy.model), device_ids=device_ids)
-
-
 def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout, batches: list[MicroBatch],
-                  advantages: torch.Tensor, ref_logp, old_logp, share: bool, ddp=None,
-                  world: World = World()) -> UpdateStats:
+                  advantages: torch.Tensor, ref_logp, old_logp, share: bool, parallel: Parallel) -> UpdateStats:
     """updates_per_rollout clipped policy-gradient steps on the batch; a step whose loss or gradients
     are not finite is not applied (the scheduler still advances, so lr stays tied to the step).
 
-    With several processes (`ddp`, `world`) the loss is normalized by the whole step's completions
-    and tokens, DDP averages the gradients once per update (the micro-batches before the last
-    accumulate without syncing), and a non-finite value on any rank skips the update on all."""
+    With several processes the loss is normalized by the whole step's completions and tokens,
+    gradients are averaged once per update (DDP, or FSDP2's reduce-scatter; the micro-batches
+    before the last accumulate without syncing), and a non-finite value on any rank skips the
+    update on all."""
+    world = parallel.world
     grpo = recipe.grpo
     loss_fn = LOSSES[grpo.loss]
     loss_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
@@ -86,30 +64,13 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
     tokens = max(1, int(world.reduce(int(loss_mask.sum()))))
     settings = LossSettings(grpo.clip_eps, grpo.upper_clip, grpo.kl_beta, grpo.entropy_bonus, completions, tokens,
                             grpo.max_new_tokens)
-    passes = ddp if ddp is not None else PolicyLogprobs(policy.model)
     stats = UpdateStats([], [], [], 0.0, 0.0, [], [], 0)
     for _ in range(grpo.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
-        step_loss, bad = 0.0, []
-        for i, micro in enumerate(batches):
-            syncing = ddp is None or i == len(batches) - 1
-            with contextlib.nullcontext() if syncing else ddp.no_sync():
-                logp, entropy = passes(micro, grpo.temperature, share)  # [n, c] each
-                mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
-                # With one update, pi_old is the current policy: the ratio is exactly 1.
-                old = old_logp[i] if old_logp is not None else logp.detach()
-                terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
-                                ref_logp[i] if ref_logp is not None else None,
-                                entropy if grpo.entropy_bonus else entropy.detach())
-                loss = terms.per_completion.sum()
-                # DDP averages gradients over the processes; the shares already divide by the whole step
-                (loss * world.size).backward()
-            step_loss += loss.item()
-            if terms.kl is not None:
-                stats.kls.append(terms.kl)
-            stats.entropies.append(token_mean(entropy.detach(), micro.completion_mask))
-            stats.clipped += terms.clipped_tokens.item()
-            stats.tokens += terms.tokens.item()
+        bad = []
+        with parallel.gathered():  # FSDP2: one gather per update, whatever each process's micro-batches
+            step_loss = _accumulate(parallel, batches, grpo, loss_fn, loss_mask, settings, advantages, ref_logp,
+                                    old_logp, share, stats)
         max_norm = recipe.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm).item()
         if world.reduce(0.0 if np.isfinite(step_loss) else 1.0, "max"):
@@ -126,3 +87,29 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
         stats.losses.append(step_loss)
         stats.grad_norms.append(grad_norm)
     return stats
+
+
+def _accumulate(parallel: Parallel, batches: list[MicroBatch], grpo, loss_fn, loss_mask, settings: LossSettings,
+                advantages, ref_logp, old_logp, share: bool, stats: UpdateStats) -> float:
+    """Forward and backward over every micro-batch, gradients averaged over processes on the last; the
+    step's loss."""
+    step_loss = 0.0
+    for i, micro in enumerate(batches):
+        with parallel.sync_gradients(syncing=i == len(batches) - 1):
+            logp, entropy = parallel.train_call(micro, grpo.temperature, share)  # [n, c] each
+            mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
+            # With one update, pi_old is the current policy: the ratio is exactly 1.
+            old = old_logp[i] if old_logp is not None else logp.detach()
+            terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
+                            ref_logp[i] if ref_logp is not None else None,
+                            entropy if grpo.entropy_bonus else entropy.detach())
+            loss = terms.per_completion.sum()
+            # gradients are averaged over the processes; the shares already divide by the whole step
+            (loss * parallel.world.size).backward()
+        step_loss += loss.item()
+        if terms.kl is not None:
+            stats.kls.append(terms.kl)
+        stats.entropies.append(token_mean(entropy.detach(), micro.completion_mask))
+        stats.clipped += terms.clipped_tokens.item()
+        stats.tokens += terms.tokens.item()
+    return step_loss

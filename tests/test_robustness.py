@@ -186,9 +186,9 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_checkpoint_intact(tmp_pat
 
 
 def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight):
-    import grpo_cli.update as update
+    import grpo_cli.logprobs as logprobs
 
-    original = update.micro_batch_logprobs
+    original = logprobs.micro_batch_logprobs
     calls = {"n": 0}
 
     def runs_out(*args, **kwargs):
@@ -197,7 +197,7 @@ def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, mo
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(update, "micro_batch_logprobs", runs_out)
+    monkeypatch.setattr(logprobs, "micro_batch_logprobs", runs_out)
     with pytest.raises(Halted) as error:
         run_in_process(tmp_path / "run", output={"save_every": 100, "eval_every": 3})
     message = str(error.value)
@@ -205,7 +205,7 @@ def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, mo
     assert "grpo.micro_batch_size" in message and "grpo.group_size" in message and "grpo.max_new_tokens" in message
     saved = checkpoint.latest(tmp_path / "run")
     assert saved is not None and f"saved as {saved}" in message
-    monkeypatch.setattr(update, "micro_batch_logprobs", original)
+    monkeypatch.setattr(logprobs, "micro_batch_logprobs", original)
     run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3})
     assert [r for r in metrics(tmp_path / "run") if "reward_mean" in r] == \
         [r for r in metrics(straight) if "reward_mean" in r]
