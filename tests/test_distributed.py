@@ -1,4 +1,5 @@
-"""Several processes through torchrun, on the CPU with gloo: the same run as one process."""
+"""Several processes through torchrun, on the CPU with gloo: the same run as one process
+(2 processes with 4 prompts each per step against 1 with 8)."""
 
 import os
 import shutil
@@ -20,7 +21,7 @@ from grpo_cli.train import train
 
 MEASURED = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds",
             "tokens_per_second", "peak_memory_gib"}
-SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 40, "kl_beta": 0.04},
+SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04},
             "train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
             "output": {"save_every": 2, "eval_every": 2, "samples_every": 1}}
 
