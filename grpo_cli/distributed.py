@@ -178,9 +178,10 @@ class Parallel:
 
     def generate(self, **kwargs):
         """A rollout (rollout.generate's arguments but the model) through the module; under FSDP2
-        the weights are gathered for it, unless an enclosing `gathered()` already did."""
+        the weights are gathered for it, unless an enclosing `gathered()` already did. LoRA is not
+        folded into FSDP2's gathered weights: they are its buffers, not ours to swap."""
         with self.gathered():
-            return self.module(generate=kwargs)
+            return self.module(generate={**kwargs, "fold_lora": self.strategy != "fsdp"})
 
     def gathered(self, reference: bool = False):
         """Context: under FSDP2, every weight of the policy (or of the frozen reference copy) gathered,

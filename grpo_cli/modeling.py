@@ -40,13 +40,34 @@ class Policy:
         if self.frozen_reference is not None:
             yield self.frozen_reference
         elif self.is_lora:
-            with self.model.disable_adapter():
+            with adapters_disabled(lora_layers(self.model)):
                 yield self.model
         else:
             raise RuntimeError("no reference model: kl_beta is 0")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def lora_layers(model) -> list:
+    """The PEFT LoRA layers inside a model (none for a plain transformers model)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(layers: list):
+    """The LoRA layers' adapters off until exit, as PEFT's `disable_adapter()` does, without its
+    model-wide status checks (2.7 ms a call on the builtin model against 0.5 ms; the reference
+    pass enters this once per micro-batch)."""
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -11,12 +11,17 @@ Two engines give the same samples for the same seed (tested):
   decodes every row to the end. The plain path, for comparison and for
   architectures whose caches the fast engine does not handle.
 
+The fast engine also folds LoRA into float32 base weights while it samples
+(`folded_lora`): one matmul per layer instead of three, same distribution up to
+float rounding, base weights restored bit for bit.
+
 A completion ends at its first EOS, which is kept and trained on; everything
 after it is padding and masked out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 
@@ -42,6 +47,47 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:  # [N]
         return self.completion_mask.sum(1)
+
+
+def foldable_lora_layers(model) -> list:
+    """The LoRA layers to fold for sampling: all of them when every one is a plain LoRA linear layer
+    (one active adapter, no DoRA, no bias) over float32 weights; otherwise none. In 16 bits,
+    W + s*B@A would round the adapter's small update away; a 4-bit base cannot hold it."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from grpo_cli.modeling import lora_layers
+
+    layers = lora_layers(model)
+    for layer in layers:
+        base = layer.get_base_layer()
+        if not (type(layer) is LoraLinear and len(layer.active_adapters) == 1 and not layer.merged
+                and not any(layer.use_dora.values()) and not any(getattr(layer, "lora_bias", {}).values())
+                and type(base) is torch.nn.Linear and base.weight.dtype == torch.float32):
+            return []
+    return layers
+
+
+@contextlib.contextmanager
+def folded_lora(model, enabled: bool = True):
+    """Sampling with each LoRA layer's update folded into its base weight (W' = W + s*B@A) and the
+    adapter switched off. The base weight is swapped for a new tensor, not changed in place, so
+    the original comes back exactly; the fold costs one weight-sized copy of the adapted layers
+    while it lasts. Only where `foldable_lora_layers` allows; a no-op otherwise."""
+    from grpo_cli.modeling import adapters_disabled
+
+    layers = foldable_lora_layers(model) if enabled else []
+    originals = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                originals.append(weight.data)
+                weight.data = weight.data + layer.get_delta_weight(layer.active_adapters[0])
+        with adapters_disabled(layers):
+            yield
+    finally:
+        for layer, original in zip(layers, originals):
+            layer.get_base_layer().weight.data = original
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -93,10 +139,11 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
-             engine: str = "fast", world=None) -> Rollout:
+             engine: str = "fast", world=None, fold_lora: bool = True) -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
-    `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared)."""
+    `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared).
+    `fold_lora`: the fast engine may fold LoRA into the base weights (see `folded_lora`)."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -104,8 +151,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_
     model.eval()
     with torch.no_grad():
         if engine == "fast":
-            completion = _decode_shared(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                        samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
+            with folded_lora(model, fold_lora):
+                completion = _decode_shared(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                            samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
         else:
             completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]

@@ -16,6 +16,9 @@ from pathlib import Path
 
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
+# Figures of the machine, not of the learning: two runs with the same seed differ only in these.
+MACHINE_METRICS = frozenset({"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "elapsed_seconds",
+                             "eval/seconds", "tokens_per_second", "peak_memory_gib"})
 
 
 def read_jsonl(path: Path) -> list[dict]:

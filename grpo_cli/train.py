@@ -356,6 +356,8 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                     "rollout_seconds": t_rollout - t_start,
                     "score_seconds": t_scored - t_wait,  # waiting for the scores, past what overlapped
                     "update_seconds": t_update - t_rollout - (t_scored - t_wait),
+                    # since this process started: differences between rows are whole steps, logging included
+                    "elapsed_seconds": time.perf_counter() - started,
                 }
                 log.metrics(row)
                 best, worst = int(all_rewards.argmax()), int(all_rewards.argmin())

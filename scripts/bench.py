@@ -8,8 +8,9 @@
 Each tool runs in its own process, alternately (A B, B A, ...) for --rounds rounds, each
 process doing --warmup untimed steps then --steps timed ones on the same model, prompts,
 reward function (grpo's correctness rule), LoRA (r16, all linear layers), KL beta and clip
-epsilon. The table gives medians over all timed steps: step time, its split (rollout,
-scoring, update), generated tokens per second, peak memory (GPU: torch's peak allocated;
+epsilon. The table gives medians over all timed steps: step time (the whole step, logging
+included: grpo's between consecutive metrics rows, TRL's between its step callbacks), its
+split (rollout, scoring, update), generated tokens per second, peak memory (GPU: torch's peak allocated;
 CPU: the process's peak resident set), and grpo/TRL ratios. TRL is a bench dependency,
 not a runtime one: pip install trl==1.16.0.
 
@@ -116,9 +117,12 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
     })
     train(recipe, console=TrainConsole(quiet=True))
-    rows_out = [r for r in read_jsonl(work / "run" / "metrics.jsonl") if "step_seconds" in r][args.warmup :]
+    rows_all = [r for r in read_jsonl(work / "run" / "metrics.jsonl") if "step_seconds" in r]
+    rows_out = rows_all[args.warmup :]
+    # the whole step, logging included, as TRL's step is timed: between consecutive rows
+    elapsed = [r["elapsed_seconds"] for r in rows_all]
     return {
-        "step": [r["step_seconds"] for r in rows_out],
+        "step": [elapsed[i] - elapsed[i - 1] for i in range(args.warmup, len(elapsed))],
         "rollout": [r["rollout_seconds"] for r in rows_out],
         "score": [r["score_seconds"] for r in rows_out],
         "update": [r["update_seconds"] for r in rows_out],
@@ -244,6 +248,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1: grpo's step time is the interval since the previous step")
     if args.worker:
         return worker(args)
 

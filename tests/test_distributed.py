@@ -16,11 +16,9 @@ from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.distributed import World, check_recipe
 from grpo_cli.errors import UserError
-from grpo_cli.run_log import read_jsonl
+from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
 from grpo_cli.train import train
 
-MEASURED = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds",
-            "tokens_per_second", "peak_memory_gib"}
 SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04},
             "train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
             "output": {"save_every": 2, "eval_every": 2, "samples_every": 1}}
@@ -54,9 +52,9 @@ def compare(run_a, run_b):
     a, b = read_jsonl(run_a / "metrics.jsonl"), read_jsonl(run_b / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):
-        assert {k for k in x if k not in MEASURED} == {k for k in y if k not in MEASURED}
+        assert {k for k in x if k not in MACHINE_METRICS} == {k for k in y if k not in MACHINE_METRICS}
         for key, value in x.items():
-            if key in MEASURED:
+            if key in MACHINE_METRICS:
                 continue
             if isinstance(value, float):
                 assert value == pytest.approx(y[key], rel=1e-3, abs=1e-5), (x["step"], key)

@@ -23,11 +23,9 @@ from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Halted
-from grpo_cli.run_log import read_jsonl
+from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
 from grpo_cli.train import train
 
-TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds", "tokens_per_second",
-          "peak_memory_gib"}  # measurements of the machine, not of the learning
 SIX_STEPS = {"train": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
              "output": {"save_every": 2, "eval_every": 3, "samples_every": 1}}
 
@@ -44,7 +42,7 @@ def run_in_process(run_dir, resume=False, **overrides):
 
 
 def metrics(run_dir):
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k not in MACHINE_METRICS} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
 def adapter(run_dir, step):

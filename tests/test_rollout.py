@@ -3,7 +3,7 @@ import torch
 
 from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import generate
+from grpo_cli.rollout import foldable_lora_layers, folded_lora, generate
 
 
 def test_groups_masks_and_texts(tiny_model_path):
@@ -45,3 +45,55 @@ def test_fast_engine_samples_what_transformers_generate_samples(tiny_model_path,
     assert torch.equal(out["fast"].input_ids, out["generate"].input_ids)
     assert torch.equal(out["fast"].attention_mask, out["generate"].attention_mask)
     assert len(set(out["fast"].lengths.tolist())) > 1  # rows ended at different steps: the compaction ran
+
+
+def trained_lora_policy(dtype="float32"):
+    """A LoRA policy whose adapters are not zero, as after some training."""
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype=dtype, lora={"r": 8, "alpha": 16}), kl_beta=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return policy
+
+
+def test_folded_lora_samples_what_the_adapters_sample_and_restores_the_weights(tiny_model_path):
+    policy = trained_lora_policy()
+    before = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    prompts = ["What is 2 + 3?", "What is 7 * 38?", "What is 41 + 9?"]
+    out = {}
+    for fold in (True, False):
+        torch.manual_seed(5)
+        out[fold] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=8, fold_lora=fold)
+    assert out[True].texts == out[False].texts
+    assert torch.equal(out[True].input_ids, out[False].input_ids)
+    # the adapters changed what is sampled (so the fold had something to fold)
+    base = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    torch.manual_seed(5)
+    assert generate(base.model, base.tokenizer, prompts, 40, samples_per_prompt=8).texts != out[True].texts
+    # every weight, base and adapter, is bit for bit what it was, and the adapters are on again
+    after = policy.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(not layer.disable_adapters for layer in foldable_lora_layers(policy.model))
+    assert all(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
+
+
+def test_the_folded_model_computes_what_the_adapters_compute(tiny_model_path):
+    policy = trained_lora_policy()
+    ids = policy.tokenizer(["What is 2 + 3?"], return_tensors="pt")["input_ids"]
+    policy.model.eval()
+    with torch.no_grad():
+        adapted = policy.model(input_ids=ids).logits
+        with folded_lora(policy.model):
+            folded = policy.model(input_ids=ids).logits
+        with policy.reference():
+            reference = policy.model(input_ids=ids).logits
+    torch.testing.assert_close(folded, adapted, rtol=1e-5, atol=1e-5)
+    assert (adapted - reference).abs().max() > 1e-2  # what was folded is not nothing
+
+
+def test_sixteen_bit_weights_are_not_folded(tiny_model_path):
+    # W + s*B@A in bfloat16 would round a small adapter update away
+    assert foldable_lora_layers(trained_lora_policy("bfloat16").model) == []
+    assert len(foldable_lora_layers(trained_lora_policy("float32").model)) > 0

@@ -11,11 +11,9 @@ from conftest import small_recipe
 from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.run_log import read_jsonl
+from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
 from grpo_cli.train import train
 
-TIMING = {"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "eval/seconds", "tokens_per_second",
-          "peak_memory_gib"}  # measurements of the machine, not of the learning
 REQUIRED = {"step", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "loss", "completion_len",
             "frac_zero_std", "step_seconds", "rollout_seconds", "score_seconds", "update_seconds"}
 
@@ -27,7 +25,7 @@ def run(tmp_path, name="run", resume=False, **sections):
 
 def metrics(run_dir, timing=False):
     rows = read_jsonl(run_dir / "metrics.jsonl")
-    return rows if timing else [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return rows if timing else [{k: v for k, v in r.items() if k not in MACHINE_METRICS} for r in rows]
 
 
 def test_run_directory(tmp_path, tiny_model_path):
