@@ -32,6 +32,7 @@ _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}
 _ASSIGNMENT = re.compile(r"(?<![\w\\])[a-zA-Z]\s*=\s*(?=[-+(\\\d.])")
 _OR = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
 _TRAILING_WORDS = re.compile(r"^(-?[\d.,/]+)\s+[a-zA-Z][a-zA-Z .']*$")
+_INTEGER = re.compile(r"-?\d+")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,10 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
         return False
     if p == g or (_plain_text(p) is not None and _plain_text(p) == _plain_text(g)):
         return True
+    if _INTEGER.fullmatch(p) and _INTEGER.fullmatch(g):
+        # two integers: math-verify's verdict, without its ~0.7 ms parse of each (most wrong
+        # answers of arithmetic and GSM8K land here)
+        return int(p) == int(g)
     parsed_gold, parsed_pred = _parse(g), _parse(p)
     if not parsed_gold or not parsed_pred:
         return False

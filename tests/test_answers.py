@@ -1,6 +1,6 @@
 import pytest
 
-from grpo_cli.answers import extract_final_answer, find_final, gold_answer, is_correct, is_equivalent
+from grpo_cli.answers import _parse, extract_final_answer, find_final, gold_answer, is_correct, is_equivalent
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -72,6 +72,16 @@ def test_equivalent(pred, gold):
 ])
 def test_not_equivalent(pred, gold):
     assert not is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("71", "17"), ("-5", "5"), ("007", "7"), ("-0", "0"), ("12", "12"), ("1000000000000000000001", "1e21"),
+    ("1000000000000000000001", "1000000000000000000000"), ("-6", "-06"), ("3", "3.0"),
+])
+def test_the_integer_shortcut_agrees_with_math_verify(pred, gold):
+    from math_verify import verify
+
+    assert is_equivalent(pred, gold) == verify(_parse(gold), _parse(pred), timeout_seconds=None)
 
 
 @pytest.mark.parametrize("completion, gold, correct", [
