@@ -15,8 +15,8 @@ CPU: the process's peak resident set), and grpo/TRL ratios. TRL is a bench depen
 not a runtime one: pip install trl==1.16.0.
 
 Shapes: `tiny` is builtin:tiny-math with builtin:arithmetic prompts. `qwen2.5-0.5b` and
-`qwen2.5-1.5b` are the Qwen2.5 architectures with random weights and a synthetic
-word-level tokenizer covering the vocabulary (nothing is downloaded); random weights
+`qwen2.5-1.5b` are Qwen2.5's dimensions (and `mini`, `mini-x2` small ones for CPU scaling
+runs) with random weights and a synthetic word-level tokenizer covering the vocabulary (nothing is downloaded); random weights
 almost never emit EOS, so every completion runs the full length for both tools.
 """
 
@@ -35,6 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
+    # small random-weight shapes for CPU scaling runs (scripts/scaling.py); -x2 has twice the layers
+    "mini": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=8192),
+    "mini-x2": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=8192),
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936),
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -46,10 +51,10 @@ SHAPES = {
 
 
 def build_random_model(shape: str, directory: Path) -> None:
-    """A Qwen2-architecture model with random weights and a word-level tokenizer over its vocabulary."""
+    """A Qwen2.5-shaped model with random weights and a word-level tokenizer over its vocabulary."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     dims = SHAPES[shape]
     vocab = {f"t{i}": i for i in range(dims["vocab_size"] - 2)}
@@ -60,13 +65,11 @@ def build_random_model(shape: str, directory: Path) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|pad|>",
                                         padding_side="left")
     tokenizer.save_pretrained(directory)
-    # tokenizer_class so that AutoTokenizer keeps this tokenizer for a qwen2 config
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config))
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**dims, max_position_embeddings=4096, tie_word_embeddings=True,
+    # Llama classes with Qwen2.5's dimensions (attention_bias: Qwen2's q/k/v biases, plus o_proj's):
+    # transformers 5 would load a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, replacing this one.
+    model = LlamaForCausalLM(LlamaConfig(**dims, max_position_embeddings=4096, tie_word_embeddings=True,
+                                         attention_bias=True, rope_theta=1e6,
                                          eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|pad|>"]))
     model.to(torch.bfloat16).save_pretrained(directory)
 
@@ -94,6 +97,23 @@ def peak_memory_gib() -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "CPU resident"
 
 
+def resident_gib(field: str = "VmRSS") -> float:
+    """The process's resident set now (VmRSS) or its peak since the last reset (VmHWM); Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def reset_peak_resident() -> bool:
+    """Reset VmHWM to the current resident set (Linux's clear_refs); False where not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------ workers (one tool per process)
 
 
@@ -116,7 +136,19 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0},
         "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
     })
-    train(recipe, console=TrainConsole(quiet=True))
+    class StepMemory(TrainConsole):
+        """CPU: after the warmup steps, the peak resident set is reset, so the timed steps' peak above
+        the resident set at that moment is the memory a step adds (batch, caches, activations)."""
+
+        base = float("nan")
+
+        def step(self, row, *rest, **kwargs):
+            super().step(row, *rest, **kwargs)
+            if row["step"] == args.warmup and reset_peak_resident():
+                self.base = resident_gib()
+
+    console = StepMemory(quiet=True)
+    train(recipe, console=console)
     rows_all = [r for r in read_jsonl(work / "run" / "metrics.jsonl") if "step_seconds" in r]
     rows_out = rows_all[args.warmup :]
     # the whole step, logging included, as TRL's step is timed: between consecutive rows
@@ -127,6 +159,7 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "score": [r["score_seconds"] for r in rows_out],
         "update": [r["update_seconds"] for r in rows_out],
         "tokens": [r["completion_len"] * args.prompts * args.group_size for r in rows_out],
+        "step_gib": resident_gib("VmHWM") - console.base,
     }
 
 
@@ -284,6 +317,7 @@ def main() -> None:
             "memory_kind": runs[0]["memory_kind"],
             "device": runs[0]["device"],
             "timed_steps": len(merged["step"]),
+            "step_gib": max(r.get("step_gib", float("nan")) for r in runs),  # grpo on the CPU
         }
     print_table(args, summary)
     if args.json:
