@@ -313,6 +313,7 @@ def main() -> None:
             "score_s": statistics.median(merged["score"]),
             "update_s": statistics.median(merged["update"]),
             "tokens_per_s": statistics.median(t / s for t, s in zip(merged["tokens"], merged["step"])),
+            "tokens_per_step": statistics.median(merged["tokens"]),
             "peak_gib": max(r["peak_gib"] for r in runs),
             "memory_kind": runs[0]["memory_kind"],
             "device": runs[0]["device"],

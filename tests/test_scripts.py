@@ -1,0 +1,43 @@
+"""The benchmark scripts run and print their tables (tiny settings; no timing is asserted)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_runs_a_random_weight_shape_to_full_length(tmp_path):
+    figures = tmp_path / "figures.json"
+    proc = run_script("scripts/bench.py", "--only", "ours", "--shape", "mini", "--prompts", "2", "--group-size", "2",
+                      "--max-new-tokens", "6", "--prompt-tokens", "5", "--warmup", "1", "--steps", "2",
+                      "--rounds", "1", "--json", str(figures))
+    assert re.search(r"\| median step \(s\) \| \d+\.\d+ \|", proc.stdout)
+    summary = json.loads(figures.read_text())["summary"]["ours"]
+    assert summary["timed_steps"] == 2 and summary["step_s"] > 0
+    # random weights never end early: 2 prompts x 2 completions ran their 6 tokens each
+    assert summary["tokens_per_step"] == 2 * 2 * 6
+    assert summary["rollout_s"] > 0 and summary["update_s"] > 0
+
+
+def test_bench_refuses_no_warmup():
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "--warmup", "0"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "--warmup must be at least 1" in proc.stderr
+
+
+def test_scaling_prints_one_row_per_doubling():
+    proc = run_script("scripts/scaling.py", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "4",
+                      "--prompt-tokens", "4", "--steps", "1")
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["base", "G x2", "G x4", "length x2", "length x4", "model x2"]
+    assert rows[0].split("|")[6].strip() == "1.00"  # the base row against itself
