@@ -180,6 +180,8 @@ class TrainSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
     seed: int = 0
+    deterministic: bool = Field(True, description="bit-identical runs for a seed: torch's deterministic "
+                                "algorithms (on CUDA with a fixed cuBLAS workspace); false may be faster on a GPU")
     max_bad_steps: int = Field(3, ge=1, description="stop after this many consecutive steps whose loss, rewards "
                                "or gradients were not finite (each is skipped)")
 
