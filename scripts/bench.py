@@ -141,11 +141,14 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         the resident set at that moment is the memory a step adds (batch, caches, activations)."""
 
         base = float("nan")
+        peak_before_reset = 0.0  # the reset also clears ru_maxrss: the process's peak is kept here
 
         def step(self, row, *rest, **kwargs):
             super().step(row, *rest, **kwargs)
-            if row["step"] == args.warmup and reset_peak_resident():
-                self.base = resident_gib()
+            if row["step"] == args.warmup:
+                self.peak_before_reset = resident_gib("VmHWM")
+                if reset_peak_resident():
+                    self.base = resident_gib()
 
     console = StepMemory(quiet=True)
     train(recipe, console=console)
@@ -160,6 +163,7 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "update": [r["update_seconds"] for r in rows_out],
         "tokens": [r["completion_len"] * args.prompts * args.group_size for r in rows_out],
         "step_gib": resident_gib("VmHWM") - console.base,
+        "peak_before_reset_gib": console.peak_before_reset,
     }
 
 
@@ -254,6 +258,8 @@ def worker(args) -> None:
         rows = prompts(args)
         result = (run_ours if args.worker == "ours" else run_trl)(args, model, rows, work)
     result["peak_gib"], result["memory_kind"] = peak_memory_gib()
+    if result["memory_kind"] == "CPU resident":  # the whole run's peak, warmup included, as for TRL
+        result["peak_gib"] = max(result["peak_gib"], result.pop("peak_before_reset_gib", 0.0))
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print("BENCH " + json.dumps(result), flush=True)
 
