@@ -66,6 +66,11 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
+def listed_changes(differences: dict) -> str:
+    """recipe.changes' {key: (before, after)} as one line."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
+
+
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify) -> Path | None:
     """Create the run directory, refuse to mix two runs in it; the checkpoint to resume from, if any.
 
@@ -83,12 +88,11 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify) -> Path
         saved = load_recipe(found / checkpoint.RECIPE_FILE)
         fixed, allowed = changes(saved, recipe)
         if fixed:
-            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in fixed.items())
-            raise UserError(f"{run_dir} holds a run this recipe cannot continue: {listed}. Resume with the "
-                            f"recipe it was started with ({run_dir / 'recipe.yaml'}), or train into a new "
-                            "output.dir.")
+            raise UserError(f"{run_dir} holds a run this recipe cannot continue: {listed_changes(fixed)}. "
+                            f"Resume with the recipe it was started with ({run_dir / 'recipe.yaml'}), or train "
+                            "into a new output.dir.")
         if allowed:
-            notify("resuming with changed settings: " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+            notify("resuming with changed settings: " + listed_changes(allowed))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(dump(recipe))
