@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo_cli import decoder
+
 COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this share of it has ended
 
 
@@ -139,21 +141,28 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
-             engine: str = "fast", world=None, fold_lora: bool = True) -> Rollout:
+             engine: str = "fast", world=None, fold_lora: bool = True, lean: bool = True) -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
     `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared).
-    `fold_lora`: the fast engine may fold LoRA into the base weights (see `folded_lora`)."""
+    `fold_lora`: the fast engine may fold LoRA into the weights it samples with (see `folded_lora`).
+    `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        if engine == "fast":
+        if engine == "fast" and lean and decoder.supports(model):
+            capacity = enc["input_ids"].shape[1] + max_new_tokens
+            stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [])
+            completion = _decode_shared(stepper, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                                        samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
+        elif engine == "fast":
             with folded_lora(model, fold_lora):
-                completion = _decode_shared(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                            samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
+                completion = _decode_shared(_TransformersStepper(model), tokenizer, enc["input_ids"],
+                                            enc["attention_mask"], max_new_tokens, samples_per_prompt, temperature,
+                                            top_p, greedy, eos_ids, world)  # [N, C]
         else:
             completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
@@ -185,27 +194,50 @@ def _next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) -
     return logits
 
 
-def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
+class _TransformersStepper:
+    """The model's own forward with a DynamicCache, for architectures `decoder` does not know."""
+
+    def __init__(self, model):
+        self.model, self.kwarg = model, cache_argument(model)
+        self.cache = self.mask = self.next_position = None
+
+    def prefill(self, input_ids, attention_mask, samples: int) -> torch.Tensor:  # -> [N, V]
+        from grpo_cli.logprobs import position_ids
+
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                         use_cache=True, logits_to_keep=1, **{self.kwarg: new_cache(self.model)})
+        self.cache = returned_cache(out)
+        self.cache.batch_repeat_interleave(samples)
+        self.mask = attention_mask.repeat_interleave(samples, dim=0)  # [N, P + t]
+        self.next_position = self.mask.sum(1)  # [N]
+        return out.logits[:, -1].float().repeat_interleave(samples, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.cache.batch_select_indices(rows)
+        self.mask, self.next_position = self.mask[rows], self.next_position[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # [n] -> [n, V]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
+                         use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache})
+        self.cache = returned_cache(out)
+        self.next_position = self.next_position + 1
+        return out.logits[:, -1].float()
+
+
+def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
                    greedy, eos_ids, world=None) -> torch.Tensor:
     """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows.
+    `stepper`: a `decoder.LeanDecoder` or `_TransformersStepper`.
 
     With several processes (`world`), each draws the random numbers of every rank's rows and keeps
     its own, and all continue until the last row of any rank has ended: the same draws as one
     process sampling the whole step.
     """
-    from grpo_cli.logprobs import position_ids
-
-    kwarg = cache_argument(model)
     device = input_ids.device
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                use_cache=True, logits_to_keep=1, **{kwarg: new_cache(model)})
-    cache = returned_cache(out)
-    cache.batch_repeat_interleave(samples)
-    logits = out.logits[:, -1].float().repeat_interleave(samples, dim=0)  # [n, V]: logits of the active rows
+    logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V]: logits of the active rows
     n_rows, vocab = logits.shape
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
-    mask = attention_mask.repeat_interleave(samples, dim=0)  # [n, P + t] of the active rows
-    next_position = mask.sum(1)  # [n]
     active = torch.arange(n_rows, device=device)  # row numbers of the active rows
     tokens = torch.full((n_rows, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
@@ -238,16 +270,11 @@ def _decode_shared(model, tokenizer, input_ids, attention_mask, max_new_tokens, 
             if len(kept) == 0:  # this rank is done; it keeps drawing in step with the others
                 active = active[:0]
                 continue
-            cache.batch_select_indices(kept)
-            active, mask, next_position, chosen = active[kept], mask[kept], next_position[kept], chosen[kept]
+            stepper.keep(kept)
+            active, chosen = active[kept], chosen[kept]
         if len(active) == 0:
             continue
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    use_cache=True, logits_to_keep=1, **{kwarg: cache})
-        cache = returned_cache(out)
-        logits = out.logits[:, -1].float()  # [n, V]
-        next_position = next_position + 1
+        logits = stepper.step(chosen)  # [n, V]
     return tokens[:, :steps]
 
 

@@ -1,0 +1,198 @@
+"""A lean forward pass for sampling from Llama-family decoders (llama, mistral, qwen2).
+
+transformers' forward is written for every model and every cache: each decode step it
+rebuilds the attention mask, routes the keys and values through cache objects that grow by
+concatenation, and runs q, k, v (and gate, up) as separate matmuls. When one decode step
+of a small batch is a few milliseconds of arithmetic, that overhead is most of the step.
+This module runs the same computation on the model's own modules, for the architectures
+whose decoder layer it knows:
+
+- the KV cache is preallocated for prompt + completion and written in place;
+- the attention mask is a [rows, capacity] flag array updated in place, attention runs on
+  the key/value heads with the query heads packed beside them (as transformers does for
+  one query token);
+- with LoRA folded (float32 weights, see `rollout.foldable_lora_layers`), q/k/v and gate/up
+  each become one matmul over W + s*B@A, built once per rollout (the memory the fold
+  costs anyway); otherwise every projection is the model's own module (LoRA, 4-bit);
+- norms, the rotary embedding, the activation and the head are the model's own modules.
+
+Sampling draws the same tokens as through transformers' forward (tested); the rollout
+falls back to that forward for anything `supports` refuses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from grpo_cli.logprobs import causal_lm, position_ids, uses_logit_postprocessing
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")  # same decoder layer: pre-norm, rotary GQA attention, gated MLP
+
+
+def supports(model) -> bool:
+    """Whether `LeanDecoder` computes what the model's own forward computes."""
+    lm = causal_lm(model)
+    config = getattr(lm, "config", None)
+    if config is None or config.model_type not in ARCHITECTURES or uses_logit_postprocessing(model):
+        return False
+    if getattr(config, "pretraining_tp", 1) != 1:  # llama's sliced matmuls
+        return False
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):  # keys outside a window are dropped
+        return False
+    inner = getattr(lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "norm"):
+        return False
+    needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+    return all(all(hasattr(layer, name) for name in needed) for layer in layers)
+
+
+def _folded(module, foldable: set) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(W + s*B@A, bias) of a LoRA layer the rollout may fold, else None."""
+    if id(module) not in foldable:
+        return None
+    base = module.get_base_layer()
+    return base.weight + module.get_delta_weight(module.active_adapters[0]), base.bias
+
+
+def _fused(modules: list, foldable: set):
+    """One (weight, bias) for projections that read the same input, or None to run them one by one."""
+    parts = [_folded(m, foldable) for m in modules]
+    if any(p is None for p in parts):
+        return None
+    weight = torch.cat([w for w, _ in parts])  # [sum of outputs, in]
+    if all(b is None for _, b in parts):
+        return weight, None
+    bias = torch.cat([b if b is not None else weight.new_zeros(w.shape[0]) for w, b in parts])
+    return weight, bias
+
+
+class _Layer:
+    """One decoder layer's modules, its projections fused where folding allows, and its KV cache."""
+
+    def __init__(self, layer, config, foldable: set):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.layer, self.attn, self.mlp = layer, attn, mlp
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], foldable)
+        self.o = _folded(attn.o_proj, foldable)
+        self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], foldable)
+        self.down = _folded(mlp.down_proj, foldable)
+        self.keys = self.values = None  # [n, kv_heads, capacity, head_dim]
+
+    def _project(self, x):  # [n, T, H] -> q [n, T, heads*d], k, v [n, T, kv_heads*d]
+        if self.qkv is None:
+            return self.attn.q_proj(x), self.attn.k_proj(x), self.attn.v_proj(x)
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return F.linear(x, *self.qkv).split([q_size, kv_size, kv_size], dim=-1)
+
+    def _mlp(self, x):  # [n, T, H] -> [n, T, H]
+        if self.gate_up is None or self.down is None:
+            return self.mlp(x)
+        gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        return F.linear(self.mlp.act_fn(gate) * up, *self.down)
+
+    def forward(self, x, cos, sin, start: int, valid: torch.Tensor):
+        """x [n, T, H]: tokens at cache slots start..start+T; valid [n, start+T] which slots hold tokens."""
+        n, t, _ = x.shape
+        residual = x
+        x = self.layer.input_layernorm(x)
+        q, k, v = self._project(x)
+        q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)  # [n, heads, T, d]
+        k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, T, d]
+        v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rope(q, k, cos, sin)
+        end = start + t
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # [n, kv_heads, end, d]
+        groups = self.heads // self.kv_heads
+        if t == 1:
+            # One query token: the query heads of each key/value head sit side by side as its
+            # queries, so attention reads the cache once per key/value head (no repeat).
+            out = F.scaled_dot_product_attention(
+                q.reshape(n, self.kv_heads, groups, self.head_dim), keys, values,
+                attn_mask=valid[:, None, None, :end], scale=self.scaling)  # [n, kv_heads, groups, d]
+            out = out.reshape(n, 1, self.heads * self.head_dim)
+        else:
+            causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(end - t)  # [T, end]
+            mask = causal[None] & valid[:, None, :end]  # [n, T, end]
+            # A padding query would see no key, and its NaN would reach the cache; it sees itself.
+            mask[:, torch.arange(t), torch.arange(start, end)] = True
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                                 scale=self.scaling)  # [n, heads, T, d]
+            out = out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim)
+        out = self.attn.o_proj(out) if self.o is None else F.linear(out, *self.o)
+        x = residual + out
+        return x + self._mlp(self.layer.post_attention_layernorm(x))
+
+
+class LeanDecoder:
+    """Prefill, then one token per step, for rows that can be dropped as they finish.
+
+    `foldable`: the LoRA layers whose update may be folded into the weights (all or none,
+    see rollout.foldable_lora_layers); the adapters themselves are never touched."""
+
+    def __init__(self, model, capacity: int, foldable: list):
+        lm = causal_lm(model)
+        self.inner, self.head, self.capacity = lm.model, lm.get_output_embeddings(), capacity
+        ids = {id(m) for m in foldable}
+        self.layers = [_Layer(layer, lm.config, ids) for layer in self.inner.layers]
+        self.length = 0  # cache slots written
+        self.valid = self.next_position = None  # [n, capacity] bool, [n]
+
+    def _run(self, input_ids, positions):  # [n, T] each -> logits of the last position [n, V]
+        x = self.inner.embed_tokens(input_ids)  # [n, T, H]
+        cos, sin = self.inner.rotary_emb(x, positions)
+        for layer in self.layers:
+            x = layer.forward(x, cos, sin, self.length, self.valid)
+        self.length += input_ids.shape[1]
+        return self.head(self.inner.norm(x[:, -1:]))[:, -1].float()  # [n, V]
+
+    def prefill(self, input_ids, attention_mask, samples: int) -> torch.Tensor:
+        """Each of the [B, P] left-padded prompts once; its cache then serves `samples` rows.
+        Returns the next-token logits of the B x samples rows [N, V]."""
+        b, p = input_ids.shape
+        x_dtype = self.inner.embed_tokens.weight.dtype
+        for layer in self.layers:
+            shape = (b, layer.kv_heads, self.capacity, layer.head_dim)
+            layer.keys = torch.empty(shape, dtype=x_dtype, device=input_ids.device)  # read only where written
+            layer.values = torch.empty(shape, dtype=x_dtype, device=input_ids.device)
+        self.valid = torch.zeros(b, self.capacity, dtype=torch.bool, device=input_ids.device)
+        self.valid[:, :p] = attention_mask.bool()
+        self.length = 0
+        logits = self._run(input_ids, position_ids(attention_mask))
+        self.keep(torch.arange(b, device=input_ids.device).repeat_interleave(samples))
+        self.next_position = attention_mask.sum(1).repeat_interleave(samples)  # [N]
+        return logits.repeat_interleave(samples, dim=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Continue with these rows only (indices into the current rows, repeats allowed)."""
+        for layer in self.layers:
+            # only the written slots: every read stops at self.length, so the rest may stay uninitialized
+            keys = layer.keys.new_empty(len(rows), *layer.keys.shape[1:])
+            values = layer.values.new_empty(len(rows), *layer.values.shape[1:])
+            keys[:, :, : self.length] = layer.keys[rows, :, : self.length]
+            values[:, :, : self.length] = layer.values[rows, :, : self.length]
+            layer.keys, layer.values = keys, values
+        self.valid = self.valid[rows]
+        if self.next_position is not None:
+            self.next_position = self.next_position[rows]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rows' next tokens [n] -> the logits after them [n, V]."""
+        self.valid[:, self.length] = True
+        logits = self._run(tokens[:, None], self.next_position[:, None])
+        self.next_position = self.next_position + 1
+        return logits
