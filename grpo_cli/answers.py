@@ -33,6 +33,7 @@ _ASSIGNMENT = re.compile(r"(?<![\w\\])[a-zA-Z]\s*=\s*(?=[-+(\\\d.])")
 _OR = re.compile(r"\s*(?:\\text\{\s*(?:or|and)\s*\}|\bor\b|\band\b)\s*")
 _TRAILING_WORDS = re.compile(r"^(-?[\d.,/]+)\s+[a-zA-Z][a-zA-Z .']*$")
 _INTEGER = re.compile(r"-?\d+")
+_INTEGER_LIST = re.compile(r"-?\d+(\s*,\s*-?\d+)+")  # "2, -3": how roots and multiple answers are written
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,9 @@ def _parse(expression: str):
     return parse(f"${expression}$", parsing_timeout=None)
 
 
-@functools.lru_cache(maxsize=65536)
-def is_equivalent(pred: str | None, gold: str) -> bool:
-    """Whether `pred` is mathematically equal to `gold` (both bare answers, not completions)."""
-    from math_verify import verify
-
+def settled_without_parsing(pred: str | None, gold: str) -> bool | None:
+    """is_equivalent's verdict where it needs no parsing (no answer, equal text, words, two
+    integers), else None. Pure string work: it cannot hang, so it may run outside the pool."""
     if pred is None:
         return False
     p, g = normalize(pred), normalize(gold)
@@ -148,6 +147,23 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
         # two integers: math-verify's verdict, without its ~0.7 ms parse of each (most wrong
         # answers of arithmetic and GSM8K land here)
         return int(p) == int(g)
+    if all(_INTEGER.fullmatch(s) or _INTEGER_LIST.fullmatch(s) for s in (p, g)):
+        # integers listed (roots, several answers): different sets are never equal; the same set
+        # in another order or with repeats is left to math-verify
+        if {int(x) for x in p.split(",")} != {int(x) for x in g.split(",")}:
+            return False
+    return None
+
+
+@functools.lru_cache(maxsize=65536)
+def is_equivalent(pred: str | None, gold: str) -> bool:
+    """Whether `pred` is mathematically equal to `gold` (both bare answers, not completions)."""
+    from math_verify import verify
+
+    settled = settled_without_parsing(pred, gold)
+    if settled is not None:
+        return settled
+    p, g = normalize(pred), normalize(gold)
     parsed_gold, parsed_pred = _parse(g), _parse(p)
     if not parsed_gold or not parsed_pred:
         return False

@@ -75,6 +75,16 @@ def test_not_equivalent(pred, gold):
 
 
 @pytest.mark.parametrize("pred, gold", [
+    ("-3, 6", "-6, 7"), ("2, 9", "1, 9"), ("5", "-6, 7"), ("-6, 7", "-6"), ("1, 2, 3", "1, 2"),
+    ("3, 2", "2, 3"), ("2, 2", "2"), ("-7, 0", "0, -7"),
+])
+def test_the_integer_list_shortcut_agrees_with_math_verify(pred, gold):
+    from math_verify import verify
+
+    assert is_equivalent(pred, gold) == verify(_parse(gold), _parse(pred), timeout_seconds=None)
+
+
+@pytest.mark.parametrize("pred, gold", [
     ("71", "17"), ("-5", "5"), ("007", "7"), ("-0", "0"), ("12", "12"), ("1000000000000000000001", "1e21"),
     ("1000000000000000000001", "1000000000000000000000"), ("-6", "-06"), ("3", "3.0"),
 ])
