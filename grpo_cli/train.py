@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_cli import checkpoint
+from grpo_cli import checkpoint, lora_linear
 from grpo_cli.checkpoint import rng_state
 from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
@@ -243,6 +243,9 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     )
     if resume_from is not None:
         checkpoint.restore_weights(resume_from, policy)  # before sharding: into whole tensors
+    fast = grpo.engine == "fast"
+    if fast:
+        lora_linear.install(policy.model)  # LoRA layers trained in fewer passes; the plain engine keeps PEFT's
     parallel = Parallel(policy, world, recipe.distributed.strategy)
     optimizer, scheduler = make_optimizer(policy.trainable_parameters(), recipe.train,
                                           recipe.train.steps * grpo.updates_per_rollout)
@@ -259,7 +262,6 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     log = RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard, enabled=world.main)
     last_saved = resume_from
     policy.model.train()
-    fast = grpo.engine == "fast"
     # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
     # only when a micro-batch repeats a prompt, which would differ between processes.
     share = fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp"

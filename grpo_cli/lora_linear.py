@@ -1,0 +1,82 @@
+"""LoRA linear layers trained with three matmuls each way and no full-size elementwise passes.
+
+PEFT computes y = x W^T + b + s * (x A^T) B^T as separate operations: the base matmul,
+A, B, a multiply by s and an add, the last two each a pass over a [tokens, out] tensor,
+and autograd mirrors them in backward (plus the sum of the two input gradients). This
+autograd function computes the same thing with the scale and the sums inside matmuls:
+forward is the base matmul, x A^T, then one addmm that adds s * (x A^T) B^T to it;
+backward forms the input gradient as one addmm too. On the builtin model it took 9% off
+the update's forward and backward (177.7 -> 163.0 ms, medians of 15 alternating runs,
+2-core CPU), with gradients equal to PEFT's to 4e-7 relative.
+
+`install` switches it on for the LoRA layers where PEFT's forward computes exactly that
+formula: one active adapter, no dropout, no DoRA or other variant, a plain nn.Linear base
+that is frozen, one dtype for input, base and adapter. It runs only with autograd on and
+the adapter on; everything else (the reference pass, sampling, other layers) is PEFT's.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        flat = x.reshape(-1, x.shape[-1])  # [T, in]
+        low = flat @ lora_a.t()  # [T, r]
+        out = torch.addmm(F.linear(flat, weight, bias), low, lora_b.t(), alpha=scaling)  # [T, out]
+        ctx.save_for_backward(flat, low, weight, lora_a, lora_b)
+        ctx.scaling, ctx.input_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, low, weight, lora_a, lora_b = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1])  # [T, out]
+        grad_low = (grad @ lora_b).mul_(ctx.scaling)  # [T, r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(grad @ weight, grad_low, lora_a).view(ctx.input_shape)  # [.., in]
+        grad_a = grad_low.t() @ flat  # [r, in]
+        grad_b = (grad.t() @ low).mul_(ctx.scaling)  # [out, r]
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _forward(self, x, *args, **kwargs):
+    """The installed forward of an eligible layer: `_LoraLinear` in training, PEFT's otherwise."""
+    if args or kwargs or self.disable_adapters or self.merged or not torch.is_grad_enabled():
+        return type(self).forward(self, x, *args, **kwargs)
+    adapter = self.active_adapters[0]
+    a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    base = self.get_base_layer()
+    if not (x.dtype == base.weight.dtype == a.dtype == b.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    return _LoraLinear.apply(x, base.weight, base.bias, a, b, self.scaling[adapter])
+
+
+def eligible(layer) -> bool:
+    """Whether PEFT's forward of this layer is exactly base + s * B(A x) (see the module docstring)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear or len(layer.active_adapters) != 1:
+        return False
+    adapter = layer.active_adapters[0]
+    base = layer.get_base_layer()
+    return (adapter in layer.lora_A and adapter not in getattr(layer, "lora_variant", {})
+            and not layer.use_dora.get(adapter, False) and not getattr(layer, "lora_bias", {}).get(adapter, False)
+            and not layer.fan_in_fan_out and isinstance(layer.lora_dropout[adapter], torch.nn.Identity)
+            and type(base) is torch.nn.Linear and not base.weight.requires_grad)
+
+
+def install(model) -> int:
+    """Train the eligible LoRA layers of `model` through `_LoraLinear`; how many there are."""
+    from grpo_cli.modeling import lora_layers
+
+    layers = [layer for layer in lora_layers(model) if eligible(layer)]
+    for layer in layers:
+        layer.forward = types.MethodType(_forward, layer)  # a bound method: a deep copy binds to the copy
+    return len(layers)

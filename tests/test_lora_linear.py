@@ -1,0 +1,71 @@
+import copy
+
+import pytest
+import torch
+
+from grpo_cli import lora_linear
+from grpo_cli.logprobs import completion_logprobs
+from grpo_cli.modeling import load_policy, lora_layers
+from grpo_cli.recipe import ModelSpec
+
+
+def lora_policy(**lora):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16, **lora}),
+                         kl_beta=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)  # as after some training: the adapter's gradient paths all carry signal
+    return policy
+
+
+def logprobs_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    mask = torch.ones_like(ids)
+    logp = completion_logprobs(model, ids, mask, prompt_len=4)  # [N, C]
+    (logp * torch.linspace(0.5, 1.5, logp.shape[1])).sum().backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_same_values_and_gradients_as_peft():
+    policy = lora_policy()
+    plain = copy.deepcopy(policy.model)
+    assert lora_linear.install(policy.model) == len(lora_layers(policy.model)) == 28  # 7 projections x 4 layers
+    ids = policy.tokenizer(["What is 2 + 3? #### 5", "What is 7 * 8? 7*8=56"], return_tensors="pt",
+                           padding=True)["input_ids"]
+    fused_logp, fused_grads = logprobs_and_grads(policy.model, ids)
+    peft_logp, peft_grads = logprobs_and_grads(plain, ids)
+    torch.testing.assert_close(fused_logp, peft_logp, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 56
+    for name in peft_grads:
+        assert peft_grads[name].abs().max() > 0, name  # every adapter weight got a gradient to compare
+        torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_deep_copy_runs_its_own_weights():
+    policy = lora_policy()
+    lora_linear.install(policy.model)
+    twin = copy.deepcopy(policy.model)
+    with torch.no_grad():
+        for name, param in twin.named_parameters():
+            if "lora_B" in name:
+                param.zero_()
+    ids = policy.tokenizer(["What is 2 + 3?"], return_tensors="pt")["input_ids"]
+    assert not torch.allclose(twin(input_ids=ids).logits, policy.model(input_ids=ids).logits)
+
+
+def test_the_reference_pass_and_sampling_are_peft_s():
+    policy = lora_policy()
+    lora_linear.install(policy.model)
+    ids = policy.tokenizer(["What is 2 + 3?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), policy.reference():
+        reference = policy.model(input_ids=ids).logits
+    base = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(reference, base.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("lora", [{"dropout": 0.1}])
+def test_layers_peft_computes_differently_are_left_alone(lora):
+    assert lora_linear.install(lora_policy(**lora).model) == 0
