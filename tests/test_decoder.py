@@ -1,0 +1,88 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from grpo_cli import decoder
+from grpo_cli.logprobs import position_ids
+from grpo_cli.modeling import load_policy
+from grpo_cli.recipe import ModelSpec
+from grpo_cli.rollout import foldable_lora_layers, generate
+
+SHAPE = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def random_model(config):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def reference_logits(model, ids, mask):
+    """The model's own forward: next-token logits at the last position. [N, V]"""
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1].float()
+
+
+def check_against_forward(model, foldable=()):
+    prompts = torch.randint(3, 50, (3, 7))
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0  # left padding, as the tokenizer pads prompts
+    mask[2, :1] = 0
+    samples, new = 2, torch.randint(3, 50, (6, 5))
+    lean = decoder.LeanDecoder(model, capacity=7 + 5, foldable=list(foldable))
+    with torch.no_grad():
+        logits = lean.prefill(prompts, mask, samples)  # [6, V]
+        ids, full_mask = prompts.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
+        for t in range(new.shape[1]):
+            torch.testing.assert_close(logits, reference_logits(model, ids, full_mask), rtol=1e-4, atol=1e-4)
+            logits = lean.step(new[:, t])
+            ids = torch.cat([ids, new[:, t : t + 1]], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(new[:, :1])], 1)
+            if t == 2:  # drop rows as finished ones are dropped, keep the others' caches
+                kept = torch.tensor([0, 3, 5])
+                lean.keep(kept)
+                logits, ids, full_mask, new = logits[kept], ids[kept], full_mask[kept], new[kept]
+
+
+@pytest.mark.parametrize("config", [
+    LlamaConfig(**SHAPE),
+    Qwen2Config(**SHAPE),  # q/k/v with biases
+    MistralConfig(**SHAPE, sliding_window=None),
+    LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}),  # no grouped queries
+], ids=["llama", "qwen2", "mistral", "llama-mha"])
+def test_same_logits_as_the_model_s_forward(config):
+    model = random_model(config)
+    assert decoder.supports(model)
+    check_against_forward(model)
+
+
+def test_folded_lora_same_logits_as_the_adapters(tiny_model_path):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16}),
+                         kl_beta=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    policy.model.eval()
+    layers = foldable_lora_layers(policy.model)
+    lean = decoder.LeanDecoder(policy.model, 20, layers)
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in lean.layers)  # folded and fused
+    check_against_forward(policy.model, layers)
+
+
+def test_architectures_it_does_not_know_use_transformers_forward():
+    assert not decoder.supports(random_model(MistralConfig(**SHAPE, sliding_window=4)))  # keys drop out of a window
+    from transformers import GPT2Config
+
+    assert not decoder.supports(random_model(GPT2Config(vocab_size=50, n_embd=64, n_layer=2, n_head=4)))
+
+
+def test_sampling_draws_the_same_tokens_either_way(tiny_model_path):
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 38?"]
+    out = {}
+    for lean in (True, False):
+        torch.manual_seed(7)
+        out[lean] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=6, lean=lean)
+    assert torch.equal(out[True].input_ids, out[False].input_ids)
+    assert len(set(out[True].lengths.tolist())) > 1  # rows ended at different steps: rows were dropped
