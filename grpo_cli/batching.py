@@ -8,8 +8,8 @@ cap is reached) keeps each micro-batch nearly rectangular; the loss is a sum ove
 completions, so the order changes nothing but float rounding.
 
 Each micro-batch also keeps its distinct prompts apart from the completions, so
-the update can run a prompt once for all of its completions in the batch
-(`logprobs.micro_batch_logprobs`).
+the update can run a prompt once for all of its completions in the batch, or once
+for the whole step (`logprobs.micro_batch_logprobs`, `logprobs.step_prompts`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class MicroBatch:
     prompt_ids: torch.Tensor  # [u, p] the distinct prompts of these rows, left-padded to the longest here
     prompt_mask: torch.Tensor  # [u, p]
     prompt_index: torch.Tensor  # [n] which of the u prompts each row continues
+    groups: torch.Tensor  # [n] which of the step's prompts each row continues (its group)
     completion_ids: torch.Tensor  # [n, c] trimmed to the longest completion here
     completion_mask: torch.Tensor  # [n, c]
 
@@ -86,6 +87,7 @@ def split(rollout: Rollout, max_rows: int | None = None, max_tokens: int | None 
             prompt_ids=rollout.input_ids[first_rows, rollout.prompt_len - p : rollout.prompt_len],
             prompt_mask=rollout.attention_mask[first_rows, rollout.prompt_len - p : rollout.prompt_len],
             prompt_index=prompt_index,
+            groups=rows // rollout.group_size,
             completion_ids=rollout.completion_ids[rows, :c],
             completion_mask=rollout.completion_mask[rows, :c],
         ))

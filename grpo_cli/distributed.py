@@ -127,19 +127,23 @@ def check_recipe(recipe, world: World) -> None:
 
 class PolicyPasses(torch.nn.Module):
     """Every use of a model as one module's forward, so DDP or FSDP2 can wrap it: the log-prob pass
-    of a micro-batch, or a rollout (`generate=` keyword arguments for rollout.generate)."""
+    of a micro-batch (continuing from the step's `prompts` if given), the step's prompt pass
+    (`step_prompts_of=` a rollout), or a rollout (`generate=` keyword arguments for rollout.generate)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, micro=None, temperature: float = 1.0, share: bool = True, generate: dict | None = None):
-        from grpo_cli.logprobs import micro_batch_logprobs
+    def forward(self, micro=None, temperature: float = 1.0, share: bool = True, generate: dict | None = None,
+                prompts=None, step_prompts_of=None):
+        from grpo_cli.logprobs import micro_batch_logprobs, step_prompts
         from grpo_cli.rollout import generate as run_generate
 
         if generate is not None:
             return run_generate(self.model, **generate)
-        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True)
+        if step_prompts_of is not None:  # a rollout: its prompts, run once (logprobs.step_prompts)
+            return step_prompts(self.model, step_prompts_of)
+        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True, prompts=prompts)
 
 
 class Parallel:
@@ -191,13 +195,20 @@ class Parallel:
             return contextlib.nullcontext()
         return self._reference_unsharded if reference and self.reference is not None else self._unsharded
 
-    def reference_logprobs(self, micro, temperature: float, share: bool):
+    def reference_logprobs(self, micro, temperature: float, share: bool, prompts=None):
         """Log-probs under the reference: the frozen copy, or the policy with its adapters disabled
         (inside `gathered(reference=True)` under FSDP2)."""
         if self.reference is not None:
-            return self.reference(micro, temperature, share)[0]
+            return self.reference(micro, temperature, share, prompts=prompts)[0]
         with self.policy.reference():
-            return self.module(micro, temperature, share)[0]
+            return self.module(micro, temperature, share, prompts=prompts)[0]
+
+    def reference_prompts(self, rollout):
+        """The step's prompts run once under the reference (see reference_logprobs)."""
+        if self.reference is not None:
+            return self.reference(step_prompts_of=rollout)
+        with self.policy.reference():
+            return self.module(step_prompts_of=rollout)
 
     def model_state(self) -> dict:
         """The policy's full state dict on the CPU, names as policy.model names them (collective)."""

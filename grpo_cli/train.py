@@ -125,18 +125,20 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
     return Examples(kept, examples.name, examples.skipped), len(examples.items) - len(kept)
 
 
-def logprobs_no_grad(parallel: Parallel, batches: list[MicroBatch], temperature: float, share: bool,
-                     reference: bool) -> list[torch.Tensor]:
+def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,
+                     share: bool, reference: bool) -> list[torch.Tensor]:
     """Log-probs of each micro-batch's completions under the policy (or its reference), without
-    autograd. [n, c] each"""
+    autograd; with `share`, the step's prompts run once for all micro-batches. [n, c] each"""
     model = parallel.policy.model
     was_training = model.training
     model.eval()
     with torch.no_grad(), parallel.gathered(reference=reference):
         if reference:
-            out = [parallel.reference_logprobs(b, temperature, share) for b in batches]
+            prompts = parallel.reference_prompts(rollout) if share else None
+            out = [parallel.reference_logprobs(b, temperature, share, prompts) for b in batches]
         else:
-            out = [parallel.module(b, temperature, share)[0] for b in batches]
+            prompts = parallel.module(step_prompts_of=rollout) if share else None
+            out = [parallel.module(b, temperature, share, prompts=prompts)[0] for b in batches]
     model.train(was_training)
     return out
 
@@ -300,9 +302,9 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                         batches = split(rollout, grpo.micro_batch_size)
                     ref_logp = old_logp = None
                     if grpo.kl_beta > 0:
-                        ref_logp = logprobs_no_grad(parallel, batches, grpo.temperature, share, reference=True)
+                        ref_logp = logprobs_no_grad(parallel, rollout, batches, grpo.temperature, share, reference=True)
                     if grpo.updates_per_rollout > 1:
-                        old_logp = logprobs_no_grad(parallel, batches, grpo.temperature, share, reference=False)
+                        old_logp = logprobs_no_grad(parallel, rollout, batches, grpo.temperature, share, reference=False)
 
                     # Rewards (with DAPO's overlong penalty), then group-relative advantages.
                     t_wait = time.perf_counter()

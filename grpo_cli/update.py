@@ -10,6 +10,7 @@ import torch
 
 from grpo_cli.batching import MicroBatch
 from grpo_cli.distributed import Parallel
+from grpo_cli.logprobs import as_leaves, backward_into_prompts
 from grpo_cli.loss import LOSSES, LossSettings, token_mean
 from grpo_cli.recipe import Recipe, TrainSpec
 from grpo_cli.rollout import Rollout
@@ -69,8 +70,8 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
         optimizer.zero_grad(set_to_none=True)
         bad = []
         with parallel.gathered():  # FSDP2: one gather per update, whatever each process's micro-batches
-            step_loss = _accumulate(parallel, batches, grpo, loss_fn, loss_mask, settings, advantages, ref_logp,
-                                    old_logp, share, stats)
+            step_loss = _accumulate(parallel, rollout, batches, grpo, loss_fn, loss_mask, settings, advantages,
+                                    ref_logp, old_logp, share, stats)
         max_norm = recipe.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm).item()
         if world.reduce(0.0 if np.isfinite(step_loss) else 1.0, "max"):
@@ -89,14 +90,22 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
     return stats
 
 
-def _accumulate(parallel: Parallel, batches: list[MicroBatch], grpo, loss_fn, loss_mask, settings: LossSettings,
-                advantages, ref_logp, old_logp, share: bool, stats: UpdateStats) -> float:
+def _accumulate(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], grpo, loss_fn, loss_mask,
+                settings: LossSettings, advantages, ref_logp, old_logp, share: bool, stats: UpdateStats) -> float:
     """Forward and backward over every micro-batch, gradients averaged over processes on the last; the
-    step's loss."""
+    step's loss.
+
+    One process with shared prompts runs the step's prompts once: the micro-batches continue from
+    its keys and values, and its backward runs once at the end with what they sent it. (DDP syncs
+    gradients inside one backward per forward, so there each micro-batch runs its own prompts.)"""
     step_loss = 0.0
+    states = leaves = None
+    if share and parallel.strategy == "single":
+        states = parallel.train_call(step_prompts_of=rollout)
+        leaves = as_leaves(states)
     for i, micro in enumerate(batches):
         with parallel.sync_gradients(syncing=i == len(batches) - 1):
-            logp, entropy = parallel.train_call(micro, grpo.temperature, share)  # [n, c] each
+            logp, entropy = parallel.train_call(micro, grpo.temperature, share, prompts=leaves)  # [n, c] each
             mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
             # With one update, pi_old is the current policy: the ratio is exactly 1.
             old = old_logp[i] if old_logp is not None else logp.detach()
@@ -112,4 +121,6 @@ def _accumulate(parallel: Parallel, batches: list[MicroBatch], grpo, loss_fn, lo
         stats.entropies.append(token_mean(entropy.detach(), micro.completion_mask))
         stats.clipped += terms.clipped_tokens.item()
         stats.tokens += terms.tokens.item()
+    if states is not None:
+        backward_into_prompts(states, leaves)
     return step_loss

@@ -111,6 +111,36 @@ def test_shared_prompt_pass_equals_the_plain_pass(policy):
     policy.model.zero_grad()
 
 
+def test_one_prompt_pass_for_the_step_equals_one_per_micro_batch(policy):
+    # The step's prompts run once; each micro-batch continues from that pass, and the prompt pass's
+    # backward runs once with the gradients all micro-batches sent it.
+    from grpo_cli.batching import split
+    from grpo_cli.logprobs import as_leaves, backward_into_prompts, micro_batch_logprobs, step_prompts
+
+    torch.manual_seed(3)
+    rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 8?"],
+                       max_new_tokens=20, samples_per_prompt=4)
+    batches = split(rollout, max_rows=5, spread=0.75)
+    assert len(batches) >= 3 and all(len(set(b.groups.tolist())) > 1 for b in batches[:1])
+    results = {}
+    for step_level in (True, False):
+        policy.model.zero_grad()
+        states = step_prompts(policy.model, rollout) if step_level else None
+        leaves = as_leaves(states) if step_level else None
+        values = []
+        for micro in batches:
+            logp, _ = micro_batch_logprobs(policy.model, micro, temperature=0.8, prompts=leaves, with_entropy=True)
+            (logp * micro.completion_mask * torch.linspace(0.5, 1.5, logp.shape[1])).sum().backward()
+            values.append(logp[micro.completion_mask.bool()].detach())
+        if step_level:
+            assert all(leaf.grad is not None for leaf in leaves.tensors())
+            backward_into_prompts(states, leaves)
+        results[step_level] = (torch.cat(values), torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[True][1], results[False][1], atol=1e-5, rtol=1e-4)
+    policy.model.zero_grad()
+
+
 def test_the_head_never_sees_more_than_a_chunk(policy, rollout):
     # The [batch, length, vocab] logits never exist at once: each head call covers at most one chunk.
     seen = []
