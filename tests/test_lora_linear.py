@@ -29,18 +29,20 @@ def logprobs_and_grads(model, ids):
 
 
 def test_same_values_and_gradients_as_peft():
+    # in float64, so the two summation orders agree far below any error of the formula
     policy = lora_policy()
+    policy.model.double()
     plain = copy.deepcopy(policy.model)
     assert lora_linear.install(policy.model) == len(lora_layers(policy.model)) == 28  # 7 projections x 4 layers
     ids = policy.tokenizer(["What is 2 + 3? #### 5", "What is 7 * 8? 7*8=56"], return_tensors="pt",
                            padding=True)["input_ids"]
     fused_logp, fused_grads = logprobs_and_grads(policy.model, ids)
     peft_logp, peft_grads = logprobs_and_grads(plain, ids)
-    torch.testing.assert_close(fused_logp, peft_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_logp, peft_logp, rtol=1e-6, atol=1e-6)
     assert fused_grads.keys() == peft_grads.keys() and len(fused_grads) == 56
     for name in peft_grads:
         assert peft_grads[name].abs().max() > 0, name  # every adapter weight got a gradient to compare
-        torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-6, atol=1e-9)
 
 
 def test_a_deep_copy_runs_its_own_weights():
