@@ -195,20 +195,14 @@ class Parallel:
             return contextlib.nullcontext()
         return self._reference_unsharded if reference and self.reference is not None else self._unsharded
 
-    def reference_logprobs(self, micro, temperature: float, share: bool, prompts=None):
-        """Log-probs under the reference: the frozen copy, or the policy with its adapters disabled
-        (inside `gathered(reference=True)` under FSDP2)."""
-        if self.reference is not None:
-            return self.reference(micro, temperature, share, prompts=prompts)[0]
-        with self.policy.reference():
-            return self.module(micro, temperature, share, prompts=prompts)[0]
-
-    def reference_prompts(self, rollout):
-        """The step's prompts run once under the reference (see reference_logprobs)."""
-        if self.reference is not None:
-            return self.reference(step_prompts_of=rollout)
-        with self.policy.reference():
-            return self.module(step_prompts_of=rollout)
+    def reference_logprobs(self, rollout, batches: list, temperature: float, share: bool) -> list:
+        """Log-probs of every micro-batch under the reference ([n, c] each): the frozen copy, or the
+        policy with its adapters disabled once for all its passes (inside `gathered(reference=True)`
+        under FSDP2); with `share` the step's prompts run once."""
+        module = self.reference if self.reference is not None else self.module
+        with contextlib.nullcontext() if self.reference is not None else self.policy.reference():
+            prompts = module(step_prompts_of=rollout) if share else None
+            return [module(micro, temperature, share, prompts=prompts)[0] for micro in batches]
 
     def model_state(self) -> dict:
         """The policy's full state dict on the CPU, names as policy.model names them (collective)."""

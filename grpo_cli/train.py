@@ -134,8 +134,7 @@ def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBa
     model.eval()
     with torch.no_grad(), parallel.gathered(reference=reference):
         if reference:
-            prompts = parallel.reference_prompts(rollout) if share else None
-            out = [parallel.reference_logprobs(b, temperature, share, prompts) for b in batches]
+            out = parallel.reference_logprobs(rollout, batches, temperature, share)
         else:
             prompts = parallel.module(step_prompts_of=rollout) if share else None
             out = [parallel.module(b, temperature, share, prompts=prompts)[0] for b in batches]
