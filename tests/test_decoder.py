@@ -70,6 +70,27 @@ def test_folded_lora_same_logits_as_the_adapters(tiny_model_path):
     check_against_forward(policy.model, layers)
 
 
+@pytest.mark.parametrize("spec", [
+    {"dtype": "float32", "lora": {"r": 8, "alpha": 16}, "load_in_4bit": True},  # nf4 base: modules, adapters on
+    {"dtype": "float32", "lora": {"r": 8, "alpha": 16}, "fold": False},  # LoRA modules, not folded
+    {"dtype": "float32", "lora": None},  # full fine-tune: plain Linear modules
+], ids=["nf4-lora", "lora-unfolded", "full"])
+def test_unfolded_projections_run_through_their_modules(tiny_model_path, spec):
+    spec = dict(spec)
+    fold = spec.pop("fold", True)
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", **spec), kl_beta=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    policy.model.eval()
+    layers = foldable_lora_layers(policy.model) if fold else []
+    lean = decoder.LeanDecoder(policy.model, 20, layers)
+    assert all(layer.qkv is None and layer.gate_up is None for layer in lean.layers)
+    check_against_forward(policy.model, layers)
+
+
 def test_architectures_it_does_not_know_use_transformers_forward():
     assert not decoder.supports(random_model(MistralConfig(**SHAPE, sliding_window=4)))  # keys drop out of a window
     from transformers import GPT2Config
