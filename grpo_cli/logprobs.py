@@ -123,7 +123,10 @@ def can_share_prompts(model) -> bool:
     """The shared-prompt pass needs a KV cache under autograd: not with activation checkpointing
     (transformers turns the cache off there) nor with logit post-processing."""
     lm = causal_lm(model)
-    return not getattr(lm, "is_gradient_checkpointing", False) and not uses_logit_postprocessing(model)
+    checkpointing = getattr(lm, "is_activation_checkpointing", None)  # transformers >= 5.2x; the old name warns
+    if checkpointing is None:
+        checkpointing = getattr(lm, "is_gradient_checkpointing", False)
+    return not checkpointing and not uses_logit_postprocessing(model)
 
 
 @dataclass

@@ -168,7 +168,10 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.de
     model = load_base(path, spec, device, dtype)
     model.config.use_cache = False  # training forwards; generation turns the cache on itself
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     frozen_reference = None
     if spec.lora is not None:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

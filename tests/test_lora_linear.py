@@ -71,3 +71,31 @@ def test_the_reference_pass_and_sampling_are_peft_s():
 @pytest.mark.parametrize("lora", [{"dropout": 0.1}])
 def test_layers_peft_computes_differently_are_left_alone(lora):
     assert lora_linear.install(lora_policy(**lora).model) == 0
+
+
+def test_with_activation_checkpointing_the_gradients_are_the_same(monkeypatch):
+    # the GPU recipes recompute each layer in backward; our function must survive the recomputation
+    from grpo_cli.logprobs import can_share_prompts
+
+    calls = []
+    apply = lora_linear._LoraLinear.apply
+    monkeypatch.setattr(lora_linear._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    grads = {}
+    for checkpointing in (False, True):
+        policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16},
+                                       gradient_checkpointing=checkpointing), kl_beta=0.0)
+        assert can_share_prompts(policy.model) is not checkpointing  # checkpointing is on where asked
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in policy.model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0.0, 0.05)
+        assert lora_linear.install(policy.model) == 28
+        policy.model.train()
+        ids = policy.tokenizer(["What is 2 + 3? #### 5", "What is 7 * 8? 7*8=56"], return_tensors="pt",
+                               padding=True)["input_ids"]
+        calls.clear()
+        grads[checkpointing] = logprobs_and_grads(policy.model, ids)[1]
+        assert len(calls) == (56 if checkpointing else 28)  # recomputed in backward under checkpointing
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], rtol=1e-5, atol=1e-7)
