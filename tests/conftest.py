@@ -30,6 +30,24 @@ def tiny_model_path(grpo_cache) -> Path:
     return builtin_model.ensure()
 
 
+def trained_lora_policy(**spec):
+    """The builtin model with LoRA (r 8, alpha 16, float32 unless `spec` says otherwise) whose adapters
+    are not zero, as after some training: every adapter's gradient path carries signal."""
+    import torch
+
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    spec = {"dtype": "float32", "lora": {"r": 8, "alpha": 16}, **spec}
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", **spec), kl_beta=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in policy.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return policy
+
+
 def small_recipe(run_dir: Path, **sections) -> dict:
     """A recipe for a run of a few seconds on the builtin model; sections override keys."""
     recipe = {

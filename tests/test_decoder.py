@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import trained_lora_policy
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from grpo_cli import decoder
@@ -56,13 +57,7 @@ def test_same_logits_as_the_model_s_forward(config):
 
 
 def test_folded_lora_same_logits_as_the_adapters(tiny_model_path):
-    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16}),
-                         kl_beta=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
+    policy = trained_lora_policy()
     policy.model.eval()
     layers = foldable_lora_layers(policy.model)
     lean = decoder.LeanDecoder(policy.model, 20, layers)
@@ -78,12 +73,7 @@ def test_folded_lora_same_logits_as_the_adapters(tiny_model_path):
 def test_unfolded_projections_run_through_their_modules(tiny_model_path, spec):
     spec = dict(spec)
     fold = spec.pop("fold", True)
-    policy = load_policy(ModelSpec(name="builtin:tiny-math", **spec), kl_beta=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
+    policy = trained_lora_policy(**spec)
     policy.model.eval()
     layers = foldable_lora_layers(policy.model) if fold else []
     lean = decoder.LeanDecoder(policy.model, 20, layers)

@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from conftest import trained_lora_policy
 
 from grpo_cli import lora_linear
 from grpo_cli.logprobs import completion_logprobs
@@ -10,14 +11,7 @@ from grpo_cli.recipe import ModelSpec
 
 
 def lora_policy(**lora):
-    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16, **lora}),
-                         kl_beta=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)  # as after some training: the adapter's gradient paths all carry signal
-    return policy
+    return trained_lora_policy(lora={"r": 8, "alpha": 16, **lora})
 
 
 def logprobs_and_grads(model, ids):
@@ -82,14 +76,8 @@ def test_with_activation_checkpointing_the_gradients_are_the_same(monkeypatch):
     monkeypatch.setattr(lora_linear._LoraLinear, "apply", lambda *a: calls.append(1) or apply(*a))
     grads = {}
     for checkpointing in (False, True):
-        policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora={"r": 8, "alpha": 16},
-                                       gradient_checkpointing=checkpointing), kl_beta=0.0)
+        policy = trained_lora_policy(gradient_checkpointing=checkpointing)
         assert can_share_prompts(policy.model) is not checkpointing  # checkpointing is on where asked
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, param in policy.model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0.0, 0.05)
         assert lora_linear.install(policy.model) == 28
         policy.model.train()
         ids = policy.tokenizer(["What is 2 + 3? #### 5", "What is 7 * 8? 7*8=56"], return_tensors="pt",

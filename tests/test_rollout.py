@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import trained_lora_policy
 
 from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import ModelSpec
@@ -47,17 +48,6 @@ def test_fast_engine_samples_what_transformers_generate_samples(tiny_model_path,
     assert len(set(out["fast"].lengths.tolist())) > 1  # rows ended at different steps: the compaction ran
 
 
-def trained_lora_policy(dtype="float32"):
-    """A LoRA policy whose adapters are not zero, as after some training."""
-    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype=dtype, lora={"r": 8, "alpha": 16}), kl_beta=0.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in policy.model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
-    return policy
-
-
 def test_folded_lora_samples_what_the_adapters_sample_and_restores_the_weights(tiny_model_path):
     policy = trained_lora_policy()
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
@@ -95,5 +85,5 @@ def test_the_folded_model_computes_what_the_adapters_compute(tiny_model_path):
 
 def test_sixteen_bit_weights_are_not_folded(tiny_model_path):
     # W + s*B@A in bfloat16 would round a small adapter update away
-    assert foldable_lora_layers(trained_lora_policy("bfloat16").model) == []
-    assert len(foldable_lora_layers(trained_lora_policy("float32").model)) > 0
+    assert foldable_lora_layers(trained_lora_policy(dtype="bfloat16").model) == []
+    assert len(foldable_lora_layers(trained_lora_policy(dtype="float32").model)) > 0
