@@ -136,9 +136,11 @@ def _parse(expression: str):
 def settled_without_parsing(pred: str | None, gold: str) -> bool | None:
     """is_equivalent's verdict where it needs no parsing (no answer, equal text, words, two
     integers), else None. Pure string work: it cannot hang, so it may run outside the pool."""
-    if pred is None:
-        return False
-    p, g = normalize(pred), normalize(gold)
+    return False if pred is None else _settled(normalize(pred), normalize(gold))
+
+
+def _settled(p: str, g: str) -> bool | None:
+    """settled_without_parsing on normalized answers."""
     if not p:
         return False
     if p == g or (_plain_text(p) is not None and _plain_text(p) == _plain_text(g)):
@@ -160,10 +162,12 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
     """Whether `pred` is mathematically equal to `gold` (both bare answers, not completions)."""
     from math_verify import verify
 
-    settled = settled_without_parsing(pred, gold)
+    if pred is None:
+        return False
+    p, g = normalize(pred), normalize(gold)
+    settled = _settled(p, g)
     if settled is not None:
         return settled
-    p, g = normalize(pred), normalize(gold)
     parsed_gold, parsed_pred = _parse(g), _parse(p)
     if not parsed_gold or not parsed_pred:
         return False
