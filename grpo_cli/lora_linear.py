@@ -59,17 +59,12 @@ def _forward(self, x, *args, **kwargs):
 
 
 def eligible(layer) -> bool:
-    """Whether PEFT's forward of this layer is exactly base + s * B(A x) (see the module docstring)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    """Whether PEFT's forward of this layer is exactly base + s * B(A x) (see the module docstring):
+    a plain LoRA linear layer without dropout over a frozen base."""
+    from grpo_cli.modeling import is_plain_lora_linear
 
-    if type(layer) is not LoraLinear or len(layer.active_adapters) != 1:
-        return False
-    adapter = layer.active_adapters[0]
-    base = layer.get_base_layer()
-    return (adapter in layer.lora_A and adapter not in getattr(layer, "lora_variant", {})
-            and not layer.use_dora.get(adapter, False) and not getattr(layer, "lora_bias", {}).get(adapter, False)
-            and not layer.fan_in_fan_out and isinstance(layer.lora_dropout[adapter], torch.nn.Identity)
-            and type(base) is torch.nn.Linear and not base.weight.requires_grad)
+    return (is_plain_lora_linear(layer) and isinstance(layer.lora_dropout[layer.active_adapters[0]], torch.nn.Identity)
+            and not layer.get_base_layer().weight.requires_grad)
 
 
 def install(model) -> int:

@@ -56,6 +56,21 @@ def lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def is_plain_lora_linear(layer) -> bool:
+    """Whether PEFT's forward of this LoRA layer is base(x) + s * B(A(dropout(x))) with one active
+    adapter over a plain nn.Linear: no DoRA, no adapter bias, no other variant, no transposed
+    weights. What folding the adapter into the weights, or training it through
+    `lora_linear`, relies on."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear or len(layer.active_adapters) != 1:
+        return False
+    adapter = layer.active_adapters[0]
+    return (adapter in layer.lora_A and adapter not in getattr(layer, "lora_variant", {})
+            and not layer.use_dora.get(adapter, False) and not getattr(layer, "lora_bias", {}).get(adapter, False)
+            and not layer.fan_in_fan_out and type(layer.get_base_layer()) is torch.nn.Linear)
+
+
 @contextlib.contextmanager
 def adapters_disabled(layers: list):
     """The LoRA layers' adapters off until exit, as PEFT's `disable_adapter()` does, without its

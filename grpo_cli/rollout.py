@@ -53,20 +53,15 @@ class Rollout:
 
 def foldable_lora_layers(model) -> list:
     """The LoRA layers to fold for sampling: all of them when every one is a plain LoRA linear layer
-    (one active adapter, no DoRA, no bias) over float32 weights; otherwise none. In 16 bits,
+    (`modeling.is_plain_lora_linear`), not merged, over float32 weights; otherwise none. In 16 bits,
     W + s*B@A would round the adapter's small update away; a 4-bit base cannot hold it."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from grpo_cli.modeling import lora_layers
+    from grpo_cli.modeling import is_plain_lora_linear, lora_layers
 
     layers = lora_layers(model)
-    for layer in layers:
-        base = layer.get_base_layer()
-        if not (type(layer) is LoraLinear and len(layer.active_adapters) == 1 and not layer.merged
-                and not any(layer.use_dora.values()) and not any(getattr(layer, "lora_bias", {}).values())
-                and type(base) is torch.nn.Linear and base.weight.dtype == torch.float32):
-            return []
-    return layers
+    if all(is_plain_lora_linear(layer) and not layer.merged and layer.get_base_layer().weight.dtype == torch.float32
+           for layer in layers):
+        return layers
+    return []
 
 
 @contextlib.contextmanager
