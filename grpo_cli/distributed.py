@@ -195,12 +195,13 @@ class Parallel:
             return contextlib.nullcontext()
         return self._reference_unsharded if reference and self.reference is not None else self._unsharded
 
-    def reference_logprobs(self, rollout, batches: list, temperature: float, share: bool) -> list:
-        """Log-probs of every micro-batch under the reference ([n, c] each): the frozen copy, or the
-        policy with its adapters disabled once for all its passes (inside `gathered(reference=True)`
-        under FSDP2); with `share` the step's prompts run once."""
-        module = self.reference if self.reference is not None else self.module
-        with contextlib.nullcontext() if self.reference is not None else self.policy.reference():
+    def logprobs(self, rollout, batches: list, temperature: float, share: bool, reference: bool) -> list:
+        """Log-probs of every micro-batch ([n, c] each) under the policy or, with `reference`, the
+        reference: the frozen copy, or the policy with its adapters disabled once for all the passes
+        (inside `gathered(reference=True)` under FSDP2). With `share` the step's prompts run once."""
+        module = self.reference if reference and self.reference is not None else self.module
+        disabled = reference and self.reference is None
+        with self.policy.reference() if disabled else contextlib.nullcontext():
             prompts = module(step_prompts_of=rollout) if share else None
             return [module(micro, temperature, share, prompts=prompts)[0] for micro in batches]
 

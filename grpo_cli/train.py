@@ -133,11 +133,7 @@ def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBa
     was_training = model.training
     model.eval()
     with torch.no_grad(), parallel.gathered(reference=reference):
-        if reference:
-            out = parallel.reference_logprobs(rollout, batches, temperature, share)
-        else:
-            prompts = parallel.module(step_prompts_of=rollout) if share else None
-            out = [parallel.module(b, temperature, share, prompts=prompts)[0] for b in batches]
+        out = parallel.logprobs(rollout, batches, temperature, share, reference)
     model.train(was_training)
     return out
 
