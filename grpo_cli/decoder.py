@@ -19,11 +19,21 @@ whose decoder layer it knows:
 
 Sampling draws the same tokens as through transformers' forward (tested); the rollout
 falls back to that forward for anything `supports` refuses.
+
+On a GPU a decode step of a small model is hundreds of kernel launches of a few microseconds
+of work each, so Python and the launches set its pace. There (`mode="graph"`) each decode step
+is recorded once as a CUDA graph and replayed: the step reads its token, position and cache
+slot from fixed input tensors, writes its keys and values at that slot with `index_copy_`, and
+attends over the whole preallocated cache under the validity mask, so every replay has the
+same shapes and addresses. Dropping finished rows changes the batch, so the step is captured
+again after each `keep`. `mode="static"` runs that same step without a graph: the CPU tests
+check it against the model's forward, as they do the eager step.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +112,9 @@ class _Layer:
         gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
         return F.linear(self.mlp.act_fn(gate) * up, *self.down)
 
-    def forward(self, x, cos, sin, start: int, valid: torch.Tensor):
-        """x [n, T, H]: tokens at cache slots start..start+T; valid [n, start+T] which slots hold tokens."""
+    def forward(self, x, cos, sin, start: int, valid: torch.Tensor, slot: torch.Tensor | None = None):
+        """x [n, T, H]: tokens at cache slots start..start+T; valid [n, capacity] which slots hold tokens.
+        `slot` [1] (static step, T = 1): the cache slot as a tensor, attention over the whole cache."""
         n, t, _ = x.shape
         residual = x
         x = self.layer.input_layernorm(x)
@@ -112,9 +123,14 @@ class _Layer:
         k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, T, d]
         v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
-        end = start + t
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
+        if slot is None:
+            end = start + t
+            self.keys[:, :, start:end] = k
+            self.values[:, :, start:end] = v
+        else:  # the same shapes every step; slots not yet written are zeros, masked out
+            end = self.keys.shape[2]
+            self.keys.index_copy_(2, slot, k)
+            self.values.index_copy_(2, slot, v)
         keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # [n, kv_heads, end, d]
         groups = self.heads // self.kv_heads
         if t == 1:
@@ -144,46 +160,56 @@ class LeanDecoder:
     """Prefill, then one token per step, for rows that can be dropped as they finish.
 
     `foldable`: the LoRA layers whose update may be folded into the weights (all or none,
-    see rollout.foldable_lora_layers); the adapters themselves are never touched."""
+    see rollout.foldable_lora_layers); the adapters themselves are never touched.
+    `mode`: "eager", "static" (the graph's step, run directly) or "graph" (CUDA only; see the
+    module's docstring)."""
 
-    def __init__(self, model, capacity: int, foldable: list):
+    def __init__(self, model, capacity: int, foldable: list, mode: str = "eager"):
         lm = causal_lm(model)
         self.inner, self.head, self.capacity = lm.model, lm.get_output_embeddings(), capacity
         ids = {id(m) for m in foldable}
         self.layers = [_Layer(layer, lm.config, ids) for layer in self.inner.layers]
+        self.mode = mode
         self.length = 0  # cache slots written
         self.valid = self.next_position = None  # [n, capacity] bool, [n]
         self.rotary_table = None  # (cos, sin) [capacity, d] each, where they depend on the position alone
+        self.inputs = None  # static step: token [n, 1], position [n, 1], slot [1]
+        self.graph = self.graph_logits = None
 
-    def _run(self, input_ids, positions):  # [n, T] each -> logits of the last position [n, V]
+    def _forward(self, input_ids, positions, slot=None):  # [n, T] each -> logits of the last position [n, V]
         x = self.inner.embed_tokens(input_ids)  # [n, T, H]
         if self.rotary_table is None:
             cos, sin = self.inner.rotary_emb(x, positions)
         else:
             cos, sin = self.rotary_table[0][positions], self.rotary_table[1][positions]  # [n, T, d] each
         for layer in self.layers:
-            x = layer.forward(x, cos, sin, self.length, self.valid)
-        self.length += input_ids.shape[1]
+            x = layer.forward(x, cos, sin, self.length, self.valid, slot)
         return self.head(self.inner.norm(x[:, -1:]))[:, -1].float()  # [n, V]
+
+    def _new_cache(self, *shape, like: torch.Tensor) -> torch.Tensor:
+        # Eager reads stop at self.length, so the rest may stay uninitialized; the static step reads
+        # every slot (masked), and a NaN left in memory would survive the mask (0 x NaN).
+        return like.new_zeros(shape) if self.mode != "eager" else like.new_empty(shape)
 
     def prefill(self, input_ids, attention_mask, samples: int) -> torch.Tensor:
         """Each of the [B, P] left-padded prompts once; its cache then serves `samples` rows.
         Returns the next-token logits of the B x samples rows [N, V]."""
         b, p = input_ids.shape
-        x_dtype = self.inner.embed_tokens.weight.dtype
+        weight = self.inner.embed_tokens.weight
         for layer in self.layers:
-            shape = (b, layer.kv_heads, self.capacity, layer.head_dim)
-            layer.keys = torch.empty(shape, dtype=x_dtype, device=input_ids.device)  # read only where written
-            layer.values = torch.empty(shape, dtype=x_dtype, device=input_ids.device)
+            layer.keys = self._new_cache(b, layer.kv_heads, self.capacity, layer.head_dim, like=weight)
+            layer.values = self._new_cache(b, layer.kv_heads, self.capacity, layer.head_dim, like=weight)
         self.valid = torch.zeros(b, self.capacity, dtype=torch.bool, device=input_ids.device)
         self.valid[:, :p] = attention_mask.bool()
         self.length = 0
         if getattr(self.inner.rotary_emb, "rope_type", None) not in DYNAMIC_ROPE:
             # one table instead of ~10 small ops per step; the same values (elementwise in the position)
-            cos, sin = self.inner.rotary_emb(self.inner.embed_tokens.weight[:1][None],
-                                             torch.arange(self.capacity, device=input_ids.device)[None])
+            cos, sin = self.inner.rotary_emb(weight[:1][None], torch.arange(self.capacity, device=input_ids.device)[None])
             self.rotary_table = (cos[0], sin[0])
-        logits = self._run(input_ids, position_ids(attention_mask))
+        elif self.mode == "graph":
+            self.mode = "static"  # frequencies computed from the length: not replayable as recorded
+        logits = self._forward(input_ids, position_ids(attention_mask))
+        self.length = p
         self.keep(torch.arange(b, device=input_ids.device).repeat_interleave(samples))
         self.next_position = attention_mask.sum(1).repeat_interleave(samples)  # [N]
         return logits.repeat_interleave(samples, dim=0)
@@ -191,19 +217,57 @@ class LeanDecoder:
     def keep(self, rows: torch.Tensor) -> None:
         """Continue with these rows only (indices into the current rows, repeats allowed)."""
         for layer in self.layers:
-            # only the written slots: every read stops at self.length, so the rest may stay uninitialized
-            keys = layer.keys.new_empty(len(rows), *layer.keys.shape[1:])
-            values = layer.values.new_empty(len(rows), *layer.values.shape[1:])
+            keys = self._new_cache(len(rows), *layer.keys.shape[1:], like=layer.keys)
+            values = self._new_cache(len(rows), *layer.values.shape[1:], like=layer.values)
             keys[:, :, : self.length] = layer.keys[rows, :, : self.length]
             values[:, :, : self.length] = layer.values[rows, :, : self.length]
             layer.keys, layer.values = keys, values
         self.valid = self.valid[rows]
         if self.next_position is not None:
             self.next_position = self.next_position[rows]
+        self.inputs = self.graph = self.graph_logits = None  # new batch and cache: a new static step
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The rows' next tokens [n] -> the logits after them [n, V]."""
+        """The rows' next tokens [n] -> the logits after them [n, V]. In graph mode the logits are the
+        graph's output tensor, valid until the next step."""
         self.valid[:, self.length] = True
-        logits = self._run(tokens[:, None], self.next_position[:, None])
+        if self.mode == "eager":
+            logits = self._forward(tokens[:, None], self.next_position[:, None])
+        else:
+            if self.inputs is None:
+                self.inputs = (tokens.new_empty(len(tokens), 1), tokens.new_empty(len(tokens), 1),
+                               tokens.new_empty(1))
+            token, position, slot = self.inputs
+            token.copy_(tokens[:, None])
+            position.copy_(self.next_position[:, None])
+            slot.fill_(self.length)
+            logits = self._replay() if self.mode == "graph" else self._forward(token, position, slot)
+        self.length += 1
         self.next_position = self.next_position + 1
         return logits
+
+    def _replay(self) -> torch.Tensor:
+        if self.graph is None:
+            try:
+                self._capture()
+            except Exception as error:  # an op that cannot be recorded: decode without graphs, correctly
+                warnings.warn(f"decoding without CUDA graphs: capturing a decode step failed ({error})", stacklevel=2)
+                self.mode, self.graph = "static", None
+                return self._forward(*self.inputs[:2], self.inputs[2])
+        self.graph.replay()
+        return self.graph_logits
+
+    def _capture(self) -> None:
+        """Record the static step. A warm-up run on a side stream first, as torch.cuda.graphs asks (it
+        computes this very step; the replay after the capture computes it again, the same values)."""
+        token, position, slot = self.inputs
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(token, position, slot)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.graph_logits = self._forward(token, position, slot)
+        self.graph = graph

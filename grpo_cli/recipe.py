@@ -86,6 +86,10 @@ class GrpoSpec(Section):
         "fast", description="fast: shared-prompt rollout and update, length-grouped micro-batches; "
         "plain: transformers' generate and padded micro-batches in order (same samples, for comparison)"
     )
+    cuda_graphs: bool = Field(
+        True, description="fast engine on a GPU: each decode step recorded once as a CUDA graph and replayed "
+        "(llama, mistral, qwen2); false = every kernel launched from Python. No effect on CPU"
+    )
     loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = Field(
         "grpo", description="grpo: token mean per completion, then batch mean (DeepSeekMath); dapo: token mean "
         "over the batch (DAPO); dr_grpo: token sum over a constant budget (Dr. GRPO); gspo: sequence-level ratio (GSPO)"

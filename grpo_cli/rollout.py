@@ -136,12 +136,14 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
-             engine: str = "fast", world=None, fold_lora: bool = True, lean: bool = True) -> Rollout:
+             engine: str = "fast", world=None, fold_lora: bool = True, lean: bool = True,
+             cuda_graphs: bool = True) -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
     `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared).
     `fold_lora`: the fast engine may fold LoRA into the weights it samples with (see `folded_lora`).
-    `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`."""
+    `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`.
+    `cuda_graphs`: on a GPU, that decoder replays its decode steps as CUDA graphs."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
@@ -150,7 +152,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_
     with torch.no_grad():
         if engine == "fast" and lean and decoder.supports(model):
             capacity = enc["input_ids"].shape[1] + max_new_tokens
-            stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [])
+            mode = "graph" if cuda_graphs and device.type == "cuda" else "eager"
+            stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [], mode)
             completion = _decode_shared(stepper, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                         samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
         elif engine == "fast":

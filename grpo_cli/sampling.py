@@ -53,7 +53,8 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
         rollout = parallel.generate(tokenizer=policy.tokenizer, prompts=[e.prompt for e in batch],
                                     max_new_tokens=grpo.max_new_tokens, samples_per_prompt=grpo.group_size,
                                     temperature=grpo.temperature, top_p=grpo.top_p,
-                                    add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world)
+                                    add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world,
+                                    cuda_graphs=grpo.cuda_graphs)
         rows = [e for e in batch for _ in range(grpo.group_size)]
         pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
                                 [{"prompt": e.prompt, **e.row} for e in rows])

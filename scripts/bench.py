@@ -131,7 +131,7 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "data": {"train": str(data), "eval": None},
         "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
                  "kl_beta": args.kl_beta, "clip_eps": 0.2, "temperature": 1.0,
-                 "micro_batch_size": args.micro_batch_size},
+                 "micro_batch_size": args.micro_batch_size, "cuda_graphs": not args.no_cuda_graphs},
         "rewards": [{"rule": "correctness", "weight": 1.0}],
         "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0},
         "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="grpo only")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="grpo only: decode steps launched from Python")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both tools")
@@ -338,7 +339,8 @@ def print_table(args, summary: dict) -> None:
     first = next(iter(summary.values()))
     print(f"\n{args.shape}: {args.prompts} prompts x G={args.group_size}, max {args.max_new_tokens} new tokens, "
           f"LoRA r16 all-linear, kl_beta {args.kl_beta}, dtype {args.dtype}"
-          f"{', nf4 base' if args.load_in_4bit else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+          f"{', nf4 base' if args.load_in_4bit else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
+          f"{', grpo without CUDA graphs' if args.no_cuda_graphs else ''}")
     print(f"device: {first['device']}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{first['timed_steps']} timed steps per tool; {time.strftime('%Y-%m-%d')}\n")
     rows = [("median step (s)", "step_s", "{:.3f}"), ("  rollout (s)", "rollout_s", "{:.3f}"),

@@ -23,13 +23,13 @@ def reference_logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1].float()
 
 
-def check_against_forward(model, foldable=()):
+def check_against_forward(model, foldable=(), mode="eager"):
     prompts = torch.randint(3, 50, (3, 7))
     mask = torch.ones_like(prompts)
     mask[0, :3] = 0  # left padding, as the tokenizer pads prompts
     mask[2, :1] = 0
     samples, new = 2, torch.randint(3, 50, (6, 5))
-    lean = decoder.LeanDecoder(model, capacity=7 + 5, foldable=list(foldable))
+    lean = decoder.LeanDecoder(model, capacity=7 + 5, foldable=list(foldable), mode=mode)
     with torch.no_grad():
         logits = lean.prefill(prompts, mask, samples)  # [6, V]
         ids, full_mask = prompts.repeat_interleave(samples, 0), mask.repeat_interleave(samples, 0)
@@ -50,19 +50,21 @@ def check_against_forward(model, foldable=()):
     MistralConfig(**SHAPE, sliding_window=None),
     LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}),  # no grouped queries
 ], ids=["llama", "qwen2", "mistral", "llama-mha"])
-def test_same_logits_as_the_model_s_forward(config):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_same_logits_as_the_model_s_forward(config, mode):
     model = random_model(config)
     assert decoder.supports(model)
-    check_against_forward(model)
+    check_against_forward(model, mode=mode)
 
 
-def test_folded_lora_same_logits_as_the_adapters(tiny_model_path):
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_folded_lora_same_logits_as_the_adapters(tiny_model_path, mode):
     policy = trained_lora_policy()
     policy.model.eval()
     layers = foldable_lora_layers(policy.model)
     lean = decoder.LeanDecoder(policy.model, 20, layers)
     assert all(layer.qkv is not None and layer.gate_up is not None for layer in lean.layers)  # folded and fused
-    check_against_forward(policy.model, layers)
+    check_against_forward(policy.model, layers, mode)
 
 
 @pytest.mark.parametrize("spec", [
@@ -79,6 +81,7 @@ def test_unfolded_projections_run_through_their_modules(tiny_model_path, spec):
     lean = decoder.LeanDecoder(policy.model, 20, layers)
     assert all(layer.qkv is None and layer.gate_up is None for layer in lean.layers)
     check_against_forward(policy.model, layers)
+    check_against_forward(policy.model, layers, mode="static")
 
 
 def test_architectures_it_does_not_know_use_transformers_forward():
@@ -97,3 +100,40 @@ def test_sampling_draws_the_same_tokens_either_way(tiny_model_path):
         out[lean] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=6, lean=lean)
     assert torch.equal(out[True].input_ids, out[False].input_ids)
     assert len(set(out[True].lengths.tolist())) > 1  # rows ended at different steps: rows were dropped
+
+
+def test_static_step_reads_only_valid_slots():
+    """The static step attends over the whole cache: what the unwritten slots hold must not count,
+    and they start as zeros (uninitialized memory may hold NaN, and 0 x NaN survives a mask)."""
+    model = random_model(LlamaConfig(**SHAPE))
+    prompts, mask = torch.randint(3, 50, (2, 4)), torch.ones(2, 4, dtype=torch.long)
+    out = {}
+    for mode in ("eager", "static"):
+        lean = decoder.LeanDecoder(model, capacity=10, foldable=[], mode=mode)
+        with torch.no_grad():
+            lean.prefill(prompts, mask, 1)
+            if mode == "static":
+                for layer in lean.layers:
+                    assert layer.keys[:, :, 4:].eq(0).all() and layer.values[:, :, 4:].eq(0).all()
+                    layer.keys[:, :, 5:], layer.values[:, :, 5:] = 1e4, 1e4  # slot 4 is written by the step
+            out[mode] = lean.step(torch.tensor([5, 6]))
+    torch.testing.assert_close(out["static"], out["eager"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decoding_draws_the_same_tokens_as_eager():
+    model = random_model(Qwen2Config(**SHAPE)).cuda()
+    prompts, mask = torch.randint(3, 50, (3, 6), device="cuda"), torch.ones(3, 6, dtype=torch.long, device="cuda")
+    logits = {}
+    for mode in ("eager", "graph"):
+        lean = decoder.LeanDecoder(model, capacity=14, foldable=[], mode=mode)
+        with torch.no_grad():
+            steps = [lean.prefill(prompts, mask, 2)]
+            for t in range(8):
+                steps.append(lean.step(torch.arange(6, device="cuda") + t).clone())
+                if t == 3:
+                    lean.keep(torch.tensor([0, 2, 5], device="cuda"))  # recaptured at the new batch
+        assert lean.mode == mode  # the capture did not fall back
+        logits[mode] = steps
+    for eager, graph in zip(logits["eager"], logits["graph"]):
+        torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
