@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_cli.batching import AUTO_TOKENS
-from grpo_cli.logprobs import CHUNK_TOKENS
+from grpo_cli.logprobs import chunk_tokens_for
 from grpo_cli.recipe import Recipe
 
 ASSUMED_PROMPT_TOKENS = 256  # the recipe does not know its prompts' length; a GSM8K chat prompt is ~150-250
@@ -86,7 +86,7 @@ def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = 
         else grpo.micro_batch_size * (prompt + completion)
     per_token_layer = (2 if spec.gradient_checkpointing else 34) * hidden * width / 2
     activations = pass_tokens * layers * per_token_layer / GIB
-    logits = 3 * CHUNK_TOKENS * config.vocab_size * 4 / GIB
+    logits = 3 * chunk_tokens_for(config.vocab_size) * config.vocab_size * 4 / GIB
     if kv_cache > activations + logits:
         parts["rollout KV cache (largest phase)"] = kv_cache
     else:

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_TOKENS = 1024
+CHUNK_TOKENS = 1024  # most tokens per chunk through the head
+# Most logits per chunk (128 MiB in float32): with Qwen2.5's 151936-token vocabulary a chunk is 220
+# tokens, so a chunk's few float32 [K, V] temporaries stay under a GiB whatever the vocabulary.
+CHUNK_LOGITS = 2**25
 # Configs whose CausalLM forward changes the logits after the head (Gemma's soft-capping,
 # Cohere's and Granite's scaling): for these the plain forward is used so nothing is skipped.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -43,14 +46,22 @@ def uses_logit_postprocessing(model) -> bool:
     return any(getattr(causal_lm(model).config, name, None) for name in _LOGIT_POSTPROCESSING)
 
 
+def chunk_tokens_for(vocab_size: int) -> int:
+    """Tokens per chunk through the head: CHUNK_TOKENS, fewer for a large vocabulary."""
+    return max(16, min(CHUNK_TOKENS, CHUNK_LOGITS // vocab_size))
+
+
+def _scaled_logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: float) -> torch.Tensor:
+    logits = head(hidden).float()  # [K, V]
+    return logits / temperature if temperature != 1.0 else logits  # no second [K, V] copy at temperature 1
+
+
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
-    logits = head(hidden).float() / temperature  # [K, V]
-    return _from_logits(logits, targets, with_entropy=False)[0]
+    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy=False)[0]
 
 
 def _chunk_logprobs_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
-    logits = head(hidden).float() / temperature  # [K, V]
-    return _from_logits(logits, targets, with_entropy=True)
+    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy=True)
 
 
 def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
@@ -69,7 +80,7 @@ def completion_logprobs(
     attention_mask: torch.Tensor,
     prompt_len: int,
     temperature: float = 1.0,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """log pi(token_t | prefix) for every completion token, at the sampling temperature.
 
@@ -98,14 +109,15 @@ def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, 
     return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens, with_entropy)
 
 
-def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int,
+def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int | None,
                    with_entropy: bool = False):
     """[N, C, H] hidden states, [N, C] targets -> ([N, C] log-probs, [N, C] entropies or None),
-    chunked and checkpointed."""
+    chunked (None: `chunk_tokens_for` the vocabulary) and checkpointed."""
     n, c = targets.shape
     hidden = hidden.reshape(n * c, -1)  # [N*C, H]
     flat_targets = targets.reshape(n * c)  # [N*C]
     head = lm.get_output_embeddings()
+    chunk_tokens = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
     chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
     pieces = []
     for start in range(0, n * c, chunk_tokens):
@@ -177,7 +189,7 @@ def backward_into_prompts(states: PromptStates, leaves: PromptStates) -> None:
 
 
 def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: bool = True,
-                         chunk_tokens: int = CHUNK_TOKENS, with_entropy: bool = False,
+                         chunk_tokens: int | None = None, with_entropy: bool = False,
                          prompts: PromptStates | None = None):
     """([n, c] log-probs, [n, c] entropies or None) of a `batching.MicroBatch`'s completions.
 

@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from grpo_cli.logprobs import completion_logprobs, position_ids
+from grpo_cli import logprobs
+from grpo_cli.logprobs import chunk_tokens_for, completion_logprobs, position_ids
 from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.rollout import generate
@@ -41,6 +42,30 @@ def test_chunked_equals_full_logits(policy, rollout):
                                       temperature=0.7, chunk_tokens=chunk)
             mask = rollout.completion_mask.bool()
             assert torch.allclose(got[mask], expected[mask], atol=1e-5)
+
+
+def test_chunk_shrinks_with_the_vocabulary():
+    assert chunk_tokens_for(101) == 1024  # the builtin model: the token cap
+    assert chunk_tokens_for(151936) == 220  # Qwen2.5: 2**25 // 151936 logits per chunk
+    assert chunk_tokens_for(10**8) == 16  # never fewer than 16 tokens
+
+
+def test_automatic_chunks_follow_the_logit_budget(policy, rollout, monkeypatch):
+    vocab = policy.model.get_base_model().get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(logprobs, "CHUNK_LOGITS", vocab * 20)  # 20 tokens per chunk
+    rows = []
+    hook = policy.model.get_base_model().get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            got = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        expected = full_logits_reference(policy.model, rollout, 1.0)
+    assert rows[:-1] == [20] * (len(rows) - 1) and 0 < rows[-1] <= 20 and sum(rows) == rollout.completion_mask.numel()
+    mask = rollout.completion_mask.bool()
+    assert torch.allclose(got[mask], expected[mask], atol=1e-5)
 
 
 def test_matches_what_generation_sampled_from(policy):
