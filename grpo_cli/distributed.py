@@ -135,7 +135,7 @@ class PolicyPasses(torch.nn.Module):
         self.model = model
 
     def forward(self, micro=None, temperature: float = 1.0, share: bool = True, generate: dict | None = None,
-                prompts=None, step_prompts_of=None):
+                prompts=None, step_prompts_of=None, entropy_grad: bool = False):
         from grpo_cli.logprobs import micro_batch_logprobs, step_prompts
         from grpo_cli.rollout import generate as run_generate
 
@@ -143,7 +143,8 @@ class PolicyPasses(torch.nn.Module):
             return run_generate(self.model, **generate)
         if step_prompts_of is not None:  # a rollout: its prompts, run once (logprobs.step_prompts)
             return step_prompts(self.model, step_prompts_of)
-        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True, prompts=prompts)
+        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True, prompts=prompts,
+                                    entropy_grad=entropy_grad)
 
 
 class Parallel:

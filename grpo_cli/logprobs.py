@@ -64,6 +64,18 @@ def _chunk_logprobs_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: t
     return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy=True)
 
 
+def _chunk_logprobs_entropy_value(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
+                                  temperature: float):
+    """The entropy as a value only. Under a checkpoint, a recomputed branch that backward never
+    reaches keeps its saved [K, V] tensors until the whole graph goes: one chunk's worth per chunk,
+    so memory would grow with batch x length x vocabulary after all."""
+    logits = _scaled_logits(hidden, head, temperature)  # [K, V]
+    logp = _from_logits(logits, targets, with_entropy=False)[0]
+    with torch.no_grad():
+        entropy = _from_logits(logits, targets, with_entropy=True)[1]
+    return logp, entropy
+
+
 def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
     """[..., V] logits -> log-prob of each target [...], and the distribution's entropy [...] if asked."""
     normalizer = logits.logsumexp(-1)  # [...]
@@ -90,7 +102,8 @@ def completion_logprobs(
     return _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, False)[0]
 
 
-def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy):
+def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, chunk_tokens, with_entropy,
+                     entropy_grad=False):
     """(log-probs [N, C], entropies [N, C] or None) for the completions after a P-token prompt."""
     lm = causal_lm(model)
     targets = input_ids[:, prompt_len:]  # [N, C]
@@ -106,19 +119,21 @@ def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, 
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, P+C, H]
     hidden = hidden[:, prompt_len - 1 : -1]  # [N, C, H]: the state that predicts each target
-    return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens, with_entropy)
+    return _head_logprobs(lm, hidden, targets, temperature, chunk_tokens, with_entropy, entropy_grad)
 
 
 def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_tokens: int | None,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, entropy_grad: bool = False):
     """[N, C, H] hidden states, [N, C] targets -> ([N, C] log-probs, [N, C] entropies or None),
-    chunked (None: `chunk_tokens_for` the vocabulary) and checkpointed."""
+    chunked (None: `chunk_tokens_for` the vocabulary) and checkpointed. The entropies carry
+    gradients only with `entropy_grad`."""
     n, c = targets.shape
     hidden = hidden.reshape(n * c, -1)  # [N*C, H]
     flat_targets = targets.reshape(n * c)  # [N*C]
     head = lm.get_output_embeddings()
     chunk_tokens = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
-    chunk_fn = _chunk_logprobs_entropy if with_entropy else _chunk_logprobs
+    chunk_fn = (_chunk_logprobs if not with_entropy else _chunk_logprobs_entropy if entropy_grad
+                else _chunk_logprobs_entropy_value)
     pieces = []
     for start in range(0, n * c, chunk_tokens):
         args = (hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head, temperature)
@@ -190,7 +205,7 @@ def backward_into_prompts(states: PromptStates, leaves: PromptStates) -> None:
 
 def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: bool = True,
                          chunk_tokens: int | None = None, with_entropy: bool = False,
-                         prompts: PromptStates | None = None):
+                         prompts: PromptStates | None = None, entropy_grad: bool = False):
     """([n, c] log-probs, [n, c] entropies or None) of a `batching.MicroBatch`'s completions.
 
     `prompts`: the step's prompts, already run (`step_prompts`), continued from. Otherwise with
@@ -198,7 +213,7 @@ def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: 
     of its completions; without, every row runs prompt and completion."""
     if prompts is None and (not share_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]):
         return _completion_pass(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
-                                chunk_tokens, with_entropy)
+                                chunk_tokens, with_entropy, entropy_grad)
     from grpo_cli.rollout import cache_argument, new_cache
 
     lm = causal_lm(model)
@@ -216,4 +231,4 @@ def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: 
                                position_ids=prompt_mask.sum(1)[:, None] + steps[None], use_cache=True,
                                **{cache_argument(model): cache}).last_hidden_state  # [n, c, H]
     hidden = torch.cat([prompts.last[rows, None], completion[:, :-1]], dim=1)  # [n, c, H]
-    return _head_logprobs(lm, hidden, micro.completion_ids, temperature, chunk_tokens, with_entropy)
+    return _head_logprobs(lm, hidden, micro.completion_ids, temperature, chunk_tokens, with_entropy, entropy_grad)

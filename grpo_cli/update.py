@@ -105,13 +105,14 @@ def _accumulate(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch],
         leaves = as_leaves(states)
     for i, micro in enumerate(batches):
         with parallel.sync_gradients(syncing=i == len(batches) - 1):
-            logp, entropy = parallel.train_call(micro, grpo.temperature, share, prompts=leaves)  # [n, c] each
+            logp, entropy = parallel.train_call(micro, grpo.temperature, share, prompts=leaves,
+                                                entropy_grad=bool(grpo.entropy_bonus))  # [n, c] each
             mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
             # With one update, pi_old is the current policy: the ratio is exactly 1.
             old = old_logp[i] if old_logp is not None else logp.detach()
             terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
                             ref_logp[i] if ref_logp is not None else None,
-                            entropy if grpo.entropy_bonus else entropy.detach())
+                            entropy)
             loss = terms.per_completion.sum()
             # gradients are averaged over the processes; the shares already divide by the whole step
             (loss * parallel.world.size).backward()

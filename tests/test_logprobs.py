@@ -198,3 +198,22 @@ def test_entropy_matches_the_full_distribution(policy, rollout):
     mask = rollout.completion_mask.bool()
     assert torch.allclose(entropy[mask], dist.entropy()[mask], atol=1e-5)
     assert torch.allclose(logp[mask], dist.log_prob(rollout.completion_ids)[mask], atol=1e-5)
+
+
+def test_entropy_carries_gradients_only_when_trained_on(policy, rollout):
+    """As a metric the entropy has no graph: under the chunk checkpoints a recomputed branch that
+    backward never reaches would keep a chunk of [K, V] tensors alive per chunk until the end."""
+    from grpo_cli.logprobs import _completion_pass
+
+    out = {}
+    for grad in (False, True):
+        policy.model.zero_grad()
+        logp, entropy = _completion_pass(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
+                                         0.7, 5, True, entropy_grad=grad)
+        assert entropy.requires_grad == grad
+        (logp * rollout.completion_mask).sum().backward()
+        out[grad] = (logp.detach(), entropy.detach(),
+                     torch.cat([p.grad.flatten() for p in policy.trainable_parameters()]))
+    policy.model.zero_grad()
+    for plain, trained in zip(out[False], out[True]):
+        torch.testing.assert_close(plain, trained)
