@@ -144,7 +144,7 @@ class _Layer:
             causal = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(end - t)  # [T, end]
             mask = causal[None] & valid[:, None, :end]  # [n, T, end]
             # A padding query would see no key, and its NaN would reach the cache; it sees itself.
-            mask[:, torch.arange(t), torch.arange(start, end)] = True
+            mask[:, torch.arange(t, device=x.device), torch.arange(start, end, device=x.device)] = True
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_cli import checkpoint, lora_linear
+from grpo_cli import allocator, checkpoint, lora_linear
 from grpo_cli.checkpoint import rng_state
 from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
@@ -226,6 +226,8 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
 
     # Model, data, optimizer.
     policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message, device=world.device(recipe.model.device))
+    if policy.device.type == "cpu":
+        allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
     train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model, grpo.max_new_tokens, not chat)
