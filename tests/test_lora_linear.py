@@ -39,6 +39,64 @@ def test_same_values_and_gradients_as_peft():
         torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-6, atol=1e-9)
 
 
+def saved_for_backward_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward pass."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        completion_logprobs(model, ids, torch.ones_like(ids), prompt_len=4)
+    return sum(storages.values())
+
+
+def test_16_bit_weights_with_float32_adapters_as_peft_computes_them():
+    # PEFT's default with bfloat16 weights: adapters in float32, their arithmetic in float32.
+    policy = trained_lora_policy(dtype="bfloat16", lora={"r": 8, "alpha": 16})
+    assert {p.dtype for n, p in policy.model.named_parameters() if "lora_" in n} == {torch.float32}
+    plain, exact = copy.deepcopy(policy.model), copy.deepcopy(policy.model).double()
+    assert lora_linear.install(policy.model) == 28
+    ids = policy.tokenizer(["What is 2 + 3? #### 5", "What is 7 * 8? 7*8=56"] * 8, return_tensors="pt",
+                           padding=True)["input_ids"]
+    fused_logp, fused_grads = logprobs_and_grads(policy.model, ids)
+    peft_logp, peft_grads = logprobs_and_grads(plain, ids)
+    exact_logp, exact_grads = logprobs_and_grads(exact, ids)
+    torch.testing.assert_close(fused_logp, peft_logp)  # the forward is the same arithmetic
+
+    def error(grads, name):
+        return ((grads[name].double() - exact_grads[name]).norm() / exact_grads[name].norm()).item()
+
+    for name in peft_grads:  # gradients: summed in another order, as close to float64's as PEFT's are
+        assert fused_grads[name].dtype == torch.float32
+        assert error(fused_grads, name) <= 1.2 * error(peft_grads, name) + 1e-3, name
+    # x is kept once in 16 bits for the projections that share it, not in float32 per adapter
+    assert saved_for_backward_bytes(policy.model, ids) < 0.75 * saved_for_backward_bytes(plain, ids)
+
+
+def test_one_16_bit_layer_matches_peft_s_to_rounding():
+    # the model-level test above sits at bfloat16's noise; one layer shows the arithmetic itself
+    policy = trained_lora_policy(dtype="bfloat16", lora={"r": 8, "alpha": 16})
+    plain = lora_layers(policy.model)[0]
+    fused = copy.deepcopy(plain)
+    assert lora_linear.install(fused) == 1
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, plain.in_features, dtype=torch.bfloat16)
+    grad_out = torch.randn(3, 5, plain.out_features, dtype=torch.bfloat16)
+    results = []
+    for layer in (plain, fused):
+        x_in = x.clone().requires_grad_()
+        out = layer(x_in)
+        out.backward(grad_out)
+        adapter = layer.active_adapters[0]
+        results.append((out, x_in.grad, layer.lora_A[adapter].weight.grad, layer.lora_B[adapter].weight.grad))
+    for peft_value, fused_value in zip(*results):
+        assert fused_value.dtype == peft_value.dtype
+        tolerance = {"rtol": 1e-5, "atol": 1e-6} if peft_value.dtype == torch.float32 else {}
+        torch.testing.assert_close(fused_value, peft_value, **tolerance)
+
+
 def test_a_deep_copy_runs_its_own_weights():
     policy = lora_policy()
     lora_linear.install(policy.model)
