@@ -41,3 +41,16 @@ def test_scaling_prints_one_row_per_doubling():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == ["base", "G x2", "G x4", "length x2", "length x4", "model x2"]
     assert rows[0].split("|")[6].strip() == "1.00"  # the base row against itself
+
+
+def test_head_memory_prints_one_row_per_case():
+    proc = run_script("scripts/head_memory.py", "--tokens", "64", "--hidden", "16", "--vocab", str(2**18))
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 4
+    assert [int(r[2]) for r in rows] == [1024, 128, 128, 128]  # 2**25 logits / 2**18 words per automatic chunk
+    assert all(float(r[3]) >= 0 for r in rows)
+
+
+def test_gpu_measure_script_is_valid_bash():
+    proc = subprocess.run(["bash", "-n", "scripts/gpu_measure.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
