@@ -61,16 +61,18 @@ def main() -> None:
 
     base = results[0][4]
     cpu = base["memory_kind"] == "CPU resident"
-    # On the CPU the resident set is mostly libraries: what a step adds to it is what grows.
-    memory = "step_gib" if cpu else "peak_gib"
+    # On the CPU the resident set is mostly libraries, and glibc keeps freed blocks (grpo_cli/allocator.py):
+    # both the process's peak and what the timed steps added above the warm-up's peak are shown.
+    columns = [("peak_gib", "peak (GiB)")] + ([("step_gib", "added by timed steps (GiB)")] if cpu else [])
     print(f"\n{args.prompts} prompts of {args.prompt_tokens} tokens per step; device: {base['device']}; memory: "
-          f"{'peak resident set of the timed steps above the resident set before them' if cpu else 'peak GPU allocated'}\n")
-    print("| run | shape | G | new tokens | step (s) | x base | rollout (s) | update (s) | memory (GiB) | x base |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{'peak resident set of the process' if cpu else 'peak GPU allocated'}\n")
+    header = "".join(f" {title} | x base |" for _, title in columns)
+    print(f"| run | shape | G | new tokens | step (s) | x base | rollout (s) | update (s) |{header}")
+    print("|" + " --- |" * (8 + 2 * len(columns)))
     for label, shape, group_size, length, f in results:
+        memory = "".join(f" {f[key]:.3f} | {f[key] / base[key]:.2f} |" for key, _ in columns)
         print(f"| {label} | {shape} | {group_size} | {length} | {f['step_s']:.3f} | {f['step_s'] / base['step_s']:.2f} | "
-              f"{f['rollout_s']:.3f} | {f['update_s']:.3f} | {f[memory]:.3f} | "
-              f"{f[memory] / base[memory]:.2f} |")
+              f"{f['rollout_s']:.3f} | {f['update_s']:.3f} |{memory}")
 
 
 if __name__ == "__main__":
