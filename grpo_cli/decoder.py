@@ -170,6 +170,10 @@ class LeanDecoder:
         ids = {id(m) for m in foldable}
         self.layers = [_Layer(layer, lm.config, ids) for layer in self.inner.layers]
         self.mode = mode
+        # When to drop ended rows (see rollout._decode_shared). A replayed step costs about the same
+        # for fewer rows on a GPU (it reads the weights once either way) and each drop means a new
+        # capture, so the static step waits until half the rows have ended.
+        self.compact_fraction = 0.5 if mode != "eager" else None
         self.length = 0  # cache slots written
         self.valid = self.next_position = None  # [n, capacity] bool, [n]
         self.rotary_table = None  # (cos, sin) [capacity, d] each, where they depend on the position alone

@@ -241,6 +241,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     eos = torch.tensor(eos_ids, device=device)
     ended = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over this rank's rows
     steps = 0
+    compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
         if greedy:
             chosen = logits.argmax(-1) if len(active) else active  # [n]
@@ -262,7 +263,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
             all_ended = world.reduce(float(all_ended), "min") == 1.0
         if all_ended or steps == max_new_tokens:
             break
-        if int(just_ended.sum()) and (int(ended[active].sum()) >= COMPACT_FRACTION * len(active)):
+        if int(just_ended.sum()) and (int(ended[active].sum()) >= compact_fraction * len(active)):
             # Drop the ended rows (the cache index copy is amortized over many steps).
             kept = (~ended[active]).nonzero().squeeze(1)
             if len(kept) == 0:  # this rank is done; it keeps drawing in step with the others

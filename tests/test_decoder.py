@@ -120,6 +120,34 @@ def test_static_step_reads_only_valid_slots():
     torch.testing.assert_close(out["static"], out["eager"], rtol=1e-5, atol=1e-5)
 
 
+def test_the_replayable_step_samples_the_same_tokens_and_drops_rows_later(tiny_model_path):
+    from grpo_cli.rollout import _decode_shared, eos_token_ids
+
+    policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
+    policy.model.eval()
+    tokenizer = policy.tokenizer
+    enc = tokenizer(["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 38?"], return_tensors="pt",
+                    padding=True)
+    tokens, keeps = {}, {}
+    for mode in ("eager", "static"):
+        lean = decoder.LeanDecoder(policy.model, enc["input_ids"].shape[1] + 40, [], mode)
+        kept = []
+        keep = lean.keep
+        lean.keep = lambda rows: kept.append(len(rows)) or keep(rows)
+        torch.manual_seed(7)
+        with torch.no_grad():
+            tokens[mode] = _decode_shared(lean, tokenizer, enc["input_ids"], enc["attention_mask"], 40, 6, 1.0, 1.0,
+                                          False, eos_token_ids(policy.model, tokenizer))
+        keeps[mode] = kept[1:]  # after the prefill's
+    def completions(raw):  # each row through its first EOS; rows not yet dropped sample on after it
+        return [row[: (row == 1).nonzero()[0].item() + 1 if (row == 1).any() else len(row)].tolist() for row in raw]
+
+    assert tokenizer.convert_tokens_to_ids(tokenizer.eos_token) == 1
+    assert completions(tokens["static"]) == completions(tokens["eager"])
+    assert len(keeps["static"]) < len(keeps["eager"])  # each drop is a new capture: the replayable step waits
+    assert all(after <= before / 2 for before, after in zip([18] + keeps["static"], keeps["static"]))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decoding_draws_the_same_tokens_as_eager():
     model = random_model(Qwen2Config(**SHAPE)).cuda()
