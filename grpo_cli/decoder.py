@@ -252,26 +252,28 @@ class LeanDecoder:
 
     def _replay(self) -> torch.Tensor:
         if self.graph is None:
-            try:
-                self._capture()
+            token, position, slot = self.inputs
+            try:  # the step reads these very tensors on every replay: step() copies into them
+                self.graph, self.graph_logits = self.record(lambda: self._forward(token, position, slot))
             except Exception as error:  # an op that cannot be recorded: decode without graphs, correctly
                 warnings.warn(f"decoding without CUDA graphs: capturing a decode step failed ({error})", stacklevel=2)
                 self.mode, self.graph = "static", None
-                return self._forward(*self.inputs[:2], self.inputs[2])
+                return self._forward(token, position, slot)
         self.graph.replay()
         return self.graph_logits
 
-    def _capture(self) -> None:
-        """Record the static step. A warm-up run on a side stream first, as torch.cuda.graphs asks (it
-        computes this very step; the replay after the capture computes it again, the same values)."""
-        token, position, slot = self.inputs
+    @staticmethod
+    def record(step):
+        """`step` (no arguments, returns a tensor) recorded as a CUDA graph: (graph, its output tensor).
+        A warm-up run on a side stream first, as torch.cuda.graphs asks (it computes this very step; the
+        first replay computes it again, the same values)."""
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            self._forward(token, position, slot)
+            step()
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.graph_logits = self._forward(token, position, slot)
-        self.graph = graph
+            out = step()
+        return graph, out

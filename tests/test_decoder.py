@@ -148,6 +148,76 @@ def test_the_replayable_step_samples_the_same_tokens_and_drops_rows_later(tiny_m
     assert all(after <= before / 2 for before, after in zip([18] + keeps["static"], keeps["static"]))
 
 
+class Recording:
+    """What a CUDA graph does, on the CPU: replay reruns the recorded step on the tensors it read at
+    recording time and writes the result into the same output tensor."""
+
+    made = 0
+
+    def __init__(self, step):
+        Recording.made += 1
+        self.step, self.out = step, step()
+
+    def replay(self):
+        self.out.copy_(self.step())
+
+    @staticmethod
+    def record(step):
+        recording = Recording(step)
+        return recording, recording.out
+
+
+def test_graph_mode_replays_the_recorded_step_on_its_inputs(monkeypatch):
+    # The capture itself needs CUDA; this checks what the decoder does around it: inputs written in
+    # place before each replay, one output tensor, a new recording after rows are dropped.
+    monkeypatch.setattr(decoder.LeanDecoder, "record", staticmethod(Recording.record))
+    Recording.made = 0
+    model = random_model(Qwen2Config(**SHAPE))
+    prompts, mask = torch.randint(3, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    steps, outputs = {}, []
+    for mode in ("eager", "graph"):
+        lean = decoder.LeanDecoder(model, capacity=14, foldable=[], mode=mode)
+        rows = 6
+        with torch.no_grad():
+            steps[mode] = [lean.prefill(prompts, mask, 2).clone()]
+            for t in range(7):
+                logits = lean.step(torch.arange(rows) + t + 3)
+                steps[mode].append(logits.clone())
+                if mode == "graph":
+                    outputs.append(logits)
+                if t == 2:
+                    lean.keep(torch.tensor([0, 2, 5]))
+                    rows = 3
+        assert lean.mode == mode
+    for eager, graph in zip(steps["eager"], steps["graph"]):
+        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-5)
+    assert Recording.made == 2  # once per batch size
+    assert outputs[0] is outputs[2] and outputs[3] is outputs[6] and outputs[2] is not outputs[3]
+
+
+def test_a_step_that_cannot_be_recorded_decodes_without_a_graph(monkeypatch):
+    def refuse(step):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decoder.LeanDecoder, "record", staticmethod(refuse))
+    model = random_model(LlamaConfig(**SHAPE))
+    prompts, mask = torch.randint(3, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    logits = {}
+    for mode in ("eager", "graph"):
+        lean = decoder.LeanDecoder(model, capacity=9, foldable=[], mode=mode)
+        with torch.no_grad():
+            lean.prefill(prompts, mask, 1)
+            if mode == "graph":
+                with pytest.warns(UserWarning, match="decoding without CUDA graphs"):
+                    lean.step(torch.tensor([4, 5]))
+                assert lean.mode == "static"
+            else:
+                lean.step(torch.tensor([4, 5]))
+            logits[mode] = lean.step(torch.tensor([6, 7]))
+    torch.testing.assert_close(logits["graph"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_cuda_graph_decoding_draws_the_same_tokens_as_eager():
     model = random_model(Qwen2Config(**SHAPE)).cuda()
