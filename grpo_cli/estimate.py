@@ -64,14 +64,25 @@ def count_parameters(recipe: Recipe, config) -> tuple[int, int]:
         return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def quantized_parameters(config) -> int:
+    """Parameters bitsandbytes stores in 4 bits: the linear layers', not the embeddings, the output
+    head (left in 16 bits) or the norms. Counted on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
 def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = True) -> Estimate:
     spec, grpo = recipe.model, recipe.grpo
     width = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if on_gpu else 4}[spec.dtype]
-    weight_bytes = 0.5 if spec.load_in_4bit else width
     hidden, layers = config.hidden_size, config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
-    parts = {"weights": total * weight_bytes / GIB}
+    four_bit = quantized_parameters(config) if spec.load_in_4bit else 0
+    parts = {"weights": (four_bit * 0.5 + (total - four_bit) * width) / GIB}
     # fp32 adapters and their gradients, or gradients at the weights' width; AdamW's two fp32 moments
     trained_bytes = (4 + 4) if spec.lora is not None else width
     parts["training state (grads, AdamW)"] = trainable * (trained_bytes + 8) / GIB

@@ -165,3 +165,19 @@ def test_a_shipped_recipe_by_name(tmp_path, tiny_model_path, monkeypatch):
                                  "--set", f"output.dir={tmp_path / 'r'}"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_4_bit_estimate_keeps_embeddings_and_norms_in_16_bits(tiny_model_path):
+    from grpo_cli import builtin_model
+    from grpo_cli.estimate import GIB, count_parameters, estimate, quantized_parameters
+    from grpo_cli.recipe import load
+
+    config = builtin_model.build_config(builtin_model.build_tokenizer())
+    # 4 layers of q 128x128, k and v 128x64, o 128x128, gate and up 128x384, down 384x128; the tied
+    # 101x128 embedding and the nine 128-wide norms stay in 16 bits
+    assert quantized_parameters(config) == 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384) == 786_432
+    recipe = load(str(ROOT / "recipes" / "quickstart.yaml"), ["model.load_in_4bit=true", "model.dtype=bfloat16"])
+    total, trainable = count_parameters(recipe, config)
+    assert total - 786_432 == 101 * 128 + 9 * 128
+    weights = estimate(recipe, config, total, trainable).parts["weights"]
+    assert weights == (786_432 * 0.5 + (101 * 128 + 9 * 128) * 2) / GIB
