@@ -16,11 +16,13 @@ reward and is left out of the rule's mean). Identical calls are made once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import signal
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -78,7 +80,10 @@ def _on_alarm(signum, frame):
 
 
 def _prepare_worker() -> None:
-    """Import SymPy and math-verify before the first timed call, so no alarm counts the imports."""
+    """Leave Ctrl-C to the trainer (a terminal sends it to every process of the group; the trainer
+    stops the workers itself, and a worker's KeyboardInterrupt would only print a traceback). Then
+    import SymPy and math-verify before the first timed call, so no alarm counts the imports."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from grpo_cli.answers import is_equivalent
 
     is_equivalent("1/2", "0.5")
@@ -126,6 +131,26 @@ def _settle(rule, item: Item) -> float | None:
         return None
 
 
+@contextlib.contextmanager
+def _ctrl_c_held_back():
+    """Ctrl-C held back while the pool starts and passed on to the trainer's handler once it is up:
+    a second Ctrl-C that stopped the trainer halfway through starting a worker left that worker
+    reading its start-up data from a closed pipe, and its traceback followed the trainer's own
+    message. (A handler, not a blocked signal mask: in a process with other threads the kernel
+    hands the signal to any thread that does not block it.) Handlers are the main thread's only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for _ in caught[:2]:  # the trainer's handler tells a first press from a second
+            signal.raise_signal(signal.SIGINT)
+
+
 class Scorer:
     """A lazily started pool of scoring workers, reused across calls; close() or use as a context.
 
@@ -144,7 +169,8 @@ class Scorer:
     def _ensure_pool(self):
         if self._pool is None:
             # spawn, not fork: the parent holds torch's threads, which fork does not copy safely.
-            self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_prepare_worker)
+            with _ctrl_c_held_back():
+                self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_prepare_worker)
         return self._pool
 
     def close(self) -> None:

@@ -29,3 +29,7 @@ def skips_odd(completion, answer, prompt, **fields):
 
 def returns_text(completion, answer):
     return "high"
+
+
+def ctrl_c_ignored(completion, answer):
+    return float(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)

@@ -301,3 +301,24 @@ def test_prompts_longer_than_the_context(tmp_path, tiny_model_path):
     (tmp_path / "long.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(UserError, match="every prompt of .* is too long: the longest is 300 tokens"):
         run_in_process(tmp_path / "run2", data={"train": str(tmp_path / "long.jsonl"), "eval": None})
+
+
+def test_ctrl_c_at_a_terminal_stops_cleanly_while_workers_score(tmp_path, tiny_model_path):
+    # A terminal sends Ctrl-C to every process of the group, scoring workers included. A worker
+    # that took it printed a KeyboardInterrupt traceback, and one that died mid-job left the
+    # trainer waiting out the job's time limit.
+    (tmp_path / "slow_rules.py").write_text("import time\n\ndef slow(completion, answer):\n"
+                                            "    time.sleep(0.02)\n    return 0.0\n")
+    recipe = sections(tmp_path / "run", train={"steps": 40, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+                      rewards=[{"rule": "correctness"}, {"rule": "python", "function": "slow_rules:slow"}])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "grpo_cli", "train", str(tmp_path / "recipe.yaml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            start_new_session=True)
+    wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 2 or proc.poll() is not None)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by Ctrl-C after step" in err and "Traceback" not in err and "KeyboardInterrupt" not in err

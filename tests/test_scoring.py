@@ -1,3 +1,6 @@
+import multiprocessing
+import os
+import signal
 import threading
 import time
 
@@ -100,3 +103,28 @@ def test_custom_rules_get_their_context_skip_and_fail_cleanly():
     assert scores.column("slow").tolist() == [0.0, 0.0] and scores.timeouts == 2
     assert any("text: returned 'high', not a finite number" in m for m in scores.messages)
     assert any("slow: took longer than 0.3s" in m for m in scores.messages)
+
+
+def test_workers_leave_ctrl_c_to_the_trainer():
+    with Scorer({"ignored": bad.ctrl_c_ignored}, workers=1) as scorer:
+        assert scorer.score(["ignored"], ["x"], ["y"]).values.tolist() == [[1.0]]
+
+
+def test_ctrl_c_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
+    spawn = multiprocessing.get_context("spawn")
+    start = spawn.Pool
+
+    def interrupted_start(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of starting the workers
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(spawn, "Pool", interrupted_start)
+    before = signal.getsignal(signal.SIGINT)
+    scorer = Scorer({"length": bad.length}, workers=1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            scorer.score(["length"], ["abc"], ["x"])
+        assert scorer._pool is not None  # the workers had all started when the interrupt landed
+    finally:
+        scorer.close()
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler is back
