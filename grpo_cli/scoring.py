@@ -138,8 +138,8 @@ def _ctrl_c_held_back():
     reading its start-up data from a closed pipe, and its traceback followed the trainer's own
     message. (A handler, not a blocked signal mask: in a process with other threads the kernel
     hands the signal to any thread that does not block it.) Handlers are the main thread's only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler set outside Python, which could not be put back
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
