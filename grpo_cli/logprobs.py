@@ -56,33 +56,24 @@ def _scaled_logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: flo
     return logits / temperature if temperature != 1.0 else logits  # no second [K, V] copy at temperature 1
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
-    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy=False)[0]
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
+                    with_entropy: bool, entropy_grad: bool):
+    """[K, H] hidden states, [K] targets -> ([K] log-probs, [K] entropies or None) through the head."""
+    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy, entropy_grad)
 
 
-def _chunk_logprobs_entropy(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float):
-    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy=True)
+def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool):
+    """[..., V] logits -> log-prob of each target [...], and the distribution's entropy [...] if asked.
 
-
-def _chunk_logprobs_entropy_value(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module,
-                                  temperature: float):
-    """The entropy as a value only. Under a checkpoint, a recomputed branch that backward never
-    reaches keeps its saved [K, V] tensors until the whole graph goes: one chunk's worth per chunk,
-    so memory would grow with batch x length x vocabulary after all."""
-    logits = _scaled_logits(hidden, head, temperature)  # [K, V]
-    logp = _from_logits(logits, targets, with_entropy=False)[0]
-    with torch.no_grad():
-        entropy = _from_logits(logits, targets, with_entropy=True)[1]
-    return logp, entropy
-
-
-def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
-    """[..., V] logits -> log-prob of each target [...], and the distribution's entropy [...] if asked."""
+    Without `entropy_grad` the entropy is a value only. Under the head's chunk checkpoints a
+    recomputed branch that backward never reaches keeps its saved [K, V] tensors until the whole
+    graph goes: one chunk's worth per chunk, so memory would grow with batch x length x vocabulary."""
     normalizer = logits.logsumexp(-1)  # [...]
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normalizer
     if not with_entropy:
         return logp, None
-    entropy = normalizer - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - E_p[logit]
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = normalizer - (torch.softmax(logits, -1) * logits).sum(-1)  # H = log Z - E_p[logit]
     return logp, entropy
 
 
@@ -114,7 +105,7 @@ def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, 
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
             logits_to_keep=c + 1,
         ).logits[:, :-1].float() / temperature  # [N, C, V]
-        return _from_logits(logits, targets, with_entropy)
+        return _from_logits(logits, targets, with_entropy, entropy_grad)
     hidden = lm.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, P+C, H]
@@ -132,18 +123,16 @@ def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature:
     flat_targets = targets.reshape(n * c)  # [N*C]
     head = lm.get_output_embeddings()
     chunk_tokens = chunk_tokens or chunk_tokens_for(head.weight.shape[0])
-    chunk_fn = (_chunk_logprobs if not with_entropy else _chunk_logprobs_entropy if entropy_grad
-                else _chunk_logprobs_entropy_value)
     pieces = []
     for start in range(0, n * c, chunk_tokens):
-        args = (hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head, temperature)
+        args = (hidden[start : start + chunk_tokens], flat_targets[start : start + chunk_tokens], head, temperature,
+                with_entropy, entropy_grad)
         if torch.is_grad_enabled() and hidden.requires_grad:
-            pieces.append(checkpoint(chunk_fn, *args, use_reentrant=False))
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
-            pieces.append(chunk_fn(*args))
-    if not with_entropy:
-        return torch.cat(pieces).view(n, c), None  # [N, C]
-    return torch.cat([p[0] for p in pieces]).view(n, c), torch.cat([p[1] for p in pieces]).view(n, c)
+            pieces.append(_chunk_logprobs(*args))
+    logp = torch.cat([p[0] for p in pieces]).view(n, c)  # [N, C]
+    return logp, torch.cat([p[1] for p in pieces]).view(n, c) if with_entropy else None
 
 
 def can_share_prompts(model) -> bool:
