@@ -24,7 +24,7 @@ from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.modeling import load_for_inference
 from grpo_cli.recipe import DataSpec, HubDataset
 from grpo_cli.run_log import read_jsonl
-from grpo_cli.scoring import Scorer
+from grpo_cli.scoring import Scorer, refuse_inside_a_starting_worker
 
 BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -117,6 +117,7 @@ def _load_set(options: EvalOptions, recipe) -> tuple[list[dict], NamedSet | None
 
 def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     """Everything `grpo eval` does, without the console."""
+    refuse_inside_a_starting_worker("benchmark.run()")
     if options.samples < 1:
         raise UserError("--samples must be at least 1.")
     if options.predictions:

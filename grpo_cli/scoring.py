@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from grpo_cli.rewards import RULES, CustomRule, Rule, correctness
 
 CALL_TIMEOUT_S = 5.0
 START_MARGIN_S = 30.0  # a fresh worker imports SymPy and math-verify before its first item
+START_LIMIT_S = 60.0  # no worker started by then: they fail as they start (see WorkersDidNotStart)
 CHUNK = 32
 OK, TIMEOUT, ERROR = 0, 1, 2
 # What the pool runs by default: the reward rules, and answer-to-answer equivalence for majority votes.
@@ -79,14 +81,35 @@ def _on_alarm(signum, frame):
     raise _Alarm
 
 
-def _prepare_worker() -> None:
+class WorkersDidNotStart(RuntimeError):
+    """No scoring worker finished starting: they exit as they start, and the pool starts new ones forever."""
+
+
+def _unguarded_script_hint() -> str:
+    return ("If you call grpo from your own Python script, put the call under `if __name__ == \"__main__\":` "
+            "(each worker process runs the script's top level again as it starts: Python's 'spawn' start method).")
+
+
+def refuse_inside_a_starting_worker(call: str) -> None:
+    """Stop at once when a scoring worker, starting, runs the user's script again and reaches `call`.
+
+    Without this each worker would load the model before failing, and the pool would start another."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):  # what multiprocessing itself checks
+        raise SystemExit(f"grpo: {call} was called again by a scoring worker process as it started. "
+                         + _unguarded_script_hint())
+
+
+def _prepare_worker(ready) -> None:
     """Leave Ctrl-C to the trainer (a terminal sends it to every process of the group; the trainer
     stops the workers itself, and a worker's KeyboardInterrupt would only print a traceback). Then
-    import SymPy and math-verify before the first timed call, so no alarm counts the imports."""
+    import SymPy and math-verify before the first timed call, so no alarm counts the imports.
+    `ready` counts the workers that got this far."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from grpo_cli.answers import is_equivalent
 
     is_equivalent("1/2", "0.5")
+    with ready.get_lock():
+        ready.value += 1
 
 
 def _call(rule, completion: str, answer: str, context: str):
@@ -159,18 +182,24 @@ class Scorer:
     """
 
     def __init__(self, rules: Mapping[str, Rule] = GRADERS, workers: int | None = None,
-                 call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S):
+                 call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S,
+                 start_limit_s: float | None = None):
         self.rules = dict(rules)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.call_timeout_s = call_timeout_s
         self.start_margin_s = start_margin_s
-        self._pool = None
+        self.start_limit_s = start_limit_s  # None: START_LIMIT_S, read when it is needed
+        self._pool = self._ready = None
+        self._started_at = 0.0
 
     def _ensure_pool(self):
         if self._pool is None:
             # spawn, not fork: the parent holds torch's threads, which fork does not copy safely.
+            context = multiprocessing.get_context("spawn")
+            self._ready = context.Value("i", 0)
+            self._started_at = time.monotonic()
             with _ctrl_c_held_back():
-                self._pool = multiprocessing.get_context("spawn").Pool(self.workers, initializer=_prepare_worker)
+                self._pool = context.Pool(self.workers, initializer=_prepare_worker, initargs=(self._ready,))
         return self._pool
 
     def close(self) -> None:
@@ -201,7 +230,7 @@ class Scorer:
             retry = []
             for index, (chunk, job) in enumerate(jobs):
                 try:
-                    results.update(zip(chunk, job.get(timeout=self._limit(chunk, rules))))
+                    results.update(zip(chunk, self._wait(job, self._limit(chunk, rules))))
                 except multiprocessing.TimeoutError:
                     self.close()
                     if len(chunk) == 1:
@@ -212,6 +241,25 @@ class Scorer:
                     break
             jobs = self._submit(retry, rules) if retry else []
         return results
+
+    def _wait(self, job, limit: float):
+        """The job's results; multiprocessing.TimeoutError after `limit` seconds. While no worker has
+        started, WorkersDidNotStart once start_limit_s have passed since the pool was started."""
+        deadline = time.monotonic() + limit
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return job.get(timeout=max(0.0, min(remaining, 1.0)))
+            except multiprocessing.TimeoutError:
+                if remaining <= 1.0:
+                    raise
+                start_limit = START_LIMIT_S if self.start_limit_s is None else self.start_limit_s
+                if self._ready.value == 0 and time.monotonic() - self._started_at > start_limit:
+                    self.close()
+                    raise WorkersDidNotStart(
+                        f"the reward-scoring worker processes did not start: none was ready {start_limit:g} s "
+                        "after the pool started, so they are most likely failing as they start (their errors are "
+                        "printed above). " + _unguarded_script_hint()) from None
 
     def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
                contexts: list[dict] | None = None) -> "Pending":

@@ -38,7 +38,7 @@ from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import sample_step
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
-from grpo_cli.scoring import GRADERS, Scorer
+from grpo_cli.scoring import GRADERS, Scorer, refuse_inside_a_starting_worker
 from grpo_cli.update import UpdateStats, make_optimizer, update_policy
 
 
@@ -199,6 +199,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     """Run the recipe; with resume, continue from the run directory's latest checkpoint.
 
     Under torchrun each process runs this with its share of every step (see distributed.py)."""
+    refuse_inside_a_starting_worker("train()")
     world = connect(recipe.distributed.timeout_minutes)
     try:
         check_recipe(recipe, world)

@@ -107,3 +107,22 @@ def test_a_run_without_checkpoints_is_explained(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="without a complete checkpoint"):
         run(EvalOptions(model=str(tmp_path)))
+
+
+def test_a_scoring_worker_that_runs_the_script_again_stops_before_loading_the_model(monkeypatch):
+    # What a spawned worker sees while it re-runs an unguarded script (multiprocessing's own flag).
+    import multiprocessing
+
+    from grpo_cli import benchmark
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(benchmark, "load_for_inference", no_loading)
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(SystemExit, match=r"run\(\) was called again by a scoring worker .* `if __name__"):
+        run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test"))
+    monkeypatch.undo()
+    with pytest.raises(AssertionError, match="the model was loaded"):  # the same call in the script's own process
+        monkeypatch.setattr(benchmark, "load_for_inference", no_loading)
+        run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test"))

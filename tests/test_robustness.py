@@ -322,3 +322,27 @@ def test_ctrl_c_at_a_terminal_stops_cleanly_while_workers_score(tmp_path, tiny_m
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "stopped by Ctrl-C after step" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_a_script_that_calls_train_without_the_main_guard_gets_told_how_to_fix_it(tmp_path, tiny_model_path):
+    # Scoring workers are spawned: each runs the calling script's top level again as it starts. Unguarded,
+    # every worker loaded the model before failing, the pool started another, and the run waited forever.
+    recipe = sections(tmp_path / "run", data={"train": "builtin:arithmetic", "eval": None})
+    (tmp_path / "unguarded.py").write_text(
+        "import grpo_cli.scoring\nfrom grpo_cli import recipe\nfrom grpo_cli.train import train\n\n"
+        "grpo_cli.scoring.START_LIMIT_S = 5.0\n"
+        f"train(recipe.validate({recipe!r}))\nprint('trained')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "unguarded.py"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too
+        raise
+    assert proc.returncode == 1 and "trained" not in out, err[-2000:]
+    assert time.monotonic() - started < 120
+    assert "WorkersDidNotStart" in err and 'if __name__ == "__main__":' in err
+    assert "train() was called again by a scoring worker process as it started" in err
+    assert out.count("model builtin:tiny-math") == 1  # only the script's own process loaded it
