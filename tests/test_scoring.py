@@ -119,12 +119,15 @@ def test_ctrl_c_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
         return start(*args, **kwargs)
 
     monkeypatch.setattr(spawn, "Pool", interrupted_start)
-    before = signal.getsignal(signal.SIGINT)
+    # Python's own handler, whatever this process inherited: a shell starts a background job
+    # (`pytest &`) with Ctrl-C ignored, and the held-back press is then rightly ignored too.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     scorer = Scorer({"length": bad.length}, workers=1)
     try:
         with pytest.raises(KeyboardInterrupt):
             scorer.score(["length"], ["abc"], ["x"])
         assert scorer._pool is not None  # the workers had all started when the interrupt landed
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is back
     finally:
         scorer.close()
-    assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler is back
+        signal.signal(signal.SIGINT, inherited)
