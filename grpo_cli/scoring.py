@@ -182,13 +182,11 @@ class Scorer:
     """
 
     def __init__(self, rules: Mapping[str, Rule] = GRADERS, workers: int | None = None,
-                 call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S,
-                 start_limit_s: float | None = None):
+                 call_timeout_s: float = CALL_TIMEOUT_S, start_margin_s: float = START_MARGIN_S):
         self.rules = dict(rules)
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.call_timeout_s = call_timeout_s
         self.start_margin_s = start_margin_s
-        self.start_limit_s = start_limit_s  # None: START_LIMIT_S, read when it is needed
         self._pool = self._ready = None
         self._started_at = 0.0
 
@@ -244,7 +242,7 @@ class Scorer:
 
     def _wait(self, job, limit: float):
         """The job's results; multiprocessing.TimeoutError after `limit` seconds. While no worker has
-        started, WorkersDidNotStart once start_limit_s have passed since the pool was started."""
+        started, WorkersDidNotStart once START_LIMIT_S have passed since the pool was started."""
         deadline = time.monotonic() + limit
         while True:
             remaining = deadline - time.monotonic()
@@ -253,11 +251,10 @@ class Scorer:
             except multiprocessing.TimeoutError:
                 if remaining <= 1.0:
                     raise
-                start_limit = START_LIMIT_S if self.start_limit_s is None else self.start_limit_s
-                if self._ready.value == 0 and time.monotonic() - self._started_at > start_limit:
+                if self._ready.value == 0 and time.monotonic() - self._started_at > START_LIMIT_S:
                     self.close()
                     raise WorkersDidNotStart(
-                        f"the reward-scoring worker processes did not start: none was ready {start_limit:g} s "
+                        f"the reward-scoring worker processes did not start: none was ready {START_LIMIT_S:g} s "
                         "after the pool started, so they are most likely failing as they start (their errors are "
                         "printed above). " + _unguarded_script_hint()) from None
 
