@@ -85,9 +85,9 @@ class WorkersDidNotStart(RuntimeError):
     """No scoring worker finished starting: they exit as they start, and the pool starts new ones forever."""
 
 
-def _unguarded_script_hint() -> str:
-    return ("If you call grpo from your own Python script, put the call under `if __name__ == \"__main__\":` "
-            "(each worker process runs the script's top level again as it starts: Python's 'spawn' start method).")
+UNGUARDED_SCRIPT_HINT = ("If you call grpo from your own Python script, put the call under `if __name__ == "
+                         "\"__main__\":` (each worker process runs the script's top level again as it starts: "
+                         "Python's 'spawn' start method).")
 
 
 def refuse_inside_a_starting_worker(call: str) -> None:
@@ -96,7 +96,7 @@ def refuse_inside_a_starting_worker(call: str) -> None:
     Without this each worker would load the model before failing, and the pool would start another."""
     if getattr(multiprocessing.current_process(), "_inheriting", False):  # what multiprocessing itself checks
         raise SystemExit(f"grpo: {call} was called again by a scoring worker process as it started. "
-                         + _unguarded_script_hint())
+                         + UNGUARDED_SCRIPT_HINT)
 
 
 def _prepare_worker(ready) -> None:
@@ -256,7 +256,7 @@ class Scorer:
                     raise WorkersDidNotStart(
                         f"the reward-scoring worker processes did not start: none was ready {START_LIMIT_S:g} s "
                         "after the pool started, so they are most likely failing as they start (their errors are "
-                        "printed above). " + _unguarded_script_hint()) from None
+                        "printed above). " + UNGUARDED_SCRIPT_HINT) from None
 
     def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
                contexts: list[dict] | None = None) -> "Pending":

@@ -123,6 +123,6 @@ def test_a_scoring_worker_that_runs_the_script_again_stops_before_loading_the_mo
     with pytest.raises(SystemExit, match=r"run\(\) was called again by a scoring worker .* `if __name__"):
         run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test"))
     monkeypatch.undo()
+    monkeypatch.setattr(benchmark, "load_for_inference", no_loading)
     with pytest.raises(AssertionError, match="the model was loaded"):  # the same call in the script's own process
-        monkeypatch.setattr(benchmark, "load_for_inference", no_loading)
         run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test"))
