@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA, small_recipe
+from conftest import TEST_DATA, small_recipe
 from grpo_cli import recipe as recipe_module
 from grpo_cli.benchmark import BOXED_SYSTEM_PROMPT, EvalOptions, run
 from grpo_cli.console import TrainConsole
@@ -64,11 +64,11 @@ def test_same_seed_same_samples(trained_run):
 
 
 def test_named_set_from_a_local_file(trained_run):
-    evaluation = run(EvalOptions(model=str(trained_run), data="gsm8k", data_file=str(SHARED_DATA / "gsm8k_test.jsonl"),
+    evaluation = run(EvalOptions(model=str(trained_run), data="gsm8k", data_file=str(TEST_DATA / "gsm8k_test_200.jsonl"),
                                  limit=3, max_new_tokens=8))
     assert evaluation.settings["data"].startswith("gsm8k (") and evaluation.report.items[0].gold == "18"
     assert evaluation.report.items[0].fields["question"].startswith("Janet")
-    math = run(EvalOptions(model=str(trained_run), data="math500", data_file=str(SHARED_DATA / "math500_test.jsonl"),
+    math = run(EvalOptions(model=str(trained_run), data="math500", data_file=str(TEST_DATA / "math500_test.jsonl"),
                            limit=2, max_new_tokens=8))
     # the run was trained on {question}; MATH rows carry {problem}, renamed for its prompt
     assert math.report.items[0].fields["problem"].startswith("Convert the point")
@@ -77,9 +77,9 @@ def test_named_set_from_a_local_file(trained_run):
 def test_protocol_for_a_chat_model_without_a_recipe(tiny_model_path, tmp_path):
     # a plain model directory whose tokenizer has a chat template: chat + the boxed system prompt
     evaluation = run(EvalOptions(model=str(tiny_model_path), data="gsm8k",
-                                 data_file=str(SHARED_DATA / "gsm8k_test.jsonl"), limit=1, max_new_tokens=4))
+                                 data_file=str(TEST_DATA / "gsm8k_test_200.jsonl"), limit=1, max_new_tokens=4))
     assert evaluation.settings["chat"] is True and evaluation.settings["system_prompt"] == BOXED_SYSTEM_PROMPT
-    plain = run(EvalOptions(model=str(tiny_model_path), data="gsm8k", data_file=str(SHARED_DATA / "gsm8k_test.jsonl"),
+    plain = run(EvalOptions(model=str(tiny_model_path), data="gsm8k", data_file=str(TEST_DATA / "gsm8k_test_200.jsonl"),
                             limit=1, max_new_tokens=4, chat=False))
     assert plain.settings["template"] == "Question: {question}\nAnswer:"
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import ROOT, SHARED_DATA, small_recipe
+from conftest import ROOT, TEST_DATA, small_recipe
 from grpo_cli import __version__
 from grpo_cli.cli import app
 
@@ -107,7 +107,7 @@ def test_eval_through_the_runner(tmp_path, tiny_model_path):
 def test_eval_predictions_as_a_subprocess(tmp_path):
     out = tmp_path / "r.json"
     result = subprocess.run(
-        [sys.executable, "-m", "grpo_cli", "eval", "--predictions", str(SHARED_DATA / "gsm8k_test_model_solutions.jsonl"),
+        [sys.executable, "-m", "grpo_cli", "eval", "--predictions", str(TEST_DATA / "gsm8k_test_model_solutions_1000.jsonl"),
          "--limit", "200", "--output", str(out)],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert result.returncode == 0, result.stderr

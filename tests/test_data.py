@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from grpo_cli.answers import is_equivalent
 from grpo_cli.builtin_model import build_tokenizer
 from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows
@@ -26,15 +26,15 @@ def test_unknown_builtin_set_is_explained():
 
 
 def test_gsm8k_file_gives_bare_gold_answers(tokenizer):
-    examples = load_examples(str(SHARED_DATA / "gsm8k_test.jsonl"), DataSpec(), tokenizer)
-    assert len(examples.items) == 1319 and examples.skipped == 0
+    examples = load_examples(str(TEST_DATA / "gsm8k_test_200.jsonl"), DataSpec(), tokenizer)
+    assert len(examples.items) == 200 and examples.skipped == 0
     first = examples.items[0]
     assert first.answer == "18" and first.prompt.startswith("Janet")
 
 
 def test_math500_uses_its_answer_field(tokenizer):
     spec = DataSpec(prompt_field="problem", template="Problem: {problem}\nSolution:")
-    examples = load_examples(str(SHARED_DATA / "math500_test.jsonl"), spec, tokenizer)
+    examples = load_examples(str(TEST_DATA / "math500_test.jsonl"), spec, tokenizer)
     assert len(examples.items) == 500
     assert examples.items[0].prompt.startswith("Problem: Convert the point")
     assert is_equivalent(examples.items[0].answer, "\\left( 3, \\frac{\\pi}{2} \\right)")

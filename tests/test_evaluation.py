@@ -1,10 +1,10 @@
-"""Grading and the protocol figures, on hand-made rows and on the shared real data."""
+"""Grading and the protocol figures, on hand-made rows and on real data kept in tests/data."""
 
 import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from grpo_cli.answers import gold_answer
 from grpo_cli.evaluation import EvalReport, grade, grade_predictions
 from grpo_cli.scoring import Scorer
@@ -17,7 +17,7 @@ def scorer():
 
 
 def read(name):
-    return [json.loads(line) for line in open(SHARED_DATA / name)]
+    return [json.loads(line) for line in open(TEST_DATA / name)]
 
 
 def test_sampled_protocol_figures(scorer):
@@ -66,11 +66,11 @@ def test_malformed_prediction_rows(scorer, row, message):
 
 
 def test_gsm8k_model_completions_agree_with_their_labels(scorer):
-    rows = read("gsm8k_test_model_solutions.jsonl")
+    rows = read("gsm8k_test_model_solutions_1000.jsonl")
     report = grade_predictions(rows, scorer)
-    agree = sum(i.correct[0] == r["is_correct"] for i, r in zip(report.items, rows))
-    assert len(rows) == 5276
-    assert agree / len(rows) >= 0.995, agree
+    disagree = [r["completion"][-80:] for i, r in zip(report.items, rows) if i.correct[0] != r["is_correct"]]
+    assert len(rows) == 1000 and sum(r["is_correct"] for r in rows) == 386
+    assert disagree == []  # all 5276 agree too (scripts/grader_check.py, on ../shared/data)
     assert set(report.summary()["by_model"]) == {"6b_finetuning", "6b_verification", "175b_finetuning",
                                                  "175b_verification"}
 
@@ -100,3 +100,4 @@ def test_math500_breakdown_by_subject_and_level(scorer):
 def test_gold_answer_forms():
     assert gold_answer("#### 72") == "72"
     assert gold_answer("\\frac{1}{2}") == "\\frac{1}{2}"
+
