@@ -10,7 +10,7 @@ fall towards 1/G and 0 as the samples converge.
 
 from __future__ import annotations
 
-from grpo_cli.answers import extract_final_answer, normalize
+from grpo_cli.answers import extract_final_answer, text_key
 
 NGRAM = 3
 
@@ -18,7 +18,7 @@ NGRAM = 3
 def answer_diversity(completions: list[str]) -> float:
     """Distinct final answers / completions; a completion without an answer counts as its own."""
     answers = [extract_final_answer(c) for c in completions]
-    distinct = {normalize(a) for a in answers if a is not None}
+    distinct = {text_key(a) for a in answers if a is not None}
     return (len(distinct) + sum(a is None for a in answers)) / len(completions)
 
 

@@ -9,12 +9,12 @@ from grpo_cli.answers import _parse, extract_final_answer, find_final, gold_answ
     ("Thus the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("\\boxed{2}, \\boxed{3}", "2, 3"),
     ("first \\boxed{7}\nthen we fix it: \\boxed{9}", "9"),
-    ("The answer is 42.", "42."),
+    ("The answer is 42.", "42"),
     ("Final answer: x = 5", "x = 5"),
     ("Answer: 12 apples", "12 apples"),
     ("She makes 13 * 2 = $26\nA: 26", "26"),
     ("(x-2)(x-3)=0, so x = 2 or x = 3.", "x = 2 or x = 3"),
-    ("she has 1,234 marbles in the end", "1,234"),
+    ("she has 1,234 marbles in the end.", "1,234"),
     ("\\boxed{\\frac{a}{\\sqrt{b}}}", "\\frac{a}{\\sqrt{b}}"),
 ])
 def test_extraction(completion, expected):
@@ -103,3 +103,163 @@ def test_the_integer_shortcut_agrees_with_math_verify(pred, gold):
 ])
 def test_is_correct(completion, gold, correct):
     assert is_correct(completion, gold) is correct
+
+
+# ---- answers that other graders' data showed us (issue 17): each class, right and wrong
+
+@pytest.mark.parametrize("pred, gold, equal", [
+    ("4, 9, and 17", "4, 9, 17", True),              # "and" closes a list: every member counts
+    ("4, 8, and 17", "4, 9, 17", False),
+    ("4, 9, and 17", "17", False),
+    ("17", "4, 9, and 17", False),
+    ("(1,5) \\cup (5,250)", "(1,5)\\cup(5,250)", True),  # commas inside intervals are not thousands separators
+    ("(1,5250)", "(1,5) \\cup (5,250)", False),
+    ("(1,5) \\cup (5,250)", "(1,5250)", False),
+    ("11,\\! 250", "11250", True),                   # LaTeX thin space in a number
+    ("11{,}250", "11250", True),
+    ("11,\\! 250", "11,\\!350", False),
+    ("\\sum_{j=1}^n j", "\\frac{n(n+1)}{2}", True),   # the index is not an assignment to drop
+    ("\\sum_{j=1}^{n} j^2", "\\frac{n(n+1)}{2}", False),
+    ("2 1/4", "2.25", True),                          # a mixed number
+    ("2 1/4", "\\frac{9}{4}", True),
+    ("-2 1/4", "-2.25", True),
+    ("2 1/4", "0.5", False),                          # not 2 * 1/4
+    ("x = 2 or x = 3", "2, 3", True),
+    ("x \\in [1,2]", "[1,2]", True),
+    ("3.5 hours", "3.5", True),
+    ("10 dollars per day", "10", True),               # mostly words: math-verify finds the number
+    ("\\frac{NO}{BO}=\\frac{1}{\\sqrt{6}}", "\\frac{1}{\\sqrt{6}}", True),
+])
+def test_equivalence_classes(pred, gold, equal):
+    assert is_equivalent(pred, gold) is equal
+
+
+@pytest.mark.parametrize("raw, gold", [
+    ("\\(\\boxed{3}\\) and \\(\\boxed{-5}\\)", "3, -5"),  # a gold with several boxes is all of them
+    ("The roots are \\boxed{3} and \\boxed{\\frac{1}{2}}.", "3, \\frac{1}{2}"),
+    ("\\boxed{\\boxed{7}}", "\\boxed{7}"),                # a box inside a box is one answer
+])
+def test_gold_answers_with_several_boxes(raw, gold):
+    assert gold_answer(raw) == gold
+
+
+def test_a_gold_with_several_boxes_needs_every_member():
+    gold = gold_answer("\\(\\boxed{3}\\) and \\(\\boxed{-5}\\)")
+    assert is_correct("The solutions are $x = 3$ and $x = -5$. So \\boxed{-5, 3}", gold)
+    assert not is_correct("So \\boxed{-5}", gold)
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("Final Answer: The final answer is $2x+y=3$. I hope it is correct.", "$2x+y=3$"),  # Minerva's ending
+    ("Final Answer: The final answer is 42. I hope it is correct.", "42"),
+    ("The answer is 3.5 hours. That is all.", "3.5 hours"),
+    ("The answer is $x = 1. 5$ or so.", "$x = 1. 5$ or so"),  # a full stop inside math is not an end
+    ("The final answer is: 7", "7"),
+])
+def test_a_marked_answer_ends_with_its_sentence(completion, expected):
+    assert extract_final_answer(completion) == expected
+
+
+def test_minerva_endings_grade_on_the_answer():
+    assert is_correct("Final Answer: The final answer is $2x+y=3$. I hope it is correct.", "y = 3 - 2x")
+    assert not is_correct("Final Answer: The final answer is $2x+y=4$. I hope it is correct.", "y = 3 - 2x")
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("Converting, $r = 1$ and $\\theta = \\pi/3$, so the point is $(1, \\pi/3)$.", "(1, \\pi/3)"),
+    ("so the point is\n\\[\n\\left( 1, \\frac{\\pi}{3} \\right)\n\\]", "\\left( 1, \\frac{\\pi}{3} \\right)"),
+    ("\\frac{10}{9}", "\\frac{10}{9}"),                  # a bare answer is read whole, not as its last number
+    ("x = 5", "x = 5"),
+    ("so the probability is 2/3.", "2/3"),
+    ("The ordered pair is $(7, 6)$. <|im_start|>user\nNext question 5", "(7, 6)"),  # the turn ended
+])
+def test_an_unmarked_closing_expression_is_the_answer(completion, expected):
+    assert extract_final_answer(completion) == expected
+
+
+def test_an_unmarked_tuple_is_graded_whole():
+    completion = "Here $r = 1$ and $\\theta = \\pi/3$, so the point is $(1, \\pi/3)$."
+    assert is_correct(completion, "\\left( 1, \\frac{\\pi}{3} \\right)")
+    assert not is_correct(completion, "3")  # not its last number
+
+
+@pytest.mark.parametrize("completion", [
+    "First 6 * 3 = 18, then we add the 4 remaining eggs and",        # cut off mid-sentence
+    "The total is 18 + 4 = 22 so the price per egg is 22 /",
+    "She sells 9 eggs at $2 each, so 9 * 2 = 18 dollars per day, so the",
+])
+def test_a_completion_cut_off_mid_solution_states_no_answer(completion):
+    assert extract_final_answer(completion) is None
+    assert not is_correct(completion, "18")
+
+
+@pytest.mark.parametrize("completion", [
+    "She sells 9 eggs at $2 each, so she makes 18 dollars.",
+    "9 * 2 = 18",
+    "So she makes $18 every day at the market.",
+])
+def test_a_finished_completion_keeps_its_unmarked_answer(completion):
+    assert is_correct(completion, "18")
+
+
+# ---- every rewrite keeps the meaning of a correct answer
+
+def _read_as_written(answer: str):
+    """math-verify's reading of an answer as it stands (delimited LaTeX as it is, else wrapped in $)."""
+    from math_verify import parse
+
+    delimited = any(d in answer for d in ("$", "\\(", "\\["))
+    return parse(answer if delimited else f"${answer}$", parsing_timeout=None)
+
+
+def test_normalize_keeps_the_meaning_of_every_correct_answer_we_hold():
+    """Over the 722 distinct answers of MATH-500 and of the labelled grader set:
+    wherever normalize rewrites an answer, math-verify reads the result as it read the original.
+    The one rewrite meant to change its reading is the plain mixed number ("1 1/2", read as 1)."""
+    import json
+
+    from conftest import TEST_DATA
+    from math_verify import verify
+
+    from grpo_cli.answers import normalize
+
+    answers = {json.loads(line)["answer"] for line in open(TEST_DATA / "math500_test.jsonl")}
+    answers |= {gold_answer(json.loads(line)["gold"]) for path in (TEST_DATA / "grader").glob("*.jsonl")
+                for line in open(path)}
+    changed = [a for a in answers if normalize(a) != a]
+    assert len(answers) > 700 and len(changed) > 100  # the rewrites do fire ($ delimiters, \$ signs, ...)
+    read_anew = [a for a in changed if _read_as_written(a) and not verify(
+        _read_as_written(a), _read_as_written(normalize(a)), timeout_seconds=None)]
+    assert read_anew == ["1 1/2"]
+
+
+@pytest.mark.parametrize("answer, rewritten", [
+    ("\u22125", "-5"),                          # unicode minus
+    ("$\\frac{1}{2}$", "\\frac{1}{2}"),          # delimiters around the answer
+    ("\\(x^2\\)", "x^2"),
+    ("\\$18.50", "18.50"),                       # a currency sign
+    ("42.", "42"),                              # a sentence's full stop
+    ("2 1/4", "2\\frac{1}{4}"),                 # a plain mixed number, as LaTeX writes it
+    ("-3 2/5", "-3\\frac{2}{5}"),
+])
+def test_each_rewrite(answer, rewritten):
+    from grpo_cli.answers import normalize
+
+    assert normalize(answer) == rewritten
+    assert is_equivalent(answer, rewritten)
+
+
+@pytest.mark.parametrize("answer", [
+    "1, 2, 3, \\ldots",      # an ellipsis keeps its dots
+    "2 5/4",                 # not a mixed number (5/4 is improper): left as written
+    "\\sqrt[3]{2}",          # brackets that are not delimiters
+    "\\left[ 0, 1 \\right)",
+    "(1,5) \\cup (5,250)",
+    "11,\\! 250",
+    "\\sum_{j=1}^n j",
+    "4, 9, \\text{ and } 17",
+])
+def test_rewrites_leave_other_answers_alone(answer):
+    from grpo_cli.answers import normalize
+
+    assert normalize(answer) == answer

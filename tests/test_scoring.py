@@ -25,12 +25,13 @@ def test_pool_scores_match_the_pure_functions():
 
 def test_answers_that_need_no_parsing_are_graded_without_the_pool():
     with Scorer() as scorer:
-        scores = scorer.score(["correctness"], ["3+8=11. #### 11", "#### 12", "no idea", "x = 2 or x = 3"],
-                              ["11", "11", "4", "2, 3"])
+        scores = scorer.score(["correctness"], ["3+8=11. #### 11", "#### 12", "no idea", "#### 1,000"],
+                              ["11", "11", "4", "1000"])
         assert scorer._pool is None  # no worker process was started for these
         assert scores.values[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]
-        # an answer that needs math-verify goes to the pool
-        assert scorer.score(["correctness"], ["\\boxed{\\frac{1}{2}}"], ["0.5"]).values.tolist() == [[1.0]]
+        # answers that need math-verify go to the pool
+        assert scorer.score(["correctness"], ["\\boxed{\\frac{1}{2}}", "x = 2 or x = 3"],
+                            ["0.5", "2, 3"]).values.tolist() == [[1.0], [1.0]]
         assert scorer._pool is not None
 
 
