@@ -79,6 +79,10 @@ class Evaluation:
             record["completion" if single else "completions"] = item.completions[0] if single else item.completions
             if item.majority is not None and not single:
                 record["majority"] = item.extracted[item.majority]
+            if any(item.timed_out):  # graded wrong because the comparison ran past the limit, not on its merits
+                record["timed_out"] = item.timed_out[0] if single else item.timed_out
+            if item.vote_timeouts:
+                record["vote_timeouts"] = item.vote_timeouts
             items.append(record)
         return {**self.report.summary(), "seconds": round(self.report.seconds, 2), "settings": self.settings,
                 "items": items}

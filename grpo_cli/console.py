@@ -89,8 +89,9 @@ class TrainConsole:
             line = f"step {row['step']}/{self._total}  {stats}  {row['step_seconds']:.2f}s/step"
             self.console.print(line, highlight=False, soft_wrap=True)
 
-    def evaluation(self, step: int, accuracy: float, n: int, seconds: float) -> None:
-        self.message(f"eval at step {step}: accuracy {accuracy:.1%} on {n} held-out problems ({seconds:.1f}s)")
+    def evaluation(self, step: int, accuracy: float, n: int, seconds: float, timeouts: int = 0) -> None:
+        late = f"; {timeouts} gradings ran past the time limit and count as wrong" if timeouts else ""
+        self.message(f"eval at step {step}: accuracy {accuracy:.1%} on {n} held-out problems ({seconds:.1f}s){late}")
 
     def stop(self) -> None:
         if self._live is not None:
@@ -143,7 +144,15 @@ def print_eval(console: Console, results: dict) -> None:
             table.add_row(key, f"{value:.2%}")
     table.add_row("protocol", str(settings.get("protocol")))
     table.add_row("seconds", f"{results['seconds']:.1f}")
+    if results.get("timeouts"):
+        table.add_row("[yellow]grading timeouts[/]", f"[yellow]{results['timeouts']}[/]")
     console.print(table)
+    if results.get("timeouts"):
+        from grpo_cli.scoring import CALL_TIMEOUT_S
+
+        console.print(f"[yellow]warning:[/] {results['timeouts']} answer comparisons ran past the "
+                      f"{CALL_TIMEOUT_S:g} s limit and count as wrong; with --output, their items are marked "
+                      "\"timed_out\" so you can check them.", highlight=False)
     for key, groups in results.items():
         if key.startswith("by_"):
             breakdown = Table(title=f"by {key.removeprefix('by_')}", title_justify="left")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from grpo_cli.answers import extract_final_answer, gold_answer
 from grpo_cli.data import Example
@@ -30,6 +30,8 @@ class EvalItem:
     correct: list[bool]
     fields: dict = field(default_factory=dict)  # carried from the input row (problem, subject, level, ...)
     majority: int | None = None  # index of the maj@k answer; None when no sample answered
+    timed_out: list[bool] = field(default_factory=list)  # grading ran past the time limit: wrong, but no verdict
+    vote_timeouts: int = 0  # answer comparisons of the majority vote cut off (those two answers count as different)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class EvalReport:
         return max((len(i.completions) for i in self.items), default=0)
 
     @property
+    def timeouts(self) -> int:
+        """Gradings and vote comparisons cut off at the time limit (each counted as not equal)."""
+        return sum(sum(i.timed_out) + i.vote_timeouts for i in self.items)
+
+    @property
     def accuracy(self) -> float:
         """pass@1: per problem the fraction of its samples that are correct, averaged."""
         return sum(sum(i.correct) / len(i.correct) for i in self.items) / len(self.items)
@@ -49,7 +56,7 @@ class EvalReport:
     def summary(self) -> dict:
         k = self.samples
         figures: dict = {"accuracy": self.accuracy, "n": len(self.items), "samples": k,
-                         "correct": sum(sum(i.correct) for i in self.items)}
+                         "correct": sum(sum(i.correct) for i in self.items), "timeouts": self.timeouts}
         if k > 1:
             figures["mean_accuracy"] = self.accuracy
             for kk in k_values(k):
@@ -93,15 +100,20 @@ def _vote(items: list[EvalItem], scorer: Scorer) -> list[EvalItem]:
     """Fill in each item's maj@k answer, comparing answers by equivalence in the scoring pool."""
     pairs = sorted({(a, b) for item in items for i, a in enumerate(item.extracted) for b in item.extracted[i + 1 :]
                     if a is not None and b is not None and a != b})
-    equal = {}
+    equal, cut_off = {}, set()
     if pairs:
         scores = scorer.score(["equivalent"], [a for a, _ in pairs], [b for _, b in pairs])
         equal = {pair: bool(v) for pair, v in zip(pairs, scores.column("equivalent"))}
+        cut_off = {frozenset(pair) for pair, late in zip(pairs, scores.timed_out("equivalent")) if late}
 
     def same(a: str, b: str) -> bool:
         return a == b or equal.get((a, b), False) or equal.get((b, a), False)
 
-    return [EvalItem(i.gold, i.completions, i.extracted, i.correct, i.fields, majority_vote(i.extracted, same))
+    def vote_timeouts(extracted: list[str | None]) -> int:
+        distinct = sorted({a for a in extracted if a is not None})
+        return sum(frozenset((a, b)) in cut_off for i, a in enumerate(distinct) for b in distinct[i + 1 :])
+
+    return [replace(i, majority=majority_vote(i.extracted, same), vote_timeouts=vote_timeouts(i.extracted))
             for i in items]
 
 
@@ -110,13 +122,15 @@ def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields
     """Grade k completions per problem against its gold answer (bare form)."""
     prefills = prefills or [""] * len(golds)
     flat = [(p + c, g) for g, cs, p in zip(golds, completions, prefills) for c in cs]
-    scores = scorer.score(["correctness"], [c for c, _ in flat], [g for _, g in flat]).column("correctness")
+    scores = scorer.score(["correctness"], [c for c, _ in flat], [g for _, g in flat])
+    values, late = scores.column("correctness"), scores.timed_out("correctness")  # [N], [N]
     fields = fields or [{} for _ in golds]
     items, at = [], 0
     for gold, group, prefill, row in zip(golds, completions, prefills, fields):
-        correct = [bool(v) for v in scores[at : at + len(group)]]
+        span = slice(at, at + len(group))
         at += len(group)
-        items.append(EvalItem(gold, list(group), [extract_final_answer(prefill + c) for c in group], correct, row))
+        items.append(EvalItem(gold, list(group), [extract_final_answer(prefill + c) for c in group],
+                              [bool(v) for v in values[span]], row, timed_out=[bool(t) for t in late[span]]))
     if any(len(g) > 1 for g in completions):
         items = _vote(items, scorer)
     return items

@@ -80,7 +80,8 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
         if informative:
             rows = [g * grpo.group_size + j for g in informative for j in range(grpo.group_size)]
             kept.append((select_groups(rollout, informative), [batch[g] for g in informative],
-                         Scores(scores.values[rows], scores.rules, scores.timeouts, scores.errors, scores.messages)))
+                         Scores(scores.values[rows], scores.rules, scores.timeouts, scores.errors, scores.messages,
+                                scores.status[rows])))
         have = sum(len(examples) for _, examples, _ in kept)
         if have >= grpo.prompts_per_step or rounds == grpo.max_sampling_rounds:
             break
@@ -92,8 +93,9 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
     rollout = concat([r for r, _, _ in kept], policy.tokenizer.pad_token_id)
     examples = [e for _, es, _ in kept for e in es][:groups]
     merged = np.concatenate([sc.values for _, _, sc in kept])[: groups * grpo.group_size]
+    status = np.concatenate([sc.status for _, _, sc in kept])[: groups * grpo.group_size]
     first = kept[0][2]
     return Sampled(select_groups(rollout, list(range(len(examples)))), examples,
                    Done(Scores(merged, first.rules, sum(sc.timeouts for *_, sc in kept),
-                               sum(sc.errors for *_, sc in kept), first.messages)),
+                               sum(sc.errors for *_, sc in kept), first.messages, status)),
                    dropped, rounds, correct / total)

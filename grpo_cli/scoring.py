@@ -68,9 +68,13 @@ class Scores:
     timeouts: int  # calls cut off (scored 0)
     errors: int  # calls that raised or returned a non-number (scored 0)
     messages: tuple[str, ...] = field(default_factory=tuple)  # the first few, "rule: what happened"
+    status: np.ndarray | None = None  # [N, R] OK, TIMEOUT or ERROR behind each value
 
     def column(self, rule: str) -> np.ndarray:  # [N]
         return self.values[:, self.rules.index(rule)]
+
+    def timed_out(self, rule: str) -> np.ndarray:  # [N] bool: the call was cut off, its 0 is no verdict
+        return self.status[:, self.rules.index(rule)] == TIMEOUT
 
 
 class _Alarm(Exception):
@@ -302,8 +306,9 @@ class Pending:
 
     def result(self) -> Scores:
         results = {**self.settled, **self.scorer._collect(self.jobs, self.used)}
-        values = np.array([[results[item][0] for item in row] for row in self.keys],
-                          dtype=np.float64).reshape(len(self.keys), len(self.rules))
-        statuses = [status for _, status, _ in results.values()]
+        shape = (len(self.keys), len(self.rules))
+        values = np.array([[results[item][0] for item in row] for row in self.keys], dtype=np.float64).reshape(shape)
+        status = np.array([[results[item][1] for item in row] for row in self.keys], dtype=np.int8).reshape(shape)
+        statuses = [status for _, status, _ in results.values()]  # each distinct call once
         messages = tuple(dict.fromkeys(m for _, _, m in results.values() if m))[:3]
-        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR), messages)
+        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR), messages, status)

@@ -176,8 +176,10 @@ def run_eval(step: int, parallel: Parallel, eval_set: Examples, recipe: Recipe, 
                           sampler=lambda **kwargs: parallel.generate(**kwargs))
     correct = world.all_gather_objects([c for item in report.items for c in item.correct])
     accuracy, seconds = sum(correct) / len(correct), world.reduce(report.seconds, "max")
-    log.metrics({"step": step, "eval/accuracy": accuracy, "eval/n": len(correct), "eval/seconds": seconds})
-    console.evaluation(step, accuracy, len(correct), seconds)
+    timeouts = int(world.reduce(report.timeouts))
+    log.metrics({"step": step, "eval/accuracy": accuracy, "eval/n": len(correct), "eval/seconds": seconds,
+                 "eval/timeouts": timeouts})
+    console.evaluation(step, accuracy, len(correct), seconds, timeouts)
     return accuracy
 
 

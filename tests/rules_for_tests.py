@@ -33,3 +33,12 @@ def returns_text(completion, answer):
 
 def ctrl_c_ignored(completion, answer):
     return float(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def hangs_on_slow(completion, answer):
+    """Grades like `correctness`, except that it never finishes when either text is 'slow'."""
+    from grpo_cli.answers import is_correct
+
+    if "slow" in (completion, answer):
+        time.sleep(60)  # interruptible: the worker's alarm stops it
+    return float(is_correct(completion, answer))

@@ -101,3 +101,44 @@ def test_gold_answer_forms():
     assert gold_answer("#### 72") == "72"
     assert gold_answer("\\frac{1}{2}") == "\\frac{1}{2}"
 
+
+def test_a_grading_past_the_time_limit_is_counted_and_shown(tmp_path):
+    import rules_for_tests as bad
+    from rich.console import Console
+
+    from grpo_cli.benchmark import Evaluation
+    from grpo_cli.console import print_eval
+    from grpo_cli.scoring import GRADERS
+
+    rules = {**GRADERS, "correctness": bad.hangs_on_slow, "equivalent": bad.hangs_on_slow}
+    with Scorer(rules, call_timeout_s=0.5) as slow_scorer:
+        items = grade(["4", "slow"], [["#### 4", "#### 4"], ["#### 5", "#### 6"]], slow_scorer)
+        voted = grade(["4"], [["#### 4", "slow"]], slow_scorer)  # the vote compares "4" with "slow"
+    assert [i.timed_out for i in items] == [[False, False], [True, True]]
+    assert [i.correct for i in items] == [[True, True], [False, False]]
+    report = EvalReport(items, 1.0)
+    assert report.summary()["timeouts"] == 2
+    assert voted[0].vote_timeouts == 1 and voted[0].timed_out == [False, True]
+    assert EvalReport(voted, 1.0).summary()["timeouts"] == 2
+    results = Evaluation(report, {"predictions": "p.jsonl"}).results()
+    assert results["timeouts"] == 2 and results["items"][1]["timed_out"] == [True, True]
+    assert "timed_out" not in results["items"][0]
+    console = Console(record=True, width=200)
+    print_eval(console, results)
+    shown = console.export_text()
+    assert "grading timeouts" in shown and "2 answer comparisons ran past the 5 s limit" in shown
+
+
+def test_no_timeouts_shows_no_warning():
+    from rich.console import Console
+
+    from grpo_cli.benchmark import Evaluation
+    from grpo_cli.console import print_eval
+
+    with Scorer() as scorer:
+        report = EvalReport(grade(["4"], [["#### 4"]], scorer), 1.0)
+    results = Evaluation(report, {"predictions": "p.jsonl"}).results()
+    assert results["timeouts"] == 0 and "timed_out" not in results["items"][0]
+    console = Console(record=True, width=200)
+    print_eval(console, results)
+    assert "timeout" not in console.export_text()
