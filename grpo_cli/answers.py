@@ -6,8 +6,9 @@ math-verify's: it parses LaTeX and plain text into SymPy and compares, and it al
 reads thousands separators, thin spaces, "x = 2 or x = 3", "4, 9, and 17", units,
 percentages, `\\dfrac`, intervals and sets. So the answer reaches it nearly as written:
 the only rewrites here are the few math-verify gets wrong (a plain-text mixed number,
-unicode minus signs, delimiters around the whole answer), each tested not to change the
-meaning of a correct answer (tests/test_answers.py).
+unicode mathematics, delimiters around the whole answer), each tested not to change the
+meaning of a correct answer (tests/test_answers.py). A completion that marks no answer is
+graded on what it closes with, so one cut off mid-solution states none.
 
 Every function here is pure and safe in any thread because math-verify's own timeouts
 are switched off: they use signal.alarm, which fails off the main thread, and would

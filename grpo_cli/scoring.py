@@ -309,6 +309,6 @@ class Pending:
         shape = (len(self.keys), len(self.rules))
         values = np.array([[results[item][0] for item in row] for row in self.keys], dtype=np.float64).reshape(shape)
         status = np.array([[results[item][1] for item in row] for row in self.keys], dtype=np.int8).reshape(shape)
-        statuses = [status for _, status, _ in results.values()]  # each distinct call once
+        statuses = [code for _, code, _ in results.values()]  # each distinct call once
         messages = tuple(dict.fromkeys(m for _, _, m in results.values() if m))[:3]
         return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR), messages, status)

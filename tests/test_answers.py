@@ -87,6 +87,7 @@ def test_the_integer_list_shortcut_agrees_with_math_verify(pred, gold):
 @pytest.mark.parametrize("pred, gold", [
     ("71", "17"), ("-5", "5"), ("007", "7"), ("-0", "0"), ("12", "12"), ("1000000000000000000001", "1e21"),
     ("1000000000000000000001", "1000000000000000000000"), ("-6", "-06"), ("3", "3.0"),
+    ("1,234", "1234"), ("-1,000,000", "-1000000"), ("1,234", "1243"), ("12,345", "12345.5"),
 ])
 def test_the_integer_shortcut_agrees_with_math_verify(pred, gold):
     from math_verify import verify
