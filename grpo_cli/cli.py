@@ -9,6 +9,7 @@ import typer
 
 from grpo_cli import __version__
 from grpo_cli.errors import UserError
+from grpo_cli.guard import Terminated, terminate_at_once
 
 app = typer.Typer(
     help="Fine-tune language models with GRPO from YAML recipes.\n\n"
@@ -39,6 +40,13 @@ def _root(
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def _stopped_by_signal(exit_code: int, what: str) -> None:
+    """Ctrl-C (130) or SIGTERM (143) outside a training loop: a line, no traceback."""
+    signal_name = "SIGTERM" if exit_code == 143 else "Ctrl-C"
+    typer.secho(f"stopped by {signal_name}; {what}", err=True, fg=typer.colors.YELLOW)
+    raise typer.Exit(exit_code)
 
 
 def _fail(error: UserError) -> None:
@@ -73,13 +81,17 @@ def train(
     try:
         loaded = recipe_module.load(recipe, set_)
         console = TrainConsole(quiet=quiet)
-        summary = run_training(loaded, resume=resume, recipe_dir=recipe.resolve().parent, console=console)
+        summary = run_training(loaded, resume=resume, recipe_dir=recipe.resolve().parent, console=console,
+                               recipe_file=recipe)
     except UserError as error:
         _fail(error)
     except KeyboardInterrupt:
         typer.secho("interrupted; the last complete checkpoint (if any) is intact: continue with --resume.",
                     err=True, fg=typer.colors.YELLOW)
         raise typer.Exit(130) from None
+    except Terminated:
+        _stopped_by_signal(Terminated.exit_code, "training had not started its first step, so there was nothing "
+                                                 "to save.")
     if _rank():
         return  # under torchrun the first process reports
     moved = ""
@@ -123,23 +135,23 @@ def eval_command(
 
     from grpo_cli.benchmark import EvalOptions, run
     from grpo_cli.console import TaskProgress, print_eval
+    from grpo_cli.run_log import write_whole
 
     console = Console()
     options = EvalOptions(model, data, data_file, predictions, samples, limit, max_new_tokens, temperature, top_p,
                           batch_size, seed, template, system_prompt, chat, device, dtype)
     try:
-        with TaskProgress(console, "generate") as progress:
+        with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,
                              on_message=lambda text: console.print(text, highlight=False))
-        results = evaluation.results()
-        if output is not None:
-            try:
-                output.parent.mkdir(parents=True, exist_ok=True)
-                output.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-            except OSError as exc:
-                raise UserError(f"cannot write {output}: {exc.strerror}.") from None
+            results = evaluation.results()
+            if output is not None:
+                write_whole(output, json.dumps(results, indent=1, ensure_ascii=False))
     except UserError as error:
         _fail(error)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _stopped_by_signal(getattr(stop, "exit_code", 130), "nothing was written" if output is None else
+                           f"{output} was not written.")
     print_eval(console, results)
     if output is not None:
         console.print(f"results written to {output}", highlight=False)
@@ -163,15 +175,20 @@ def score(
 
     from grpo_cli import recipe as recipe_module
     from grpo_cli.console import print_scores
+    from grpo_cli.run_log import write_whole
     from grpo_cli.score import score_completions
 
     try:
-        loaded = recipe_module.load(recipe, set_)
-        groups = score_completions(loaded, completions, recipe.resolve().parent)
-        if output is not None:
-            output.write_text(json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
+        with terminate_at_once():
+            loaded = recipe_module.load(recipe, set_)
+            groups = score_completions(loaded, completions, recipe.resolve().parent)
+            if output is not None:
+                write_whole(output, json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
     except UserError as error:
         _fail(error)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _stopped_by_signal(getattr(stop, "exit_code", 130), "nothing was written" if output is None else
+                           f"{output} was not written.")
     print_scores(Console(), groups, [r.key for r in loaded.rewards])
 
 
@@ -190,9 +207,12 @@ def export(
     from grpo_cli.export import export as run_export
 
     try:
-        exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force)
+        with terminate_at_once():
+            exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force)
     except UserError as error:
         _fail(error)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _stopped_by_signal(getattr(stop, "exit_code", 130), f"{out} was not written (nothing half-written is left).")
     check = exported.check
     what = "LoRA adapter" if exported.adapter_only else f"{exported.dtype} model"
     typer.echo(

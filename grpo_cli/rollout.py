@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from grpo_cli import decoder
+from grpo_cli.guard import drop_point
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this share of it has ended
 
@@ -172,11 +173,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_
 
 def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
                      greedy, eos_ids) -> torch.Tensor:
+    from transformers import StoppingCriteria
+
+    class _DropPoint(StoppingCriteria):
+        """Never stops a row: it lets a SIGTERM drop the rollout between tokens (guard.drop_point)."""
+
+        def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:  # -> [N] bool
+            drop_point()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     # top_k=0 turns off generate's default top-k=50 filter: we sample from the policy we train.
     sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
                                                     "top_k": 0}
     sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               num_return_sequences=samples, eos_token_id=eos_ids,
+                               num_return_sequences=samples, eos_token_id=eos_ids, stopping_criteria=[_DropPoint()],
                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)  # [N, P+C]
     return sequences[:, input_ids.shape[1] :]
 
@@ -243,6 +253,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     steps = 0
     compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
+        drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
         if greedy:
             chosen = logits.argmax(-1) if len(active) else active  # [n]
         else:

@@ -66,9 +66,7 @@ class RunLog:
 
     @staticmethod
     def _rewrite(path: Path, rows: list[dict]) -> None:
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(partial, path)
+        write_whole(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     @staticmethod
     def _append(path: Path, rows: list[dict]) -> None:
@@ -102,3 +100,23 @@ class RunLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: into a hidden temporary file beside it, renamed into place when
+    complete; any failure or interruption (a full disk, Ctrl-C, SIGTERM) removes the temporary file, so
+    no half-written output is left looking complete and no hidden one is left behind."""
+    from grpo_cli.errors import UserError
+
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}.") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -9,9 +9,11 @@ the start, every eval_every steps and at the end; checkpoints every save_every.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from grpo_cli.data import Example, Examples, PromptOrder, load_examples
 from grpo_cli.distributed import Parallel, World, check_recipe, connect, disconnect
 from grpo_cli.diversity import group_diversity
 from grpo_cli.errors import UserError
-from grpo_cli.guard import Interrupts, NonFiniteGuard, Stopped, out_of_memory
+from grpo_cli.guard import NAMES, Dropped, Interrupts, NonFiniteGuard, Stopped, out_of_memory, terminate_at_once
 from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts
 from grpo_cli.modeling import load_policy
@@ -37,9 +39,10 @@ from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
 from grpo_cli.sampling import sample_step
-from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
+from grpo_cli.run_log import METRICS, SAMPLES, RunLog, read_jsonl, tensorboard_writer
 from grpo_cli.scoring import GRADERS, Scorer, refuse_inside_a_starting_worker
-from grpo_cli.update import UpdateStats, make_optimizer, update_policy
+from grpo_cli.run_lock import RunLock
+from grpo_cli.update import UpdateStats, apply_optimizer_settings, make_optimizer, update_policy
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -75,15 +78,23 @@ def listed_changes(differences: dict) -> str:
     return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
 
 
-def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify) -> Path | None:
+def holds_run(run_dir: Path) -> bool:
+    """A run directory holds a run once a training step was recorded (a metrics row or a checkpoint).
+    An attempt that failed before its first step (a recipe mistake found when the data or model
+    loaded) leaves only its recipe and perhaps a step-0 evaluation: the corrected rerun may start."""
+    return any((run_dir / "checkpoints").glob("step-*")) or any(
+        row.get("step", 0) >= 1 for row in read_jsonl(run_dir / METRICS))
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_file: Path | None = None) -> Path | None:
     """Create the run directory, refuse to mix two runs in it; the checkpoint to resume from, if any.
 
     Resuming with a recipe that changes what the checkpoint trained (model, adapter, data, group
     size, seed) is refused with the differences; other changes are allowed and appended to
-    resumes.jsonl."""
+    resumes.jsonl. `recipe_file`: the file the user passed, never overwritten (it may be
+    `<run dir>/recipe.yaml` itself, with the user's comments)."""
     found = checkpoint.latest(run_dir) if run_dir.exists() else None
-    used = run_dir.exists() and any((run_dir / name).exists() for name in (METRICS, "checkpoints", "recipe.yaml"))
-    if used and not resume:
+    if holds_run(run_dir) and not resume:
         raise UserError(
             f"{run_dir} already holds a run. Pass --resume to continue it, or choose another directory "
             f"with --set output.dir=<new dir> (or delete {run_dir})."
@@ -99,7 +110,15 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify) -> Path
             notify("resuming with changed settings: " + listed_changes(allowed))
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(dump(recipe))
+        if found is None:  # starting from step 0: logs of an attempt that saved nothing are not this run's
+            for name in (METRICS, SAMPLES):
+                (run_dir / name).unlink(missing_ok=True)
+        resolved = run_dir / "recipe.yaml"
+        if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
+            notify(f"{resolved} is the recipe you passed: left as you wrote it (each checkpoint holds the "
+                   "resolved recipe).")
+        else:
+            resolved.write_text(dump(recipe))
         if found is not None:
             with open(run_dir / "resumes.jsonl", "a") as handle:
                 handle.write(json.dumps({"from_step": checkpoint.read_state(found)["step"],
@@ -197,22 +216,26 @@ def save_checkpoint(run_dir: Path, step: int, parallel: Parallel, optimizer, sch
 
 
 def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
-          console: TrainConsole | None = None) -> RunSummary:
+          console: TrainConsole | None = None, recipe_file: Path | None = None) -> RunSummary:
     """Run the recipe; with resume, continue from the run directory's latest checkpoint.
+    `recipe_file`: the YAML the recipe came from, which the run never overwrites.
 
     Under torchrun each process runs this with its share of every step (see distributed.py)."""
     refuse_inside_a_starting_worker("train()")
-    world = connect(recipe.distributed.timeout_minutes)
-    try:
-        check_recipe(recipe, world)
-        if not world.main:
-            console = TrainConsole(quiet=True)
-        return _train(recipe, resume, recipe_dir, console or TrainConsole(), world)
-    finally:
-        disconnect(world)
+    with terminate_at_once():  # until the loop's own handling: nothing to save yet
+        world = connect(recipe.distributed.timeout_minutes)
+        try:
+            check_recipe(recipe, world)
+            if not world.main:
+                console = TrainConsole(quiet=True)
+            with RunLock(Path(recipe.output.dir)) if world.main else contextlib.nullcontext():
+                return _train(recipe, resume, recipe_dir, console or TrainConsole(), world, recipe_file)
+        finally:
+            disconnect(world)
 
 
-def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World) -> RunSummary:
+def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
+           recipe_file: Path | None = None) -> RunSummary:
     started = time.perf_counter()
     run_dir = Path(recipe.output.dir)
     grpo = recipe.grpo
@@ -220,7 +243,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
     tensorboard = None
     if world.main:
-        resume_from = prepare_run_dir(run_dir, recipe, resume, console.message)
+        resume_from = prepare_run_dir(run_dir, recipe, resume, console.message, recipe_file)
         tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
     world.barrier()  # the run directory is ready
     if not world.main:
@@ -262,6 +285,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     step = 0
     if resume_from is not None:
         state = checkpoint.restore_training(resume_from, parallel, optimizer, scheduler)
+        apply_optimizer_settings(optimizer, scheduler, recipe.train)  # a changed lr or weight decay takes effect
         step = state["step"]
         order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
@@ -275,21 +299,36 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     guard = NonFiniteGuard(recipe.train.max_bad_steps)
     trainer_state = lambda: {"data": order.state(), "base_model": recipe.model.name}  # noqa: E731
 
-    with Scorer({**GRADERS, **rule_fns}) as scorer, Interrupts(console.message) as interrupts:
+    def save_step_undone(step: int, rng_before: dict, order_before: dict) -> Path | None:
+        """Save the state `step` started from, when nothing of it was applied (it is step - 1's)."""
+        if step <= 1 or checkpoint.latest(run_dir) == checkpoint.checkpoint_dir(run_dir, step - 1):
+            return last_saved  # nothing trained yet, or that state is saved already
+        order.epoch, order.position = order_before["epoch"], order_before["position"]
+        return save_checkpoint(run_dir, step - 1, parallel, optimizer, scheduler, trainer_state(), recipe,
+                               rng=rng_before)
+
+    with Scorer({**GRADERS, **rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts:
         if eval_set is not None and step == 0:
-            run_eval(0, parallel, eval_set, recipe, scorer, log, console)
+            try:
+                with interrupts.droppable():
+                    run_eval(0, parallel, eval_set, recipe, scorer, log, console)
+            except Dropped:
+                raise Stopped("stopped by SIGTERM during the first evaluation, before any training step; "
+                              "nothing to save. Run the same command again to start.", signal.SIGTERM) from None
         console.start(recipe.train.steps, step)
         try:
             while step < recipe.train.steps:
                 step += 1
                 t_start = time.perf_counter()
-                rng_before, order_before = rng_state(), order.state()  # to save this step undone, on OOM
+                rng_before, order_before = rng_state(), order.state()  # to save this step undone (OOM, SIGTERM)
                 if policy.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(policy.device)
                 phase, stats = "rollout", None
                 try:
                     # Rollout: G completions for each prompt; the worker processes start scoring them.
-                    sampled = sample_step(parallel, train_set, order, scorer, recipe, scored_rules, weights)
+                    # A SIGTERM drops it (the model is as the step found it) rather than wait for its end.
+                    with interrupts.droppable():
+                        sampled = sample_step(parallel, train_set, order, scorer, recipe, scored_rules, weights)
                     rollout, group = sampled.rollout, grpo.group_size
                     t_rollout = time.perf_counter()
 
@@ -330,14 +369,15 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                         scheduler.step()
                         stats = UpdateStats([float("nan")], [], [], 0.0, 0.0, [float("nan")], ["rewards"], 0)
                     t_update = time.perf_counter()
+                except Dropped:
+                    saved = save_step_undone(step, rng_before, order_before)
+                    raise Stopped(f"stopped by SIGTERM during step {step}, whose rollout was dropped; "
+                                  + (f"saved {saved}. Continue with the same command and --resume." if saved else
+                                     "nothing was trained yet, so nothing was saved."), signal.SIGTERM) from None
                 except OUT_OF_MEMORY:
                     saved = None
-                    if (stats is None or stats.applied == 0) and step > 1 and checkpoint.latest(run_dir) != \
-                            checkpoint.checkpoint_dir(run_dir, step - 1):
-                        # Nothing of this step was applied: save the state it started from.
-                        order.epoch, order.position = order_before["epoch"], order_before["position"]
-                        saved = save_checkpoint(run_dir, step - 1, parallel, optimizer, scheduler, trainer_state(),
-                                                recipe, rng=rng_before)
+                    if stats is None or stats.applied == 0:  # nothing of this step was applied
+                        saved = save_step_undone(step, rng_before, order_before)
                     raise out_of_memory(phase, step, grpo, saved or last_saved) from None
 
                 # The step's figures, over every process's completions.
@@ -387,13 +427,19 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                     log.samples(sample_rows(step, sampled.examples, rollout, rule_keys, scores.values, rewards,
                                             advantages, recipe.output.samples_groups, group))
                 if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
-                    run_eval(step, parallel, eval_set, recipe, scorer, log, console)
-                stop = world.reduce(float(interrupts.requested), "max") > 0  # Ctrl-C on any process stops all
+                    try:
+                        with interrupts.droppable():
+                            run_eval(step, parallel, eval_set, recipe, scorer, log, console)
+                    except Dropped:
+                        pass  # SIGTERM: the step is trained and logged; save it and stop below
+                # Ctrl-C or SIGTERM on any process stops all
+                stop = world.reduce(float(interrupts.requested), "max") > 0
                 if step % recipe.output.save_every == 0 or step == recipe.train.steps or stop:
                     last_saved = save_checkpoint(run_dir, step, parallel, optimizer, scheduler, trainer_state(), recipe)
                 if stop and step < recipe.train.steps:
-                    raise Stopped(f"stopped by Ctrl-C after step {step}; saved {last_saved}. "
-                                  "Continue with the same command and --resume.")
+                    raise Stopped(f"stopped by {NAMES[interrupts.signum or signal.SIGINT]} after step {step}; saved "
+                                  f"{last_saved}. Continue with the same command and --resume.",
+                                  interrupts.signum or signal.SIGINT)
         finally:
             console.stop()
             log.close()

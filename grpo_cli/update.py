@@ -35,6 +35,21 @@ def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec, total_upda
     return optimizer, scheduler
 
 
+def apply_optimizer_settings(optimizer, scheduler, spec: TrainSpec) -> None:
+    """The recipe's lr and weight decay over what a checkpoint restored: loading a state dict brings
+    back the old run's values (AdamW's param groups, the scheduler's base rates), so a resume that
+    changes them would otherwise print the change and train on as before. The schedule itself
+    (warmup, cosine over train.steps) is the new recipe's already: its function is not saved."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = spec.weight_decay
+        group["initial_lr"] = spec.lr
+    scheduler.base_lrs = [spec.lr] * len(optimizer.param_groups)
+    factors = [rate(scheduler.last_epoch) for rate in scheduler.lr_lambdas]
+    for group, factor in zip(optimizer.param_groups, factors):
+        group["lr"] = spec.lr * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 @dataclass
 class UpdateStats:
     losses: list[float]

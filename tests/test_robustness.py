@@ -179,8 +179,25 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_checkpoint_intact(tmp_pat
         run_in_process(tmp_path / "run", train={"steps": 6, "lr": 2e-3, "warmup_steps": 0, "seed": 0,
                                                 "max_bad_steps": 3})
     message = str(error.value)
-    assert "stopped at step 5: 3 steps in a row had non-finite loss, gradients" in message and "step-4" in message
+    assert "stopped at step 5: 3 steps in a row had non-finite loss, gradients" in message
+    # named: the checkpoint saved before the first bad step (step-4 was saved during the streak)
+    assert "The last checkpoint saved before step 3, the first of them, is" in message and "step-2;" in message
+    assert "intact" not in message
     assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-4"
+
+
+def test_weights_wrecked_by_a_finite_step_are_not_called_intact(tmp_path, tiny_model_path):
+    # a learning rate far too high: a finite update sends the weights to huge values, the next steps
+    # overflow; the checkpoint saved after the wrecking step must not be offered as intact
+    with pytest.raises(Halted) as error:
+        run_in_process(tmp_path / "run", train={"steps": 6, "lr": 1e9, "warmup_steps": 0, "seed": 0,
+                                                "max_bad_steps": 2}, output={"save_every": 1, "eval_every": 100})
+    message = str(error.value)
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward_mean" in r]
+    first_bad = next(r["step"] for r in rows if r.get("skipped_update"))
+    assert first_bad >= 2  # the first step's numbers were finite: it is the one that wrecked the weights
+    assert f"saved before step {first_bad}" in message and f"step-{first_bad - 1};" in message
+    assert "intact" not in message and "may already have damaged" in message
 
 
 def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight):
@@ -346,3 +363,174 @@ def test_a_script_that_calls_train_without_the_main_guard_gets_told_how_to_fix_i
     assert "WorkersDidNotStart" in err and 'if __name__ == "__main__":' in err
     assert "train() was called again by a scoring worker process as it started" in err
     assert out.count("model builtin:tiny-math") == 1  # only the script's own process loaded it
+
+
+# ---- SIGTERM: what schedulers (Slurm, Kubernetes, docker stop, spot preemption) send
+
+def test_sigterm_saves_and_stops_then_resume_continues_exactly(tmp_path, straight):
+    proc = start_cli(tmp_path)
+    wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 2 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    assert "leaked semaphore" not in err  # the scoring pool was closed, not abandoned
+    saved = checkpoint.latest(tmp_path / "run")
+    assert saved is not None and saved.name != "step-6" and f"saved {saved}" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
+    resume_and_compare(tmp_path, straight)
+
+
+def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, monkeypatch, straight):
+    import grpo_cli.train as train_module
+    from grpo_cli.guard import Stopped
+
+    original = train_module.sample_step
+    calls = {"n": 0}
+
+    def terminated_in_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-rollout; the next decode step drops it
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sample_step", terminated_in_step_4)
+    with pytest.raises(Stopped) as stopped:
+        run_in_process(tmp_path / "run", output={"save_every": 100, "eval_every": 3, "samples_every": 1})
+    assert stopped.value.exit_code == 143
+    assert "during step 4, whose rollout was dropped" in str(stopped.value)
+    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-3"
+    assert max(r["step"] for r in metrics(tmp_path / "run")) == 3  # nothing of step 4 was logged
+    monkeypatch.setattr(train_module, "sample_step", original)
+    run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3, "samples_every": 1})
+    assert [r for r in metrics(tmp_path / "run") if "reward_mean" in r] == \
+        [r for r in metrics(straight) if "reward_mean" in r]
+
+
+def test_sigterm_before_training_starts_stops_at_once_without_a_traceback(tmp_path, monkeypatch, tiny_model_path):
+    import grpo_cli.train as train_module
+    from grpo_cli.guard import Terminated
+
+    def terminated_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the set-up")
+
+    monkeypatch.setattr(train_module, "load_policy", terminated_while_loading)
+    with pytest.raises(Terminated):
+        run_in_process(tmp_path / "run")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+
+
+def test_sigterm_during_grpo_eval_writes_nothing_and_exits_143(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import grpo_cli.benchmark as benchmark
+    from grpo_cli.cli import app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(benchmark, "run", terminated)
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(app, ["eval", "--predictions", "p.jsonl", "--output", str(out)])
+    assert result.exit_code == 143 and "stopped by SIGTERM" in result.output and "was not written" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from grpo_cli.run_log import write_whole
+
+    target = tmp_path / "results.json"
+    write_whole(target, "old")
+
+    class Interrupted(BaseException):
+        pass
+
+    def interrupted(self, *args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(type(target), "write_text", interrupted)
+    with pytest.raises(Interrupted):
+        write_whole(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+# ---- one process per run directory
+
+def test_a_second_process_on_a_run_directory_is_refused_naming_the_first(tmp_path, tiny_model_path):
+    first = start_cli(tmp_path)
+    try:
+        wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 1 or first.poll() is not None)
+        assert first.poll() is None
+        second = start_cli(tmp_path, "--resume")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, err
+        assert "is in use by another grpo process" in err and f"pid {first.pid}" in err and "Traceback" not in err
+    finally:
+        first.kill()  # SIGKILL: the kernel drops its lock
+        first.wait()
+    rows_before = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len({r["step"] for r in rows_before if "reward_mean" in r}) == \
+        len([r for r in rows_before if "reward_mean" in r])  # no row was written twice
+    third = start_cli(tmp_path, "--resume")  # a killed holder leaves no lock behind
+    out, err = third.communicate(timeout=600)
+    assert third.returncode == 0, err[-2000:]
+
+
+# ---- a run directory holds a run only once a step was recorded; the user's files are theirs
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_rerun(tmp_path, monkeypatch,
+                                                                                      tiny_model_path):
+    import grpo_cli.train as train_module
+
+    def fails(*args, **kwargs):  # a mistake that shows only once training starts
+        raise UserError("reward rule python: my_rules.score failed on the first completion")
+
+    monkeypatch.setattr(train_module, "sample_step", fails)
+    with pytest.raises(UserError, match="failed on the first completion"):
+        run_in_process(tmp_path / "run")
+    # the failed attempt left its recipe and its step-0 evaluation, but no step
+    assert (tmp_path / "run" / "recipe.yaml").exists()
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [0]
+    monkeypatch.undo()
+    summary = run_in_process(tmp_path / "run", train={"steps": 2, "lr": 2e-3, "warmup_steps": 1, "seed": 0})
+    assert summary.step == 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "eval/accuracy" in r] == [0, 2]
+
+
+def test_resume_never_overwrites_the_recipe_file_it_was_given(tmp_path, tiny_model_path):
+    run_dir = tmp_path / "exp1"
+    run_dir.mkdir()
+    recipe_file = run_dir / "recipe.yaml"
+    written = "# my notes on this run\n" + yaml.safe_dump(
+        sections(run_dir, train={"steps": 2, "lr": 2e-3, "warmup_steps": 1, "seed": 0}))
+    recipe_file.write_text(written)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for extra in ([], ["--resume", "--set", "train.steps=3"]):
+        proc = subprocess.run([sys.executable, "-m", "grpo_cli", "train", str(recipe_file), "--quiet", *extra],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert recipe_file.read_text() == written
+    assert checkpoint.latest(run_dir).name == "step-3"
+    assert "train:\n  steps: 3" in (run_dir / "checkpoints" / "step-3" / "recipe.yaml").read_text()
+
+
+def test_resume_applies_a_changed_learning_rate_and_weight_decay(tmp_path, straight):
+    from grpo_cli.update import lr_factor
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    new = {"steps": 8, "lr": 5e-4, "warmup_steps": 1, "seed": 0, "weight_decay": 0.1}
+    run_in_process(run_dir, resume=True, train=new)
+    rows = {r["step"]: r for r in metrics(run_dir) if "reward_mean" in r}
+    # the lr logged after an update is the rate the next one uses: the new base rate on the new schedule
+    for step in (7, 8):
+        assert rows[step]["lr"] == pytest.approx(new["lr"] * lr_factor(step, 1, 8, "cosine"))
+    optimizer = torch.load(run_dir / "checkpoints" / "step-8" / "optimizer.pt", weights_only=False)
+    assert {g["weight_decay"] for g in optimizer["param_groups"]} == {0.1}
+    scheduler = torch.load(run_dir / "checkpoints" / "step-8" / "scheduler.pt", weights_only=True)
+    assert scheduler["base_lrs"] == [new["lr"]]
