@@ -10,20 +10,19 @@ section), else the model's chat template with a "reason step by step, answer in
 
 from __future__ import annotations
 
-import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from grpo_cli.data import Examples, build_examples, describe, load_rows
+from grpo_cli.data import Examples, build_examples, describe, listed, load_rows, read_json_rows
 from grpo_cli.errors import UserError
 from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.modeling import load_for_inference
 from grpo_cli.recipe import DataSpec, HubDataset
-from grpo_cli.run_log import read_jsonl
 from grpo_cli.scoring import Scorer, refuse_inside_a_starting_worker
 
 BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -150,7 +149,8 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
                           temperature=options.temperature, top_p=options.top_p, batch_size=options.batch_size,
                           add_special_tokens=not spec.chat, on_progress=on_progress)
     settings = {
-        "model": loaded.source, "data": data_name, "n": len(items), "skipped_rows": examples.skipped,
+        "model": loaded.source, "data": data_name, "rows": len(rows), "n": len(items), "skipped_rows": examples.skipped,
+        "skipped_note": examples.skip_note(),  # each reason with its count and first rows
         "protocol": f"{options.samples} samples, T={options.temperature}, top_p={options.top_p}" if sampled
         else "greedy pass@1",
         "samples": options.samples, "temperature": options.temperature if sampled else 0.0,
@@ -162,16 +162,44 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
 
 
 def _grade_file(options: EvalOptions) -> Evaluation:
+    """Grade a predictions file: every row of it (or of its first --limit rows), or none."""
     path = Path(options.predictions)
     if not path.is_file():
         raise UserError(f"predictions file {path} not found.")
-    rows = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+    rows, places = read_json_rows(path)  # a line that is not a JSON object refuses the file, with its number
     if not rows:
         raise UserError(f"{path} holds no rows.")
-    rows = rows[: options.limit] if options.limit else rows
+    total = len(rows)
+    if options.limit:
+        rows, places = rows[: options.limit], places[: options.limit] if places else None
+    _same_number_of_completions(rows, places or [f"row {i}" for i in range(1, len(rows) + 1)], path)
     with Scorer() as scorer:
         try:
-            report = grade_predictions(rows, scorer)
+            report = grade_predictions(rows, scorer, places)
         except ValueError as exc:
             raise UserError(f"{path}: {exc}.") from None
-    return Evaluation(report, {"predictions": str(path), "n": len(rows), "protocol": "given completions"})
+    # `rows` is what the file holds, `n` what was graded: they differ only by --limit
+    return Evaluation(report, {"predictions": str(path), "rows": total, "n": len(rows), "limit": options.limit,
+                               "protocol": "given completions"})
+
+
+def _same_number_of_completions(rows: list[dict], places: list[str], path: Path) -> None:
+    """Refuse rows with another number of completions than most: pass@k and maj@k are figures over
+    k samples of each problem, and a problem with fewer than k cannot be drawn k from."""
+    sizes = [_completions(row) for row in rows]
+    counts = Counter(size for size in sizes if size)
+    if not counts:
+        return
+    usual = counts.most_common(1)[0][0]
+    odd = [f"{where} has {size}" for where, size in zip(places, sizes) if size and size != usual]
+    if odd:
+        raise UserError(f"{path}: {listed(odd)} completions where the other {counts[usual]} rows have {usual}. Every "
+                        "row needs the same number, since pass@k and maj@k are figures over k samples of each "
+                        "problem; grade rows with different numbers of samples as separate files.")
+
+
+def _completions(row: dict) -> int | None:
+    """How many completions a row gives; None when it is malformed (grade_predictions names those)."""
+    if isinstance(row.get("completions"), list):
+        return len(row["completions"])
+    return 1 if "completion" in row else None

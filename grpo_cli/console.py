@@ -127,6 +127,14 @@ class TaskProgress:
             self._progress.stop()
 
 
+def _graded(n: int, settings: dict) -> str:
+    """How many problems were graded, and of how many rows the input held when that is known."""
+    if settings.get("rows") is None:
+        return str(n)
+    cut = f" (--limit {settings['limit']})" if settings.get("limit") and n < settings["rows"] else ""
+    return f"{n} of {settings['rows']} rows{cut}"
+
+
 def print_eval(console: Console, results: dict) -> None:
     """The summary of `grpo eval` as tables: overall figures, then per subject and level."""
     settings = results["settings"]
@@ -137,7 +145,7 @@ def print_eval(console: Console, results: dict) -> None:
     table.add_column("figure")
     table.add_column("value", justify="right")
     table.add_row("accuracy (pass@1)", f"{results['accuracy']:.2%}")
-    table.add_row("problems", str(results["n"]))
+    table.add_row("problems graded", _graded(results["n"], settings))
     table.add_row("completions graded correct", str(results["correct"]))
     for key, value in results.items():
         if key.startswith(("pass@", "maj@")) and isinstance(value, float):
@@ -147,6 +155,8 @@ def print_eval(console: Console, results: dict) -> None:
     if results.get("timeouts"):
         table.add_row("[yellow]grading timeouts[/]", f"[yellow]{results['timeouts']}[/]")
     console.print(table)
+    if settings.get("skipped_note"):
+        console.print(f"[yellow]note:[/] {settings['skipped_note']}", highlight=False)
     if results.get("timeouts"):
         from grpo_cli.scoring import CALL_TIMEOUT_S
 

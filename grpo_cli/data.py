@@ -1,14 +1,23 @@
 """Datasets in, prompts and gold answers out.
 
 A dataset is a builtin set, a local .jsonl/.json/.csv/.parquet file, or a hub
-dataset, all read through `datasets`. Each row becomes an `Example`: the prompt
-rendered from the recipe's template (optionally inside the tokenizer's chat
-template) and the gold answer in bare form. Rows whose gold answer is empty are
-skipped and counted, never crashed on.
+dataset. Each row becomes an `Example`: the prompt rendered from the recipe's
+template (optionally inside the tokenizer's chat template) and the gold answer in
+bare form. Rows without an answer or a prompt are skipped, each skip kept with its
+reason and line, never crashed on; for training, so are prompts the tokenizer
+reads as mostly its unknown token.
+
+CSV, parquet and hub sets are read through `datasets`; JSON files are read here,
+so that what does not read as rows (a broken line, a line that is not an object,
+bytes that are not UTF-8) is refused with its line instead of a traceback or a
+silent drop, and so that a file of columns ({"question": [...], "answer": [...]})
+is read as the rows it holds, which is what its writer meant, rather than as one
+row of lists.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from dataclasses import dataclass, field
@@ -25,6 +34,12 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 # A chat template that opens a block for the assistant ("...<think>\n") has written the
 # start of the completion; format rules must see it (see rewards.py).
 _OPENED_TAG = re.compile(r"<([A-Za-z_][\w-]*)>\s*$")
+SHOWN = 5  # places named per problem in a message; the rest are counted
+# A prompt whose own text is more than this share of the tokenizer's unknown token says nothing
+# the model can read: training on it teaches guessing. Half leaves a question with a few
+# out-of-vocabulary symbols (a name, a unit) in.
+UNREADABLE_SHARE = 0.5
+UNREADABLE = "a prompt mostly outside the tokenizer's vocabulary"
 
 
 @dataclass(frozen=True)
@@ -33,13 +48,33 @@ class Example:
     answer: str  # gold answer, bare ("42", "2, 3")
     prefill: str = ""  # the part of the completion the template already wrote, e.g. "<think>\n"
     row: dict = field(default_factory=dict, compare=False)
+    place: str = field(default="", compare=False)  # where the row stands in its file: "line 7", "row 7"
 
 
 @dataclass(frozen=True)
 class Examples:
     items: list[Example]
     name: str
-    skipped: int  # rows without a usable gold answer
+    skipped: int  # rows left out, for any of the reasons in `skips`
+    skips: dict[str, list[str]] = field(default_factory=dict)  # reason -> places of the rows it left out
+
+    def skip_note(self) -> str:
+        """'3 rows skipped: 2 with no answer (line 4, line 9), 1 with no prompt (line 12)'; '' if none was."""
+        if not self.skipped:
+            return ""
+        reasons = ", ".join(f"{len(places)} with {reason} ({listed(places)})" for reason, places in self.skips.items())
+        return f"{self.skipped} row{'s' if self.skipped > 1 else ''} skipped: {reasons}"
+
+
+def listed(items: list[str]) -> str:
+    """The first few of a message's items, and how many more there are."""
+    more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def place(places: list[str] | None, index: int) -> str:
+    """Where row `index` stands: its line when the reader knew it, else its number counted from 1."""
+    return places[index] if places else f"row {index + 1}"
 
 
 def describe(ref: DatasetRef) -> str:
@@ -50,28 +85,137 @@ def describe(ref: DatasetRef) -> str:
 
 def load_rows(ref: DatasetRef, base_dir: Path | None = None) -> list[dict]:
     """Rows of a builtin set, a local file, or a hub dataset, as plain dicts."""
+    return read_rows(ref, base_dir)[0]
+
+
+def read_rows(ref: DatasetRef, base_dir: Path | None = None) -> tuple[list[dict], list[str] | None]:
+    """load_rows, with each row's line when the file is JSON Lines (None: rows are counted from 1)."""
     if isinstance(ref, str) and ref.startswith("builtin:"):
         split = ref.removeprefix("builtin:")
         if split not in builtin_task.SPLITS:
             known = ", ".join(f"builtin:{s}" for s in builtin_task.SPLITS)
             raise UserError(f"unknown builtin dataset {ref!r}; the builtin sets are {known}.")
-        return [{"question": p.question, "answer": p.answer, "kind": p.kind} for p in builtin_task.SPLITS[split]()]
+        return [{"question": p.question, "answer": p.answer, "kind": p.kind} for p in builtin_task.SPLITS[split]()], None
     import datasets
 
     datasets.disable_progress_bars()
     if isinstance(ref, str):
         path = _local_path(ref, base_dir)
         if path is None:
-            return _hub_rows(HubDataset(name=ref))
+            return _hub_rows(HubDataset(name=ref)), None
         builder = FILE_FORMATS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"{path}: unsupported file type; use one of {', '.join(FILE_FORMATS)}.")
+        if builder == "json":
+            rows, places = read_json_rows(path)
+            return _same_fields(rows), places
+        if builder == "csv":
+            utf8_text(path)  # bytes that are not UTF-8 named by their line, not by a traceback from the csv reader
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
             raise UserError(f"could not read {path} as {builder}: {exc}") from None
-        return table.to_list()
-    return _hub_rows(ref)
+        return table.to_list(), None
+    return _hub_rows(ref), None
+
+
+def utf8_text(path: Path) -> str:
+    """A file's text, or a UserError naming the line of its first byte that is not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}.") from None
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not part of the data
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise UserError(f"{path} line {line}: byte {data[exc.start]:#04x} (column {column}) is not UTF-8 text; "
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 in > out).") from None
+
+
+def read_json_rows(path: Path) -> tuple[list[dict], list[str] | None]:
+    """The rows of a JSON Lines file, or of a JSON file holding a list of rows or columns, with each
+    row's line (JSON Lines) or None (rows counted from 1).
+
+    A .jsonl file is JSON Lines; any other file is one JSON document, unless it holds several (what
+    datasets' to_json writes, whatever the suffix), then it is JSON Lines too. What does not read as
+    a row is refused with its line, never skipped: a row left out silently changes what is trained
+    or measured.
+    """
+    text = utf8_text(path)
+    if path.suffix.lower() != ".jsonl" and text.strip():
+        try:
+            return _document_rows(json.loads(text), path), None
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":
+                raise UserError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); the file "
+                                "must be JSON Lines (one object per line) or a JSON list of objects.") from None
+    return _json_lines(text, path)
+
+
+def _json_lines(text: str, path: Path) -> tuple[list[dict], list[str]]:
+    rows, places, bad = [], [], []
+    lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and other breaks it splits on
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            bad.append(f"line {number} ({exc.msg}, column {exc.colno})")
+            continue
+        if not isinstance(row, dict):
+            bad.append(f"line {number} ({json_kind(row)}, not an object)")
+            continue
+        rows.append(row)
+        places.append(f"line {number}")
+    if bad:
+        count = len(rows) + len(bad)
+        raise UserError(f"{path}: {len(bad)} of {count} lines are not JSON objects: {listed(bad)}. Each line must hold "
+                        "one row as a JSON object; fix or remove those lines (none is skipped: that would change "
+                        "what is trained or measured without a word).")
+    return rows, places
+
+
+def json_kind(value) -> str:
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(value), "a number")
+
+
+def _document_rows(document, path: Path) -> list[dict]:
+    """A JSON document's rows: a list of objects, or columns as pandas writes them: an object of
+    equal-length lists (to_dict("list")) or of {index: value} objects (to_json()'s default)."""
+    if isinstance(document, list):
+        bad = [f"item {i} ({json_kind(r)})" for i, r in enumerate(document, 1) if not isinstance(r, dict)]
+        if bad:
+            raise UserError(f"{path}: {len(bad)} of the {len(document)} items of its list are not objects: "
+                            f"{listed(bad)}. Each row must be a JSON object.")
+        return document
+    columns = list(document.values()) if isinstance(document, dict) else []
+    if len(columns) == 1 and isinstance(columns[0], list) and columns[0] and all(isinstance(r, dict) for r in columns[0]):
+        # {"data": [{...}, ...]}: rows wrapped in an object, not one column whose values are objects
+        raise UserError(f"{path} holds its rows under {next(iter(document))!r}; write the list itself "
+                        '([{"question": ..., "answer": ...}, ...]) or JSON Lines, one object per line.')
+    if columns and all(isinstance(c, dict) for c in columns) and all(list(c) == list(columns[0]) for c in columns):
+        return [{name: column[key] for name, column in document.items()} for key in columns[0]]
+    if columns and all(isinstance(c, list) for c in columns):
+        lengths = {name: len(column) for name, column in document.items()}
+        if len(set(lengths.values())) > 1:
+            shown = ", ".join(f"{name}: {length}" for name, length in lengths.items())
+            raise UserError(f"{path} holds columns of different lengths ({shown}); each column needs one value per "
+                            "row.")
+        return [dict(zip(document, values)) for values in zip(*columns)]
+    raise UserError(f"{path} holds {json_kind(document)}, not rows: write a list of objects "
+                    '([{"question": ..., "answer": ...}, ...]), columns of equal length ({"question": [...], '
+                    '"answer": [...]}), or JSON Lines, one object per line (pandas: df.to_json(path, '
+                    'orient="records", lines=True)).')
+
+
+def _same_fields(rows: list[dict]) -> list[dict]:
+    """Every row with every field, missing ones as None, as `datasets` gives a table's rows."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    return [row if len(row) == len(names) else {name: row.get(name) for name in names} for row in rows]
 
 
 def _local_path(ref: str, base_dir: Path | None) -> Path | None:
@@ -113,17 +257,36 @@ def render_prompt(row: dict, spec: DataSpec, tokenizer) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str) -> Examples:
-    """Check the recipe's fields against the rows, then render every prompt."""
-    if not rows:
-        raise UserError(f"dataset {name} is empty.")
-    columns = list(rows[0])
+def prompt_fields(spec: DataSpec) -> list[str]:
+    """The row fields a prompt is written from."""
     try:
-        prompt_fields = template_fields(spec.template) if spec.template is not None else [spec.prompt_field]
+        return template_fields(spec.template) if spec.template is not None else [spec.prompt_field]
     except ValueError as exc:
         raise UserError(f"data.template {spec.template!r} is not a valid format string ({exc}); "
                         "write fields as {question} and literal braces as {{ }}.") from None
-    needed = {spec.answer_field, *prompt_fields}
+
+
+def _unusable(row: dict, spec: DataSpec, fields: list[str]) -> str | None:
+    """Why a row cannot be trained or measured on (a reason for Examples.skips), or None."""
+    raw = row.get(spec.answer_field)
+    if raw is None or not str(raw).strip():
+        return "no answer"
+    if not gold_answer(raw):
+        return "an answer that reduces to nothing"  # GSM8K's '#### ' with nothing after it
+    if any(row.get(f) is None or not str(row.get(f)).strip() for f in fields):
+        return "no prompt"  # a null would be written into the prompt as the word "None"
+    return None
+
+
+def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str,
+                   places: list[str] | None = None) -> Examples:
+    """Check the recipe's fields against the rows, then render every prompt; `places` are the rows'
+    lines in their file, for the skipped ones (default: rows counted from 1)."""
+    if not rows:
+        raise UserError(f"dataset {name} is empty.")
+    columns = list(dict.fromkeys(column for row in rows for column in row))
+    fields = prompt_fields(spec)
+    needed = {spec.answer_field, *fields}
     missing = sorted(needed - set(columns))
     if missing:
         raise UserError(
@@ -133,22 +296,52 @@ def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str) -> Ex
         )
     if spec.chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("data.chat is true but the model's tokenizer has no chat template; set data.chat: false.")
-    items, skipped = [], 0
-    for row in rows:
-        answer = gold_answer(row[spec.answer_field]) if row[spec.answer_field] is not None else ""
-        if not answer:
-            skipped += 1
+    items, skips = [], {}
+    for index, row in enumerate(rows):
+        reason = _unusable(row, spec, fields)
+        if reason:
+            skips.setdefault(reason, []).append(place(places, index))
             continue
         prompt = render_prompt(row, spec, tokenizer)
         opened = _OPENED_TAG.search(prompt) if spec.chat else None
-        items.append(Example(prompt, answer, opened.group(0).lstrip() if opened else "", row))
+        items.append(Example(prompt, gold_answer(row[spec.answer_field]), opened.group(0).lstrip() if opened else "",
+                             row, place(places, index)))
+    examples = Examples(items, name, len(rows) - len(items), skips)
     if not items:
-        raise UserError(f"dataset {name}: none of its {len(rows)} rows has a usable answer in {spec.answer_field!r}.")
-    return Examples(items, name, skipped)
+        raise UserError(f"dataset {name}: none of its {len(rows)} rows can be used ({examples.skip_note()}); "
+                        f"the answer is read from {spec.answer_field!r}, the prompt from {', '.join(map(repr, fields))}.")
+    return examples
+
+
+def readable(examples: Examples, spec: DataSpec, tokenizer) -> Examples:
+    """The examples without prompts the tokenizer reads as mostly its unknown token, those counted in
+    `skips`; a UserError when that is every prompt. Only the row's own text is measured: a
+    template's or chat template's words would hide an unreadable question."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is None:  # byte-level tokenizers (GPT-2's, Qwen's, Llama 3's) can write any text
+        return examples
+    fields = prompt_fields(spec)
+    texts = ["".join(str(e.row[f]) for f in fields) for e in examples.items]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    unreadable = [sum(t == unknown for t in seq) > UNREADABLE_SHARE * len(seq) for seq in ids]
+    if not any(unreadable):
+        return examples
+    if all(unreadable):
+        first = examples.items[0]
+        raise UserError(f"every prompt of {examples.name} is mostly outside the tokenizer's vocabulary: more than "
+                        f"half of each one's tokens are {tokenizer.unk_token!r}, so the model would read nothing of "
+                        f"the question (e.g. {first.place}: {texts[0][:60]!r}). Use a model whose "
+                        "tokenizer covers the data's language and characters, or check the file's encoding.")
+    kept = [e for e, bad in zip(examples.items, unreadable) if not bad]
+    skipped = [e.place for e, bad in zip(examples.items, unreadable) if bad]
+    return Examples(kept, examples.name, examples.skipped + len(skipped), {**examples.skips, UNREADABLE: skipped})
 
 
 def load_examples(ref: DatasetRef, spec: DataSpec, tokenizer, base_dir: Path | None = None) -> Examples:
-    return build_examples(load_rows(ref, base_dir), spec, tokenizer, describe(ref))
+    """A dataset's examples for training: prompts the tokenizer cannot read are left out too (`grpo eval`
+    keeps them, so a set measures the same problems for every model)."""
+    rows, places = read_rows(ref, base_dir)
+    return readable(build_examples(rows, spec, tokenizer, describe(ref), places), spec, tokenizer)
 
 
 class PromptOrder:

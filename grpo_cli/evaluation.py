@@ -14,7 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from grpo_cli.answers import extract_final_answer, gold_answer
-from grpo_cli.data import Example
+from grpo_cli.data import SHOWN, Example, json_kind
+from grpo_cli.guard import drop_point
 from grpo_cli.protocols import k_values, majority_vote, pass_at_k
 from grpo_cli.rollout import generate
 from grpo_cli.scoring import Scorer
@@ -41,7 +42,9 @@ class EvalReport:
 
     @property
     def samples(self) -> int:
-        return max((len(i.completions) for i in self.items), default=0)
+        """Samples per problem: the fewest any problem has, so pass@k and maj@k stay defined when
+        problems were given different numbers (`grpo eval --predictions` refuses those files)."""
+        return min((len(i.completions) for i in self.items), default=0)
 
     @property
     def timeouts(self) -> int:
@@ -85,6 +88,7 @@ def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: i
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
+        drop_point()  # a SIGTERM during a run's evaluation drops it here (guard.Interrupts.droppable)
         batch = order[start : start + batch_size]
         rollout = sampler(tokenizer=tokenizer, prompts=[prompts[i] for i in batch], max_new_tokens=max_new_tokens,
                           samples_per_prompt=samples, temperature=temperature, top_p=top_p, greedy=samples == 1,
@@ -148,17 +152,40 @@ def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, sco
     return EvalReport(items, time.perf_counter() - started)
 
 
-def grade_predictions(rows: list[dict], scorer: Scorer) -> EvalReport:
-    """Grade completions produced elsewhere: rows with `answer` and `completion` or `completions`."""
+def grade_predictions(rows: list[dict], scorer: Scorer, places: list[str] | None = None) -> EvalReport:
+    """Grade completions produced elsewhere: rows with `answer` and `completion` or `completions`.
+
+    Every row is graded or none is: a ValueError names each row that cannot be (by `places`, the
+    rows' lines, default their numbers), since a row left out would change the accuracy without a
+    word.
+    """
     started = time.perf_counter()
-    golds, completions, fields = [], [], []
-    for number, row in enumerate(rows, 1):
-        if "answer" not in row or ("completion" not in row and "completions" not in row):
-            raise ValueError(f"row {number} needs 'answer' and 'completion' (a string) or 'completions' (a list)")
-        group = row["completions"] if "completions" in row else [row["completion"]]
-        if isinstance(group, str) or not group:
-            raise ValueError(f"row {number}: 'completions' must be a non-empty list of strings")
-        golds.append(gold_answer(row["answer"]))
-        completions.append([str(c) for c in group])
-        fields.append({k: v for k, v in row.items() if k not in ("completion", "completions")})
-    return EvalReport(grade(golds, completions, scorer, fields), time.perf_counter() - started)
+    places = places or [f"row {i}" for i in range(1, len(rows) + 1)]
+    problems = [f"{where}{problem}" for where, row in zip(places, rows) if (problem := _prediction_problem(row))]
+    if problems:
+        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
+        raise ValueError(f"{len(problems)} of {len(rows)} rows cannot be graded: {'; '.join(problems[:SHOWN])}{more}")
+    groups = [row["completions"] if "completions" in row else [row["completion"]] for row in rows]
+    golds = [gold_answer(row["answer"]) for row in rows]
+    fields = [{k: v for k, v in row.items() if k not in ("completion", "completions")} for row in rows]
+    return EvalReport(grade(golds, [[str(c) for c in g] for g in groups], scorer, fields), time.perf_counter() - started)
+
+
+def _prediction_problem(row) -> str | None:
+    """What keeps a predictions row from being graded, written to follow its place ("line 4 ..."), or None."""
+    if not isinstance(row, dict):
+        return f" is {json_kind(row)}, not an object"
+    if "answer" not in row or ("completion" not in row and "completions" not in row):
+        return " needs 'answer' and 'completion' (a string) or 'completions' (a list)"
+    if "completion" in row and "completions" in row:
+        return " has both 'completion' and 'completions'; keep the one to grade"
+    if row["answer"] is None or not gold_answer(row["answer"]):
+        return " has an empty 'answer'"
+    group = row["completions"] if "completions" in row else [row["completion"]]
+    if not isinstance(group, list) or not group:
+        return ": 'completions' must be a non-empty list of strings"
+    if any(c is None for c in group):
+        return ' has a null completion (write "" to grade a missing completion as wrong)'
+    if any(isinstance(c, (dict, list)) for c in group):
+        return " has a completion that is not a string"
+    return None

@@ -183,7 +183,8 @@ class TrainSpec(Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
-    seed: int = 0
+    # NumPy is seeded with it and takes 0 .. 2**32 - 1; outside that a run would pass validate and fail at start.
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds Python, NumPy and torch: 0 to 2**32 - 1")
     deterministic: bool = Field(True, description="bit-identical runs for a seed: torch's deterministic "
                                 "algorithms (on CUDA with a fixed cuBLAS workspace); false may be faster on a GPU")
     max_bad_steps: int = Field(3, ge=1, description="stop after this many consecutive steps whose loss, rewards "

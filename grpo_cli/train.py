@@ -15,7 +15,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +141,7 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
             f"every prompt of {examples.name} is too long: the longest is {max(lengths)} tokens and "
             f"grpo.max_new_tokens is {max_new_tokens}, but the model's context is {limit} tokens."
         )
-    return Examples(kept, examples.name, examples.skipped), len(examples.items) - len(kept)
+    return replace(examples, items=kept), len(examples.items) - len(kept)
 
 
 def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,
@@ -261,13 +261,13 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     if recipe.data.eval is not None:
         eval_set = load_examples(recipe.data.eval, recipe.data, policy.tokenizer, recipe_dir)
         if recipe.data.eval_limit:
-            eval_set = Examples(eval_set.items[: recipe.data.eval_limit], eval_set.name, eval_set.skipped)
+            eval_set = replace(eval_set, items=eval_set.items[: recipe.data.eval_limit])
     console.message(
         f"model {recipe.model.name} on {policy.device} ({str(policy.dtype).removeprefix('torch.')})"
         + (f" x {world.size} processes" if world.active else "") + ", "
         f"{sum(p.numel() for p in policy.trainable_parameters()):,} trainable parameters; "
         f"train set {train_set.name}: {len(train_set.items)} prompts"
-        + (f" ({train_set.skipped} rows without an answer skipped)" if train_set.skipped else "")
+        + (f" ({train_set.skip_note()})" if train_set.skipped else "")
         + (f" ({too_long} prompts too long for the context skipped)" if too_long else "")
     )
     if resume_from is not None:

@@ -126,3 +126,66 @@ def test_a_scoring_worker_that_runs_the_script_again_stops_before_loading_the_mo
     monkeypatch.setattr(benchmark, "load_for_inference", no_loading)
     with pytest.raises(AssertionError, match="the model was loaded"):  # the same call in the script's own process
         run(EvalOptions(model="builtin:tiny-math", data="builtin:arithmetic-test"))
+
+
+def test_malformed_prediction_lines_are_refused_not_skipped(tmp_path):
+    # the wrong answers are on the broken lines: skipping them would read 100%
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"answer": "1", "completion": "#### 1"}\n{"answer": "2", "completion": "#### 3"\n'
+                    '{"answer": "3", "completion": "#### 3"}\n{"answer": "4", completion: "#### 5"}\n')
+    with pytest.raises(UserError) as error:
+        run(EvalOptions(predictions=str(path)))
+    assert f"{path}: 2 of 4 lines are not JSON objects: line 2 (" in str(error.value)
+    assert ", line 4 (" in str(error.value)
+
+
+def test_a_prediction_line_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"answer": "1", "completion": "#### 1"}\n"#### 2"\n')
+    with pytest.raises(UserError, match=r"p.jsonl: 1 of 2 lines are not JSON objects: line 2 \(a string"):
+        run(EvalOptions(predictions=str(path)))
+
+
+def test_rows_that_cannot_be_graded_name_their_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"answer": "1", "completion": "#### 1"}\n\n{"answer": "2", "completions": ["#### 2"]}\n'
+                    '{"completion": "#### 3"}\n')
+    with pytest.raises(UserError, match=rf"{path}: 1 of 3 rows cannot be graded: line 4 needs 'answer'"):
+        run(EvalOptions(predictions=str(path)))
+
+
+def test_ragged_prediction_files_are_refused_with_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"answer": "1", "completions": ["#### 1", "#### 2"]}\n{"answer": "2", "completion": "#### 2"}\n'
+                    '{"answer": "3", "completions": ["#### 3", "#### 3"]}\n')
+    with pytest.raises(UserError, match=rf"{path}: line 2 has 1 completions where the other 2 rows have 2"):
+        run(EvalOptions(predictions=str(path)))
+
+
+def test_json_lines_in_a_txt_predictions_file_are_read(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text('{"answer": "1", "completion": "#### 1"}\n{"answer": "2", "completion": "#### 3"}\n')
+    results = run(EvalOptions(predictions=str(path))).results()
+    assert results["n"] == 2 and results["accuracy"] == 0.5
+    other = tmp_path / "q.txt"
+    other.write_text("1\t#### 1\n")  # plain text: the first value parses, what follows does not
+    with pytest.raises(UserError, match=r"q.txt: 1 of 1 lines are not JSON objects: line 1 \(Extra data"):
+        run(EvalOptions(predictions=str(other)))
+    prose = tmp_path / "r.txt"
+    prose.write_text("The answer is 4.\n")
+    with pytest.raises(UserError, match=r"r.txt line 1: not valid JSON \(Expecting value, column 1\)"):
+        run(EvalOptions(predictions=str(prose)))
+
+
+def test_a_predictions_file_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"answer": "1", "completion": "#### 1"}\n{"answer": "2", "completion": "\xff#### 2"}\n')
+    with pytest.raises(UserError, match=r"p.jsonl line 2: byte 0xff .* is not UTF-8"):
+        run(EvalOptions(predictions=str(path)))
+
+
+def test_the_graded_rows_are_counted_in_the_results(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"answer": str(i), "completion": f"#### {i}"}) + "\n" for i in range(5)))
+    results = run(EvalOptions(predictions=str(path), limit=3)).results()
+    assert results["n"] == 3 and results["settings"]["rows"] == 5 and results["settings"]["n"] == 3

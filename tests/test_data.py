@@ -130,3 +130,91 @@ def test_a_template_replaces_the_prompt_field(tokenizer):
 def test_a_broken_template_is_explained(tokenizer):
     with pytest.raises(UserError, match="not a valid format string"):
         build_examples([{"question": "q", "answer": "1"}], DataSpec(template="Q: {question"), tokenizer, "m")
+
+
+def test_columnar_json_is_read_as_its_rows(tmp_path, tokenizer):
+    # {"question": [...], "answer": [...]} (pandas' to_dict("list")) and pandas' to_json() ({column: {index: value}})
+    spec = DataSpec(prompt_field="q", answer_field="a")
+    lists = tmp_path / "lists.json"
+    lists.write_text(json.dumps({"q": ["1+1?", "2+2?", "3+3?"], "a": ["2", "4", "6"]}))
+    examples = load_examples(str(lists), spec, tokenizer)
+    assert [(e.prompt, e.answer) for e in examples.items] == [("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6")]
+    indexed = tmp_path / "indexed.json"
+    indexed.write_text(json.dumps({"q": {"0": "1+1?", "1": "2+2?"}, "a": {"0": "2", "1": "4"}}))
+    assert [e.prompt for e in load_examples(str(indexed), spec, tokenizer).items] == ["1+1?", "2+2?"]
+    ragged = tmp_path / "ragged.json"
+    ragged.write_text(json.dumps({"q": ["1+1?", "2+2?"], "a": ["2"]}))
+    with pytest.raises(UserError, match=r"ragged.json holds columns of different lengths \(q: 2, a: 1\)"):
+        load_rows(str(ragged))
+    wrapped = tmp_path / "wrapped.json"
+    wrapped.write_text(json.dumps({"version": 1, "data": [{"q": "1+1?", "a": "2"}]}))
+    with pytest.raises(UserError, match=r"wrapped.json holds an object, not rows.*one object per line"):
+        load_rows(str(wrapped))
+    wrapped.write_text(json.dumps({"data": [{"q": "1+1?", "a": "2"}]}))
+    with pytest.raises(UserError, match=r"wrapped.json holds its rows under 'data'; write the list itself"):
+        load_rows(str(wrapped))
+
+
+def test_a_json_file_holding_json_lines_is_still_read(tmp_path, tokenizer):
+    # what datasets' to_json writes, whatever the suffix
+    path = tmp_path / "d.json"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": "4"}\n')
+    assert [e.answer for e in load_examples(str(path), DataSpec(), tokenizer).items] == ["2", "4"]
+
+
+def test_malformed_lines_in_a_data_file_are_refused_with_their_numbers(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n\n'
+                    '{"question": "3+3?", "answer": "6"}\n{"question": "4+4?"\n')
+    with pytest.raises(UserError) as error:
+        load_examples(str(path), DataSpec(), tokenizer)
+    message = str(error.value)
+    assert f"{path}: 2 of 4 lines are not JSON objects: line 2 (" in message and ", line 5 (" in message
+
+
+def test_a_data_line_that_is_not_an_object_is_refused(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n["2+2?", "4"]\n')
+    with pytest.raises(UserError, match=r"d.jsonl: 1 of 2 lines are not JSON objects: line 2 \(an array"):
+        load_examples(str(path), DataSpec(), tokenizer)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_data_file_that_is_not_utf8_names_the_line(tmp_path, tokenizer, suffix):
+    rows = {".jsonl": b'{"question": "1+1?", "answer": "2"}\n{"question": "caf\xe9?", "answer": "4"}\n',
+            ".json": b'[{"question": "1+1?", "answer": "2"},\n {"question": "caf\xe9?", "answer": "4"}]\n',
+            ".csv": b'question,answer\n1+1?,2\ncaf\xe9?,4\n'}
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(rows[suffix])
+    line = 3 if suffix == ".csv" else 2
+    with pytest.raises(UserError, match=rf"d\{suffix} line {line}: byte 0xe9 .* is not UTF-8"):
+        load_examples(str(path), DataSpec(), tokenizer)
+
+
+def test_skipped_rows_are_reported_with_their_reason_and_line(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": "2+2?", "answer": ""}, {"question": "3+3?"},
+            {"question": None, "answer": "6"}, {"question": "5+5?", "answer": "Work.\n####"},
+            {"question": "6+6?", "answer": None}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_examples(str(path), DataSpec(), tokenizer)
+    assert [e.answer for e in examples.items] == ["2"] and examples.skipped == 5
+    assert examples.skips == {"no answer": ["line 2", "line 3", "line 6"], "no prompt": ["line 4"],
+                              "an answer that reduces to nothing": ["line 5"]}
+    assert examples.skip_note() == ("5 rows skipped: 3 with no answer (line 2, line 3, line 6), 1 with no prompt "
+                                    "(line 4), 1 with an answer that reduces to nothing (line 5)")
+
+
+def test_prompts_outside_the_tokenizer_vocabulary_are_skipped_and_reported(tmp_path, tokenizer):
+    # the builtin tokenizer is character-level and English: Chinese reads as <|unk|> tokens
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": "一加一等于几？", "answer": "2"},
+            {"question": "3加5等于多少？", "answer": "8"}, {"question": "What is 2+2? 请回答", "answer": "4"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    examples = load_examples(str(path), DataSpec(), tokenizer)
+    assert [e.answer for e in examples.items] == ["2", "4"]  # 3 of its 16 characters unknown: kept
+    assert examples.skips == {"a prompt mostly outside the tokenizer's vocabulary": ["line 2", "line 3"]}
+    every = tmp_path / "zh.jsonl"
+    every.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[1:3]))
+    with pytest.raises(UserError, match=r"every prompt .* is mostly outside the tokenizer's vocabulary"):
+        load_examples(str(every), DataSpec(), tokenizer)

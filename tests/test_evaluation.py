@@ -142,3 +142,22 @@ def test_no_timeouts_shows_no_warning():
     console = Console(record=True, width=200)
     print_eval(console, results)
     assert "timeout" not in console.export_text()
+
+
+def test_every_prediction_row_that_cannot_be_graded_is_named(scorer):
+    rows = [{"answer": "1", "completion": "#### 1"}, {"answer": "2"}, {"answer": None, "completion": "#### 3"},
+            {"answer": "4", "completion": None}, [1, 2], {"answer": "5", "completions": []}]
+    with pytest.raises(ValueError) as error:
+        grade_predictions(rows, scorer, places=[f"line {n}" for n in range(1, 7)])
+    message = str(error.value)
+    assert message.startswith("5 of 6 rows cannot be graded: line 2 needs 'answer' and 'completion'")
+    assert "line 3 has an empty 'answer'" in message and "line 4 has a null completion" in message
+    assert "line 5 is an array, not an object" in message and "line 6: 'completions' must be a non-empty list" in message
+
+
+
+def test_problems_with_different_numbers_of_samples_get_figures_for_the_fewest(scorer):
+    items = grade(["4", "5"], [["#### 4"], ["#### 5", "#### 6", "#### 5"]], scorer)
+    summary = EvalReport(items, 0.0).summary()
+    assert summary["samples"] == 1 and "pass@2" not in summary and "maj@3" not in summary
+    assert summary["accuracy"] == pytest.approx((1.0 + 2 / 3) / 2)

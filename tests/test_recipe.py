@@ -174,3 +174,13 @@ def test_two_python_rules_need_different_names(tmp_path):
     with pytest.raises(RecipeError, match="f is listed twice"):
         load(path)
     assert len(load(path, ["rewards.1.name=g"]).rewards) == 2
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused(tmp_path, seed):
+    path = write(tmp_path, f"""\
+        train:
+          seed: {seed}
+        """)
+    with pytest.raises(RecipeError, match=rf"{path}:2: train.seed: .* \(got {seed}\)"):
+        load(path)
