@@ -93,12 +93,14 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_
     size, seed) is refused with the differences; other changes are allowed and appended to
     resumes.jsonl. `recipe_file`: the file the user passed, never overwritten (it may be
     `<run dir>/recipe.yaml` itself, with the user's comments)."""
-    found = checkpoint.latest(run_dir) if run_dir.exists() else None
     if holds_run(run_dir) and not resume:
         raise UserError(
             f"{run_dir} already holds a run. Pass --resume to continue it, or choose another directory "
             f"with --set output.dir=<new dir> (or delete {run_dir})."
         )
+    # The newest checkpoint whose files match their checksums: damaged newer ones are skipped with a
+    # warning; when every one is damaged, an error (not a fresh start that would drop the run's logs).
+    found = checkpoint.latest_intact(run_dir, warn=notify) if resume and run_dir.exists() else None
     if found is not None:
         saved = load_recipe(found / checkpoint.RECIPE_FILE)
         fixed, allowed = changes(saved, recipe)
@@ -241,13 +243,13 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     grpo = recipe.grpo
     rule_keys = [r.key for r in recipe.rewards]
     rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
-    tensorboard = None
+    tensorboard = resume_from = None
     if world.main:
         resume_from = prepare_run_dir(run_dir, recipe, resume, console.message, recipe_file)
         tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
     world.barrier()  # the run directory is ready
-    if not world.main:
-        resume_from = checkpoint.latest(run_dir) if resume else None
+    # Every process resumes from the checkpoint the first one verified (it may have skipped a damaged one).
+    resume_from = world.all_gather_objects([resume_from])[0]
     seed_everything(recipe.train.seed, recipe.train.deterministic)
 
     # Model, data, optimizer.

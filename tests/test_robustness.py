@@ -251,14 +251,20 @@ def test_resume_allows_and_records_harmless_changes(tmp_path, straight):
     assert record["changed"]["train.steps"] == [6, 7] and record["changed"]["output.samples_every"] == [1, 5]
 
 
-def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_model_path):
+@pytest.mark.parametrize("full_disk", [
+    lambda: OSError(errno.ENOSPC, "No space left on device"),
+    # what safetensors raises when the disk fills while it writes weights: not an OSError
+    lambda: __import__("safetensors").SafetensorError("Error while serializing: I/O error: No space left on "
+                                                      "device (os error 28)"),
+])
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, tiny_model_path, full_disk):
     real_save = torch.save
     calls = {"n": 0}
 
     def fills_up(obj, path, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 3:  # the second checkpoint's first torch.save
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise full_disk()
         return real_save(obj, path, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", fills_up)
