@@ -198,7 +198,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to."),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA adapter, in the standard PEFT layout."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it is not empty."),
+    force: bool = typer.Option(False, "--force", help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
 ) -> None:
     """Merge the trained adapters into the base and save a model plain transformers loads; verified after writing.
 

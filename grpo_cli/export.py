@@ -6,11 +6,24 @@ then cast to the output dtype and saved as safetensors with the tokenizer, chat
 template and generation config. The export is then verified, not assumed: it is
 reloaded and its next-token distributions on fixed prompts must match the adapter
 model's and differ from the base model's. A failed check is an error.
+
+Nothing is lost to an export. It is written into a hidden `.<out>.partial/` next to
+--out and renamed into place only when written and verified; any failure or
+interruption (a full disk, Ctrl-C, SIGTERM, a bug) removes that directory before it
+propagates, and an earlier export being replaced is moved aside and deleted only once
+the new one is in place. --out may not be, contain or lie inside the run or checkpoint
+being exported. --force replaces only an earlier export: a directory whose
+`grpo_export.json` (written last; it lists every file the export wrote) accounts for
+all its files. That marker, rather than the recipe and model card, decides, because a
+user may add files to an export or write a model card of their own: a directory with
+anything export did not write is refused, even with --force.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,12 +32,13 @@ from pathlib import Path
 import torch
 
 from grpo_cli import __version__, checkpoint
-from grpo_cli.errors import UserError
+from grpo_cli.errors import UserError, os_error
 from grpo_cli.modeling import DTYPES, load_base, load_tokenizer, resolve
 from grpo_cli.recipe import Recipe, dump, load as load_recipe
 from grpo_cli.run_log import METRICS, read_jsonl
 
 RECIPE_FILE = "grpo_recipe.yaml"  # the training recipe, so grpo eval prompts the export as it was trained
+MARKER = "grpo_export.json"  # what wrote the directory and which files: --force deletes nothing else
 CHECK_PROMPTS = [
     "What is 47 + 85?",
     "Solve x^2 - 5x + 6 = 0.",
@@ -65,14 +79,125 @@ def _output_dtype(requested: str | None, recipe: Recipe) -> str:
     return choice
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise UserError(f"{out} is not empty; choose another --out or pass --force to replace it.")
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+def _within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _refuse_overlap(target: Path, source: Path, run_dir: Path | None) -> None:
+    """--out may not hold the source or lie inside it: replacing it would delete the run."""
+    what = str(source) if run_dir in (None, source) else f"{source} (in the run {run_dir})"
+    for protected in filter(None, (source, run_dir)):
+        if _within(protected, target):
+            raise UserError(f"--out {target} contains {what}, the source of this export: writing the export there "
+                            "would delete it, checkpoints and metrics included. Choose an --out outside it.")
+        if _within(target, protected):
+            raise UserError(f"--out {target} lies inside {what}, the source of this export: an export is not "
+                            "written into a run or checkpoint, where replacing it could delete the run's files. "
+                            "Choose an --out outside it.")
+
+
+def _not_an_export(directory: Path) -> str | None:
+    """Why --force may not replace `directory`, or None when it holds only what an export wrote."""
+    try:
+        written = set(json.loads((directory / MARKER).read_text())["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no {MARKER}, which grpo export writes into every export"
+    # A symlink counts as a file: rmtree would remove the link itself, which export did not write.
+    others = sorted(f.relative_to(directory).as_posix() for f in directory.rglob("*")
+                    if (f.is_symlink() or not f.is_dir()) and f.relative_to(directory).as_posix() not in written)
+    if others:
+        return f"it holds files grpo export did not write: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}"
+    return None
+
+
+def _refuse_out(out: Path, target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--out {out} is a file; export writes a directory and never replaces a file. "
+                        "Choose another --out.")
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    reason = _not_an_export(target)
+    if reason:
+        raise UserError(f"--out {out} is not empty and not an earlier grpo export ({reason}); --force replaces only "
+                        "an earlier export, so choose another --out, or empty it yourself.")
+    if not force:
+        raise UserError(f"--out {out} is not empty: it holds an earlier export. Pass --force to replace it, or choose "
+                        "another --out.")
+
+
+def _hidden(target: Path, what: str) -> Path:
+    return target.with_name(f".{target.name}.{what}")
+
+
+def _writer(partial: Path) -> int | None:
+    """The process still writing `partial` (another export to the same --out), or None when it is gone."""
+    try:
+        pid = json.loads((partial / MARKER).read_text())["pid"]
+        if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+            return None
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except PermissionError:
+        return pid  # exists, under another user
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return pid
+
+
+def _clear_leftovers(target: Path) -> None:
+    """What an export killed outright (SIGKILL) left beside --out; anything else there is refused, never removed."""
+    partial, aside = _hidden(target, "partial"), _hidden(target, "replaced")
+    writer = _writer(partial)
+    if writer is not None:
+        raise UserError(f"another grpo export (process {writer}) is writing {target}; wait for it to finish, or "
+                        f"if no export is running, delete {partial}.")
+    if aside.is_dir() and (aside / MARKER).exists() and not target.exists():
+        aside.rename(target)  # killed between the two renames of _finish: the earlier export goes back
+    for leftover in (partial, aside):
+        ours = leftover.is_dir() and not leftover.is_symlink() and (
+            (leftover / MARKER).exists() or not any(leftover.iterdir()))
+        if ours:
+            shutil.rmtree(leftover)
+        elif os.path.lexists(leftover):
+            raise UserError(f"{leftover} is in the way: export writes there before the final rename, and it was "
+                            "not left by grpo export. Move it away or choose another --out.")
+
+
+def _start(target: Path) -> Path:
+    partial = _hidden(target, "partial")
     partial.mkdir(parents=True)
+    # Marked at once, so that a later export knows a leftover as its own, and whether its writer still runs.
+    (partial / MARKER).write_text(json.dumps({"written_by": "grpo export", "pid": os.getpid()}))
     return partial
+
+
+def _finish(partial: Path, target: Path, source: Path, step: int) -> None:
+    files = sorted(f.relative_to(partial).as_posix() for f in partial.rglob("*") if f.is_file() and f.name != MARKER)
+    (partial / MARKER).write_text(json.dumps({"written_by": "grpo export", "grpo_version": __version__,
+                                              "source": str(source), "step": step, "files": files}, indent=1))
+    # The only way the export appears. An earlier one is moved aside, not deleted, until the new one is in place.
+    aside = _hidden(target, "replaced")
+    if target.exists():
+        target.rename(aside)
+    partial.rename(target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _discard(target: Path) -> None:
+    """Undo a failed or interrupted export: no hidden directory stays, and an earlier export is put back."""
+    shutil.rmtree(_hidden(target, "partial"), ignore_errors=True)
+    aside = _hidden(target, "replaced")
+    if aside.exists():
+        if target.exists():  # the new export is in place already; the earlier one is done with
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.rename(target)
+
+
+def _write_failed(error: OSError, out: Path, kept: str) -> UserError:
+    hint = ("free some space or choose another --out" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+            "choose a writable --out" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else
+            "choose another --out")
+    return UserError(f"could not write the export to {out}: {error.strerror or error}; {kept}. To export, {hint}.")
 
 
 def _distributions(model, tokenizer) -> torch.Tensor:
@@ -175,6 +300,33 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
     out_dtype = _output_dtype(dtype, recipe)
     if adapter_only and recipe.model.lora is None:
         raise UserError("--adapter-only needs a LoRA run; this checkpoint holds fully fine-tuned weights.")
+    target = out.resolve()  # where the checks and renames act, whatever symlinks or '.' --out goes through
+    in_run = run_dir.resolve() if found.parent.name == "checkpoints" else None  # a checkpoint copied alone has none
+    _refuse_overlap(target, Path(ref).resolve(), in_run)
+    try:
+        _clear_leftovers(target)
+        _refuse_out(out, target, force)
+    except OSError as exc:
+        raise _write_failed(exc, out, "nothing was changed") from None
+    # After the checks --out is absent, empty or an earlier export: what a failure must leave as it was.
+    kept = "the earlier export there is as it was" if target.is_dir() and any(target.iterdir()) else \
+        "nothing was left there"
+    try:
+        partial = _start(target)  # first: an --out that cannot be written fails before minutes of loading
+        check = _write(found, recipe, state, out_dtype, adapter_only, partial, run_dir)
+        _finish(partial, target, found, state["step"])
+    except BaseException as exc:  # Ctrl-C and SIGTERM too: nothing half-written or hidden may stay
+        _discard(target)
+        error = os_error(exc)
+        if error is not None:
+            raise _write_failed(error, out, kept) from None
+        raise
+    return Exported(out, state["step"], out_dtype, adapter_only, check)
+
+
+def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_only: bool, partial: Path,
+           run_dir: Path) -> ExportCheck:
+    """Merge (or copy) the checkpoint into `partial`, verify it there and add the recipe and model card."""
     cpu = torch.device("cpu")
     base_path = resolve(recipe.model.name)
     full_precision = recipe.model.model_copy(update={"load_in_4bit": False, "lora": None})
@@ -182,7 +334,6 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
     base = load_base(base_path, full_precision, cpu, torch.float32).eval()
     tokenizer = load_tokenizer(str(found))
     base_dist = _distributions(base, tokenizer)
-    partial = _prepare_out(out, force)
     if recipe.model.lora is not None:
         from peft import PeftModel
 
@@ -203,22 +354,15 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
     if merged is not None:
         merged.to(DTYPES[out_dtype]).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    try:
-        if adapter_only:  # adapters keep their training precision; check them as peft users load them
-            reloaded = PeftModel.from_pretrained(load_base(base_path, full_precision, cpu, torch.float32), str(partial))
-            check = _verify(reloaded, partial, reference, base_dist, "float32", TOLERANCE_FLOOR)
-        else:
-            from transformers import AutoModelForCausalLM
+    if adapter_only:  # adapters keep their training precision; check them as peft users load them
+        reloaded = PeftModel.from_pretrained(load_base(base_path, full_precision, cpu, torch.float32), str(partial))
+        check = _verify(reloaded, partial, reference, base_dist, "float32", TOLERANCE_FLOOR)
+    else:
+        from transformers import AutoModelForCausalLM
 
-            reloaded = AutoModelForCausalLM.from_pretrained(partial, dtype=DTYPES[out_dtype])
-            tolerance = _tolerance(base_path, full_precision, out_dtype, base_dist, tokenizer)
-            check = _verify(reloaded, partial, reference, base_dist, out_dtype, tolerance)
-    except UserError:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+        reloaded = AutoModelForCausalLM.from_pretrained(partial, dtype=DTYPES[out_dtype])
+        tolerance = _tolerance(base_path, full_precision, out_dtype, base_dist, tokenizer)
+        check = _verify(reloaded, partial, reference, base_dist, out_dtype, tolerance)
     (partial / RECIPE_FILE).write_text(dump(recipe))
     (partial / "README.md").write_text(_model_card(recipe, state, found, out_dtype, adapter_only, check, run_dir))
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return Exported(out, state["step"], out_dtype, adapter_only, check)
+    return check

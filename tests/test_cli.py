@@ -154,3 +154,30 @@ def test_export_through_the_runner_and_as_a_subprocess(tmp_path, tiny_model_path
 def test_export_of_a_non_run_exits_2(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "not a grpo run directory" in result.output
+
+
+def test_eval_predictions_refuses_a_broken_file_and_counts_what_it_grades(tmp_path):
+    broken = tmp_path / "p.jsonl"
+    broken.write_text('{"answer": "1", "completion": "#### 1"}\n{"answer": "2", "completion": "#### 3"\n')
+    result = runner.invoke(app, ["eval", "--predictions", str(broken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "p.jsonl: 1 of 2 lines are not JSON objects: line 2" in " ".join(result.output.split())
+    good = tmp_path / "g.jsonl"
+    good.write_text("".join(json.dumps({"answer": str(i), "completion": f"#### {i}"}) + "\n" for i in range(5)))
+    result = runner.invoke(app, ["eval", "--predictions", str(good), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert "3 of 5 rows (--limit 3)" in result.output
+
+
+def test_export_refuses_to_touch_the_run_with_exit_2(tmp_path, tiny_model_path):
+    path = write_recipe(tmp_path)
+    assert runner.invoke(app, ["train", str(path), "--set", "train.steps=2"]).exit_code == 0
+    run = tmp_path / "run"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (tmp_path / "model.bin").write_text("a file")
+    for out, says in ((run, "contains"), (tmp_path, "contains"), (run / "model", "lies inside"),
+                      (tmp_path / "model.bin", "is a file")):
+        result = runner.invoke(app, ["export", str(run), "--out", str(out), "--force"])
+        assert result.exit_code == 2 and says in result.output, result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert (tmp_path / "model.bin").read_text() == "a file"

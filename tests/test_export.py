@@ -1,16 +1,19 @@
 """grpo export on the builtin model: LoRA, full fine-tune and 4-bit runs, verified merges."""
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import small_recipe
-from grpo_cli import recipe as recipe_module
+from grpo_cli import checkpoint, recipe as recipe_module
 from grpo_cli.benchmark import EvalOptions, run as run_eval
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
@@ -141,8 +144,6 @@ def test_refusals(lora_run, tmp_path):
     (tmp_path / "full" / "something").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         export(str(lora_run), tmp_path / "full")
-    assert export(str(lora_run), tmp_path / "full", force=True).out.joinpath("model.safetensors").exists()
-    assert not (tmp_path / "full" / "something").exists()
     (tmp_path / "empty_run").mkdir()
     (tmp_path / "empty_run" / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="without a complete checkpoint"):
@@ -160,5 +161,194 @@ def test_missing_base_model_is_explained(lora_run, tmp_path):
     shutil.copytree(lora_run, copy)
     for path in [copy / "recipe.yaml", *copy.glob("checkpoints/*/recipe.yaml")]:
         path.write_text(path.read_text().replace("builtin:tiny-math", "./gone/base-model"))
+    for step in copy.glob("checkpoints/step-*"):  # the edit is on purpose: record it as a save would have
+        for record in (checkpoint.MANIFEST, getattr(checkpoint, "CHECKSUMS", None)):
+            if record:
+                (step / record).unlink(missing_ok=True)
+        checkpoint._write_manifest(step)
     with pytest.raises(UserError, match="model directory ./gone/base-model not found"):
         export(str(copy), tmp_path / "o")
+
+
+# --out must never cost the user data: what export may delete, and what is left when it fails.
+
+def snapshot(directory):
+    """Every file under `directory` with its bytes: what must survive a refused or failed export."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def hidden(directory):
+    """Hidden directories under `directory`: where export writes before the final rename (a run's .lock is a file)."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob(".*") if p.is_dir())
+
+
+@pytest.fixture
+def run_copy(lora_run, tmp_path):
+    """The trained run copied to runs/exp1 under tmp_path, for tests that may try to destroy it."""
+    shutil.copytree(lora_run, tmp_path / "runs" / "exp1")
+    return tmp_path / "runs" / "exp1"
+
+
+@pytest.fixture
+def earlier_export(lora_export, tmp_path):
+    """A finished export at tmp_path/model, as an earlier `grpo export --out model` left it."""
+    shutil.copytree(lora_export.out, tmp_path / "model")
+    return tmp_path / "model"
+
+
+class Terminated(BaseException):
+    """Like the exception SIGTERM raises in grpo: not an Exception, so only `except BaseException` sees it."""
+
+
+@pytest.mark.parametrize("cwd, source, out", [
+    (".", "runs/exp1", "runs/exp1"),  # the run itself
+    (".", "runs/exp1", "runs"),  # its parent
+    ("runs/exp1", ".", "."),  # --out . from inside the run
+    (".", "runs/exp1", "runs/exp1/merged"),  # inside the run
+    (".", "runs/exp1/checkpoints/step-4", "runs/exp1"),  # the run that holds the exported checkpoint
+    (".", "runs/exp1/checkpoints/step-4", "runs/exp1/checkpoints/step-4"),
+])
+def test_out_that_holds_or_lies_in_the_source_is_refused_even_with_force(run_copy, tmp_path, monkeypatch, cwd,
+                                                                          source, out):
+    monkeypatch.chdir(tmp_path / cwd)
+    before = snapshot(run_copy)
+    with pytest.raises(UserError) as refused:
+        export(source, out, force=True)
+    message = str(refused.value)
+    assert str(Path(out).resolve()) in message and str(Path(source).resolve()) in message, message
+    assert "would delete" in message or "inside" in message, message
+    assert snapshot(run_copy) == before  # every checkpoint and the metrics, byte for byte
+    assert hidden(tmp_path) == []
+
+
+def test_force_replaces_only_an_earlier_export(lora_run, earlier_export, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an earlier grpo export") as refused:
+        export(str(lora_run), mine, force=True)
+    assert "--force" in str(refused.value) and str(mine) in str(refused.value)
+    assert snapshot(mine) == {"notes.txt": b"keep me"}
+
+    again = export(str(lora_run), earlier_export, dtype="bfloat16", force=True)  # replaces the float32 export
+    assert json.loads((again.out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert not list(tmp_path.glob("model/*lora*"))
+
+    (earlier_export / "my-eval.json").write_text("{}")  # an export the user added to is no longer only ours
+    before = snapshot(earlier_export)
+    with pytest.raises(UserError, match="my-eval.json"):
+        export(str(lora_run), earlier_export, force=True)
+    assert snapshot(earlier_export) == before
+    assert hidden(tmp_path) == []
+
+
+def test_out_that_is_a_file_is_refused(lora_run, tmp_path):
+    target = tmp_path / "model.bin"
+    target.write_text("a file")
+    for force in (False, True):
+        with pytest.raises(UserError, match="is a file") as refused:
+            export(str(lora_run), target, force=force)
+        assert str(target) in str(refused.value)
+    with pytest.raises(UserError, match="Not a directory"):  # --out under a file
+        export(str(lora_run), target / "model")
+    assert target.read_text() == "a file" and hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_an_unwritable_out_is_explained(lora_run, tmp_path, monkeypatch, code):
+    # As root, chmod does not stop writes: make the directory refuse them as a read-only one does.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).parent == locked:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(UserError) as refused:
+        export(str(lora_run), locked / "model")
+    message = str(refused.value)
+    assert os.strerror(code) in message and str(locked / "model") in message and "writable" in message, message
+    assert list(locked.iterdir()) == []
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _no_space_in_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    # What safetensors really raises when the disk fills (checked on a 64 KiB tmpfs): not an OSError.
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("where, full", [
+    ("transformers.PreTrainedModel.save_pretrained", _no_space),
+    ("transformers.modeling_utils.safe_save_file", _no_space_in_safetensors),
+])
+def test_a_full_disk_leaves_nothing_half_written(run_copy, earlier_export, tmp_path, monkeypatch, where, full):
+    before = snapshot(earlier_export), snapshot(run_copy)
+    monkeypatch.setattr(where, full)
+    with pytest.raises(UserError) as refused:
+        export(str(run_copy), earlier_export, force=True)
+    message = str(refused.value)
+    assert "No space left on device" in message and str(earlier_export) in message and "free" in message, message
+    assert (snapshot(earlier_export), snapshot(run_copy)) == before  # the earlier export stays as it was
+    assert hidden(tmp_path) == []
+
+
+def _raise_in_save(monkeypatch, error):
+    def save_pretrained(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", save_pretrained)
+
+
+def _raise_in_final_rename(monkeypatch, error):
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.endswith(".partial"):
+            raise error
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    monkeypatch.setattr(Path, "replace", rename)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), Terminated(), RuntimeError("a bug")],
+                         ids=["ctrl-c", "sigterm", "bug"])
+@pytest.mark.parametrize("when", [_raise_in_save, _raise_in_final_rename], ids=["saving", "renaming"])
+def test_an_interruption_leaves_nothing_half_written(run_copy, earlier_export, tmp_path, monkeypatch, when, error):
+    before = snapshot(earlier_export), snapshot(run_copy)
+    when(monkeypatch, error)
+    with pytest.raises(type(error)):
+        export(str(run_copy), earlier_export, force=True)
+    assert (snapshot(earlier_export), snapshot(run_copy)) == before
+    assert hidden(tmp_path) == []
+
+
+def test_a_hidden_partial_beside_out_is_removed_only_when_a_dead_export_left_it(lora_run, tmp_path):
+    partial = tmp_path / ".model.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("not export's")
+    with pytest.raises(UserError, match="in the way"):
+        export(str(lora_run), tmp_path / "model")
+    assert snapshot(partial) == {"notes.txt": b"not export's"}
+    shutil.rmtree(partial)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # another export, still writing
+    try:
+        partial.mkdir()
+        (partial / "grpo_export.json").write_text(json.dumps({"written_by": "grpo export", "pid": writer.pid}))
+        with pytest.raises(UserError, match=rf"another grpo export \(process {writer.pid}\)"):
+            export(str(lora_run), tmp_path / "model")
+        assert (partial / "grpo_export.json").exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    # Its writer killed outright (SIGKILL), the leftover is export's own: removed, and the export goes ahead.
+    assert export(str(lora_run), tmp_path / "model").out.joinpath("model.safetensors").exists()
+    assert hidden(tmp_path) == []
