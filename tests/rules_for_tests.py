@@ -42,3 +42,53 @@ def hangs_on_slow(completion, answer):
     if "slow" in (completion, answer):
         time.sleep(60)  # interruptible: the worker's alarm stops it
     return float(is_correct(completion, answer))
+
+
+def exits_on_x(completion, answer):
+    """Its length, except that on 'x' it ends its worker process at once (no cleanup, exit code 3)."""
+    import os
+
+    if completion == "x":
+        os._exit(3)
+    return float(len(completion))
+
+
+def sys_exits_on_x(completion, answer):
+    import sys
+
+    if completion == "x":
+        sys.exit(3)
+    return float(len(completion))
+
+
+def killed_on_x(completion, answer):
+    """Its length, except that on 'x' its worker is killed from outside, as the OOM killer would."""
+    import os
+
+    if completion == "x":
+        os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+    return float(len(completion))
+
+
+def starts_a_sleeper(completion, answer):
+    """Starts `sleep 600` without waiting for it; returns that process's pid."""
+    import subprocess
+
+    return float(subprocess.Popen(["sleep", "600"]).pid)
+
+
+def worker_pid(completion, answer):
+    import os
+
+    return float(os.getpid())
+
+
+def slow_worker_pid(completion, answer):
+    """Creates the file named by `completion` (the call has begun), sleeps 2 s, returns the worker's pid."""
+    import os
+    from pathlib import Path
+
+    Path(completion).touch()
+    time.sleep(2.0)
+    return float(os.getpid())

@@ -1,15 +1,16 @@
-import multiprocessing
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import rules_for_tests as bad
 from grpo_cli.rewards import RULES, correctness, step_format
-from grpo_cli.scoring import Scorer
+from grpo_cli import scoring
+from grpo_cli.scoring import ERROR, OK, Scorer
 
 
 def test_pool_scores_match_the_pure_functions():
@@ -112,14 +113,13 @@ def test_workers_leave_ctrl_c_to_the_trainer():
 
 
 def test_ctrl_c_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
-    spawn = multiprocessing.get_context("spawn")
-    start = spawn.Pool
+    start = scoring._Pool
 
     def interrupted_start(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of starting the workers
         return start(*args, **kwargs)
 
-    monkeypatch.setattr(spawn, "Pool", interrupted_start)
+    monkeypatch.setattr(scoring, "_Pool", interrupted_start)
     # Python's own handler, whatever this process inherited: a shell starts a background job
     # (`pytest &`) with Ctrl-C ignored, and the held-back press is then rightly ignored too.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -132,3 +132,101 @@ def test_ctrl_c_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
     finally:
         scorer.close()
         signal.signal(signal.SIGINT, inherited)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("rule, how", [(bad.exits_on_x, "exit code 3"), (bad.sys_exits_on_x, "exit code 3"),
+                                       (bad.killed_on_x, "killed by SIGKILL")],
+                         ids=["os._exit", "sys.exit", "SIGKILL"])
+def test_a_worker_that_dies_costs_only_its_call(rule, how):
+    # The pool replaced a dead worker silently and its job's result never came: every such call waited
+    # out the job's time limit (one step took 685 s) and was reported as a timeout.
+    with Scorer({"dies": rule, "length": bad.length}, workers=2) as scorer:
+        scorer.score(["length"], ["warm-up"], ["x"])  # start the workers before timing
+        started = time.perf_counter()
+        scores = scorer.score(["length", "dies"], ["ab", "x", "abc"], ["1", "1", "1"])  # one chunk of 6 calls
+        elapsed = time.perf_counter() - started
+        after = scorer.score(["dies", "length"], ["abcd"], ["1"])  # the pool works on
+    assert scores.column("length").tolist() == [2.0, 1.0, 3.0]
+    assert scores.column("dies").tolist() == [2.0, 0.0, 3.0]  # only the call that killed its worker is lost
+    assert scores.errors == 1 and scores.timeouts == 0
+    assert scores.status[:, 1].tolist() == [OK, ERROR, OK]
+    assert any(m.startswith("dies: ") and "worker process died" in m and how in m for m in scores.messages), \
+        scores.messages
+    assert elapsed < 15  # a hang check: the job limit was 45 s and more
+    assert after.values.tolist() == [[4.0, 4.0]] and after.errors == 0
+
+
+def test_processes_a_rule_leaves_running_end_with_the_scorer():
+    with Scorer({"spawns": bad.starts_a_sleeper}, workers=1) as scorer:
+        sleeper = int(scorer.score(["spawns"], ["a"], ["b"]).values[0, 0])
+        assert running(sleeper)
+    try:
+        deadline = time.monotonic() + 5  # its new parent, init, reaps it after the kill
+        while running(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(sleeper), "the rule's child outlived the scorer"
+    finally:
+        if running(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def test_workers_leave_sigterm_to_the_trainer_and_still_end_on_close(tmp_path):
+    # Slurm sends SIGTERM to every process of a job; the trainer finishes its step on it, so a worker
+    # must not die with that step's scores. The scorer still ends it when it closes.
+    began = tmp_path / "began"
+    scorer = Scorer({"pid": bad.worker_pid, "slow": bad.slow_worker_pid}, workers=1)
+    try:
+        pid = int(scorer.score(["pid"], ["x"], ["y"]).values[0, 0])
+        pending = scorer.submit(["slow"], [str(began)], ["y"])
+        deadline = time.monotonic() + 60
+        while not began.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGTERM)  # while the call runs
+        scores = pending.result()
+        assert scores.values.tolist() == [[float(pid)]] and scores.errors == 0 and scores.timeouts == 0
+        assert running(pid)
+    finally:
+        started = time.perf_counter()
+        scorer.close()
+        closing = time.perf_counter() - started
+    assert not running(pid) and closing < 10
+
+
+def test_sigterm_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
+    # `grpo eval` stops at once on SIGTERM, from wherever the main thread is: held back like Ctrl-C.
+    class Terminated(BaseException):
+        pass
+
+    def stop(signum, frame):
+        raise Terminated
+
+    start = scoring._Pool
+
+    def terminated_start(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "_Pool", terminated_start)
+    inherited = signal.signal(signal.SIGTERM, stop)
+    scorer = Scorer({"length": bad.length}, workers=1)
+    try:
+        with pytest.raises(Terminated):
+            scorer.score(["length"], ["abc"], ["x"])
+        assert scorer._pool is not None and signal.getsignal(signal.SIGTERM) is stop
+    finally:
+        scorer.close()
+        signal.signal(signal.SIGTERM, inherited)
