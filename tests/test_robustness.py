@@ -540,3 +540,39 @@ def test_resume_applies_a_changed_learning_rate_and_weight_decay(tmp_path, strai
     assert {g["weight_decay"] for g in optimizer["param_groups"]} == {0.1}
     scheduler = torch.load(run_dir / "checkpoints" / "step-8" / "scheduler.pt", weights_only=True)
     assert scheduler["base_lrs"] == [new["lr"]]
+
+
+def wait_for_handler(pid: int, signum: int) -> None:
+    """Until process `pid` has a handler of its own for `signum` (Linux: SigCgt in /proc/<pid>/status)."""
+    def caught() -> bool:
+        status = open(f"/proc/{pid}/status").read()
+        mask = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+        return bool(mask >> (signum - 1) & 1)
+
+    wait_for(caught, timeout=120)
+
+
+def test_sigterm_stops_grpo_eval_and_grpo_export_leaving_nothing_half_written(tmp_path, straight):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, "-m", "grpo_cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+    evaluation = start("eval", "--model", str(straight), "--data", "builtin:arithmetic-test", "--max-new-tokens", "60",
+                       "--output", str(tmp_path / "results.json"))
+    wait_for_handler(evaluation.pid, signal.SIGTERM)
+    time.sleep(1.0)  # into the evaluation
+    evaluation.send_signal(signal.SIGTERM)
+    out, err = evaluation.communicate(timeout=120)
+    assert evaluation.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "was not written" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no results file, no hidden temporary one
+
+    export = start("export", str(straight), "--out", str(tmp_path / "model"))
+    wait_for(lambda: (tmp_path / ".model.partial").exists() or export.poll() is not None)
+    export.send_signal(signal.SIGTERM)
+    out, err = export.communicate(timeout=120)
+    assert export.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the export nor its hidden .partial
