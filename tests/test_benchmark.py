@@ -139,26 +139,19 @@ def test_malformed_prediction_lines_are_refused_not_skipped(tmp_path):
     assert ", line 4 (" in str(error.value)
 
 
-def test_a_prediction_line_that_is_not_an_object_is_refused(tmp_path):
+@pytest.mark.parametrize("lines, says", [
+    ('{"answer": "1", "completion": "#### 1"}\n"#### 2"\n',  # a line that is not an object
+     r"p.jsonl: 1 of 2 lines are not JSON objects: line 2 \(a string"),
+    ('{"answer": "1", "completion": "#### 1"}\n\n{"answer": "2", "completions": ["#### 2"]}\n'
+     '{"completion": "#### 3"}\n', r"p.jsonl: 1 of 3 rows cannot be graded: line 4 needs 'answer'"),
+    ('{"answer": "1", "completions": ["#### 1", "#### 2"]}\n{"answer": "2", "completion": "#### 2"}\n'
+     '{"answer": "3", "completions": ["#### 3", "#### 3"]}\n',  # ragged: pass@k needs the same k
+     r"p.jsonl: line 2 has 1 completions where the other 2 rows have 2"),
+])
+def test_prediction_rows_that_cannot_all_be_graded_refuse_the_file_naming_the_line(tmp_path, lines, says):
     path = tmp_path / "p.jsonl"
-    path.write_text('{"answer": "1", "completion": "#### 1"}\n"#### 2"\n')
-    with pytest.raises(UserError, match=r"p.jsonl: 1 of 2 lines are not JSON objects: line 2 \(a string"):
-        run(EvalOptions(predictions=str(path)))
-
-
-def test_rows_that_cannot_be_graded_name_their_lines(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"answer": "1", "completion": "#### 1"}\n\n{"answer": "2", "completions": ["#### 2"]}\n'
-                    '{"completion": "#### 3"}\n')
-    with pytest.raises(UserError, match=rf"{path}: 1 of 3 rows cannot be graded: line 4 needs 'answer'"):
-        run(EvalOptions(predictions=str(path)))
-
-
-def test_ragged_prediction_files_are_refused_with_the_line(tmp_path):
-    path = tmp_path / "p.jsonl"
-    path.write_text('{"answer": "1", "completions": ["#### 1", "#### 2"]}\n{"answer": "2", "completion": "#### 2"}\n'
-                    '{"answer": "3", "completions": ["#### 3", "#### 3"]}\n')
-    with pytest.raises(UserError, match=rf"{path}: line 2 has 1 completions where the other 2 rows have 2"):
+    path.write_text(lines)
+    with pytest.raises(UserError, match=says):
         run(EvalOptions(predictions=str(path)))
 
 

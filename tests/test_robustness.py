@@ -95,15 +95,19 @@ def test_sigkill_then_resume_reaches_the_same_run(tmp_path, straight):
     resume_and_compare(tmp_path, straight)
 
 
-def test_ctrl_c_saves_and_stops_then_resume_continues_exactly(tmp_path, straight):
+@pytest.mark.parametrize("signum, code, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_saves_and_stops_then_resume_continues_exactly(tmp_path, straight, signum, code, name):
+    # SIGTERM: what schedulers (Slurm, Kubernetes, docker stop, spot preemption) send
     proc = start_cli(tmp_path)
     wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 2 or proc.poll() is not None)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err
-    assert "stopped by Ctrl-C after step" in err and "--resume" in err and "Traceback" not in err
-    stopped_at = max(int(p.name.removeprefix("step-")) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
-    assert stopped_at < 6 and checkpoint.is_complete(tmp_path / "run" / "checkpoints" / f"step-{stopped_at}")
+    assert proc.returncode == code, err
+    assert f"stopped by {name}" in err and "--resume" in err and "Traceback" not in err
+    assert "leaked semaphore" not in err  # the scoring pool was closed, not abandoned
+    saved = checkpoint.latest(tmp_path / "run")
+    assert saved is not None and saved.name != "step-6" and f"saved {saved}" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
     resume_and_compare(tmp_path, straight)
 
 
@@ -371,21 +375,7 @@ def test_a_script_that_calls_train_without_the_main_guard_gets_told_how_to_fix_i
     assert out.count("model builtin:tiny-math") == 1  # only the script's own process loaded it
 
 
-# ---- SIGTERM: what schedulers (Slurm, Kubernetes, docker stop, spot preemption) send
-
-def test_sigterm_saves_and_stops_then_resume_continues_exactly(tmp_path, straight):
-    proc = start_cli(tmp_path)
-    wait_for(lambda: len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) >= 2 or proc.poll() is not None)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
-    assert "leaked semaphore" not in err  # the scoring pool was closed, not abandoned
-    saved = checkpoint.latest(tmp_path / "run")
-    assert saved is not None and saved.name != "step-6" and f"saved {saved}" in err
-    assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
-    resume_and_compare(tmp_path, straight)
-
+# ---- SIGTERM beyond the stop after a step (test_ctrl_c_or_sigterm_saves_and_stops_then_resume_continues_exactly)
 
 def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, monkeypatch, straight):
     import grpo_cli.train as train_module
