@@ -113,13 +113,13 @@ def test_workers_leave_ctrl_c_to_the_trainer():
 
 
 def test_ctrl_c_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
-    start = scoring._Pool
+    start = scoring.WorkerPool
 
     def interrupted_start(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of starting the workers
         return start(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "_Pool", interrupted_start)
+    monkeypatch.setattr(scoring, "WorkerPool", interrupted_start)
     # Python's own handler, whatever this process inherited: a shell starts a background job
     # (`pytest &`) with Ctrl-C ignored, and the held-back press is then rightly ignored too.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -214,13 +214,13 @@ def test_sigterm_while_the_pool_starts_arrives_once_it_is_up(monkeypatch):
     def stop(signum, frame):
         raise Terminated
 
-    start = scoring._Pool
+    start = scoring.WorkerPool
 
     def terminated_start(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return start(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "_Pool", terminated_start)
+    monkeypatch.setattr(scoring, "WorkerPool", terminated_start)
     inherited = signal.signal(signal.SIGTERM, stop)
     scorer = Scorer({"length": bad.length}, workers=1)
     try:
