@@ -66,10 +66,10 @@ class Examples:
         return f"{self.skipped} row{'s' if self.skipped > 1 else ''} skipped: {reasons}"
 
 
-def listed(items: list[str]) -> str:
+def listed(items: list[str], separator: str = ", ") -> str:
     """The first few of a message's items, and how many more there are."""
     more = f" and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
-    return ", ".join(items[:SHOWN]) + more
+    return separator.join(items[:SHOWN]) + more
 
 
 def place(places: list[str] | None, index: int) -> str:

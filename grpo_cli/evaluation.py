@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from grpo_cli.answers import extract_final_answer, gold_answer
-from grpo_cli.data import SHOWN, Example, json_kind
+from grpo_cli.data import Example, json_kind, listed
 from grpo_cli.guard import drop_point
 from grpo_cli.protocols import k_values, majority_vote, pass_at_k
 from grpo_cli.rollout import generate
@@ -163,8 +163,7 @@ def grade_predictions(rows: list[dict], scorer: Scorer, places: list[str] | None
     places = places or [f"row {i}" for i in range(1, len(rows) + 1)]
     problems = [f"{where}{problem}" for where, row in zip(places, rows) if (problem := _prediction_problem(row))]
     if problems:
-        more = f"; and {len(problems) - SHOWN} more" if len(problems) > SHOWN else ""
-        raise ValueError(f"{len(problems)} of {len(rows)} rows cannot be graded: {'; '.join(problems[:SHOWN])}{more}")
+        raise ValueError(f"{len(problems)} of {len(rows)} rows cannot be graded: {listed(problems, '; ')}")
     groups = [row["completions"] if "completions" in row else [row["completion"]] for row in rows]
     golds = [gold_answer(row["answer"]) for row in rows]
     fields = [{k: v for k, v in row.items() if k not in ("completion", "completions")} for row in rows]
