@@ -1,4 +1,5 @@
-"""The README documents every recipe key, and its commands are the ones CI runs."""
+"""The recipe reference (docs/recipe.md) documents every recipe key, the README's test command is the one CI
+runs, and every link between the README and the docs pages leads somewhere."""
 
 from pathlib import Path
 
@@ -6,10 +7,11 @@ from grpo_cli.recipe import RULE_SPECS, Recipe, _section_type
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+RECIPE_REFERENCE = (ROOT / "docs" / "recipe.md").read_text()
 
 
 def recipe_keys() -> list[str]:
-    """Every key a recipe can set, as the README writes it: model.lora.r, rewards[].weight, ..."""
+    """Every key a recipe can set, as the recipe reference writes it: model.lora.r, rewards[].weight, ..."""
     keys = []
     for spec in RULE_SPECS.values():
         keys.extend(f"rewards[].{name}" for name in spec.model_fields if f"rewards[].{name}" not in keys)
@@ -28,7 +30,7 @@ def recipe_keys() -> list[str]:
 def test_every_recipe_key_is_documented():
     keys = recipe_keys()
     assert "train.lr" in keys and "model.lora.r" in keys and "rewards[].weight" in keys
-    missing = [k for k in keys if f"`{k}`" not in README]
+    missing = [k for k in keys if f"| `{k}` |" not in RECIPE_REFERENCE]
     assert not missing
 
 
@@ -47,3 +49,37 @@ def test_the_failure_modes_document_names_real_tests():
     names = {a or b for a, b in named}
     assert len(names) > 20
     assert [n for n in names if f"def {n}(" not in sources] == []
+
+
+def test_the_readme_keeps_the_quickstart_and_links_the_recipe_reference():
+    quickstart = "pip install torch==2.13.0 && pip install -e .\ngrpo train recipes/quickstart.yaml"
+    assert quickstart in README
+    assert "(docs/recipe.md)" in README
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_readme_and_the_docs_lead_somewhere():
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            if not file.exists():
+                broken.append(f"{page.name}: {target}")
+            elif anchor and file.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{page.name}: {target}")
+    assert broken == []
