@@ -77,8 +77,8 @@ def train(
     from grpo_cli.console import TrainConsole
     from grpo_cli.train import train as run_training
 
-    recipe = catalog.resolve(recipe)
     try:
+        recipe = catalog.resolve(recipe)
         loaded = recipe_module.load(recipe, set_)
         console = TrainConsole(quiet=quiet)
         summary = run_training(loaded, resume=resume, recipe_dir=recipe.resolve().parent, console=console,
@@ -159,7 +159,7 @@ def eval_command(
 
 @app.command()
 def score(
-    recipe: Path = typer.Argument(..., help="The recipe whose reward rules and weights to use."),
+    recipe: Path = typer.Argument(..., help="The recipe whose reward rules and weights to use (a file or a shipped recipe's name)."),
     completions: Path = typer.Argument(..., help=".jsonl/.json/.csv/.parquet rows: the prompt field (or 'prompt'), the answer field (or 'answer'), and 'completion' or 'completions'."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
     output: Path = typer.Option(None, "--output", "-o", help="Also write the scores as JSON."),
@@ -173,6 +173,7 @@ def score(
 
     from rich.console import Console
 
+    from grpo_cli import catalog
     from grpo_cli import recipe as recipe_module
     from grpo_cli.console import print_scores
     from grpo_cli.run_log import write_whole
@@ -180,6 +181,7 @@ def score(
 
     try:
         with terminate_at_once():
+            recipe = catalog.resolve(recipe)
             loaded = recipe_module.load(recipe, set_)
             groups = score_completions(loaded, completions, recipe.resolve().parent)
             if output is not None:
@@ -311,11 +313,12 @@ def validate(
 
     console = Console()
     try:
-        loaded = recipe_module.load(catalog.resolve(recipe), set_)
+        recipe = catalog.resolve(recipe)
+        loaded = recipe_module.load(recipe, set_)
     except UserError as error:
         _fail(error)
     console.print(Syntax(recipe_module.dump(loaded), "yaml", background_color="default"))
-    console.print(f"{catalog.resolve(recipe)}: valid.", style="green")
+    console.print(f"{recipe}: valid.", style="green")
     try:
         config = model_config(loaded)
     except Exception as exc:  # an unreachable hub model: the recipe is still valid

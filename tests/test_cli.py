@@ -181,3 +181,24 @@ def test_export_refuses_to_touch_the_run_with_exit_2(tmp_path, tiny_model_path):
         assert result.exit_code == 2 and says in result.output, result.output
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert (tmp_path / "model.bin").read_text() == "a file"
+
+
+@pytest.mark.parametrize("command", ["train", "validate", "score"])
+@pytest.mark.parametrize("typed, meant", [("quickstrat", "'quickstart'"), ("quickstrat.yaml", "'quickstart'"),
+                                          ("qwen2.5-0.5b-gms8k", "'qwen2.5-0.5b-gsm8k-lora'")])
+def test_a_misspelled_shipped_recipe_name_gets_did_you_mean(command, typed, meant, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    extra = [str(tmp_path / "completions.jsonl")] if command == "score" else []
+    result = runner.invoke(app, [command, typed, *extra])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"no shipped recipe of that name. Did you mean {meant}" in " ".join(result.output.split())
+
+
+def test_a_misspelled_recipe_path_gets_did_you_mean_the_file_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    result = runner.invoke(app, ["validate", "recipes/quickstrat.yaml"])
+    assert result.exit_code == 2 and "Did you mean 'recipes/quickstart.yaml'?" in " ".join(result.output.split())
+    unknown = runner.invoke(app, ["recipes", "show", "qwen2.5-1.5b-gsm8k-qlroa"])
+    assert unknown.exit_code == 2 and "Did you mean 'qwen2.5-1.5b-gsm8k-qlora'" in " ".join(unknown.output.split())
+    nothing_like_it = runner.invoke(app, ["validate", str(tmp_path / "xyzzy.yaml")])
+    assert nothing_like_it.exit_code == 2 and "not found" in nothing_like_it.output
