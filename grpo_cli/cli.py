@@ -6,18 +6,49 @@ import os
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from grpo_cli import __version__
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Terminated, terminate_at_once
 
+
+
+def _shown_type(param) -> str | None:
+    """What --help shows after an option: its metavar (FILE, N, KEY=VALUE); nothing for a flag, whose name is all
+    there is to type, or for an argument, whose name says what it is. Not Typer's type tags (<bool>, <list[str]>)."""
+    if param.param_type_name == "argument" or getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    return param.metavar or "VALUE"
+
+
+class _PlainHelp:
+    """--help that reads plainly: every parameter's type column as _shown_type says, the ones Typer adds itself
+    (--help, --install-completion) included."""
+
+    def format_help(self, ctx, formatter):
+        for param in self.get_params(ctx):
+            param.display_type_rich = lambda ctx, shown=_shown_type(param): shown
+        return super().format_help(ctx, formatter)
+
+
+class PlainCommand(_PlainHelp, TyperCommand):
+    pass
+
+
+class PlainGroup(_PlainHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=PlainGroup,
     help="Fine-tune language models with GRPO from YAML recipes.\n\n"
     "Start with: grpo train recipes/quickstart.yaml (or simply: grpo train quickstart)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 recipes_app = typer.Typer(
+    cls=PlainGroup,
     help="List the shipped recipes, a line each; show one.\n\nExample: grpo recipes;  grpo recipes show quickstart",
     invoke_without_command=True,
 )
@@ -61,10 +92,10 @@ def _fail(error: UserError) -> None:
     raise typer.Exit(error.exit_code)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def train(
     recipe: Path = typer.Argument(..., help="The YAML recipe, e.g. recipes/quickstart.yaml, or a shipped recipe's name."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set grpo.kl_beta=0.02 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value: --set grpo.kl_beta=0.02 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the final summary."),
 ) -> None:
@@ -103,25 +134,25 @@ def train(
     )
 
 
-@app.command("eval")
+@app.command("eval", cls=PlainCommand)
 def eval_command(
-    model: str = typer.Option(None, "--model", "-m", help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
-    data: str = typer.Option(None, "--data", "-d", help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
-    data_file: str = typer.Option(None, "--data-file", help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
-    predictions: str = typer.Option(None, "--predictions", help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
-    samples: int = typer.Option(1, "--samples", "-k", help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
-    limit: int = typer.Option(None, "--limit", help="Only the first N problems."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write results (figures, settings, one record per row) as JSON."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
-    temperature: float = typer.Option(0.6, help="Sampling temperature when --samples > 1."),
-    top_p: float = typer.Option(0.95, "--top-p", help="Nucleus sampling when --samples > 1."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Prompts per generation batch."),
-    seed: int = typer.Option(0, help="Seed for sampling."),
-    template: str = typer.Option(None, help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
-    system_prompt: str = typer.Option(None, "--system-prompt", help="System message for chat prompts."),
+    model: str = typer.Option(None, "--model", "-m", metavar="MODEL", help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
+    data: str = typer.Option(None, "--data", "-d", metavar="DATA", help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
+    data_file: str = typer.Option(None, "--data-file", metavar="FILE", help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
+    predictions: str = typer.Option(None, "--predictions", metavar="FILE", help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
+    samples: int = typer.Option(1, "--samples", "-k", metavar="K", help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
+    limit: int = typer.Option(None, "--limit", metavar="N", help="Only the first N problems."),
+    output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Write results (figures, settings, one record per row) as JSON."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", metavar="N", help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
+    temperature: float = typer.Option(0.6, metavar="T", help="Sampling temperature when --samples > 1."),
+    top_p: float = typer.Option(0.95, "--top-p", metavar="P", help="Nucleus sampling when --samples > 1."),
+    batch_size: int = typer.Option(32, "--batch-size", metavar="N", help="Prompts per generation batch."),
+    seed: int = typer.Option(0, metavar="N", help="Seed for sampling."),
+    template: str = typer.Option(None, metavar="TEMPLATE", help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
+    system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="System message for chat prompts."),
     chat: bool = typer.Option(None, "--chat/--no-chat", help="Use the tokenizer's chat template (default: when it has one)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    dtype: str = typer.Option(None, help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
+    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda."),
+    dtype: str = typer.Option(None, metavar="DTYPE", help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
 ) -> None:
     """Measure accuracy on a math set, or grade given completions.
 
@@ -157,12 +188,12 @@ def eval_command(
         console.print(f"results written to {output}", highlight=False)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def score(
     recipe: Path = typer.Argument(..., help="The recipe whose reward rules and weights to use (a file or a shipped recipe's name)."),
     completions: Path = typer.Argument(..., help=".jsonl/.json/.csv/.parquet rows: the prompt field (or 'prompt'), the answer field (or 'answer'), and 'completion' or 'completions'."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
-    output: Path = typer.Option(None, "--output", "-o", help="Also write the scores as JSON."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
+    output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Also write the scores as JSON."),
 ) -> None:
     """Score completions with the recipe's reward rules, grouped per prompt, as training would.
 
@@ -194,11 +225,11 @@ def score(
     print_scores(Console(), groups, [r.key for r in loaded.rewards])
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def export(
     source: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
-    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the model to."),
-    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory to write the model to."),
+    dtype: str = typer.Option(None, metavar="DTYPE", help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA adapter, in the standard PEFT layout."),
     force: bool = typer.Option(False, "--force", help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
 ) -> None:
@@ -223,10 +254,10 @@ def export(
     )
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def plot(
     runs: list[Path] = typer.Argument(..., help="One or more run directories (finished or in progress)."),
-    out: Path = typer.Option(None, "--out", "-o", help="PNG to write; default: plot.png in the (first) run directory."),
+    out: Path = typer.Option(None, "--out", "-o", metavar="PNG", help="PNG to write; default: plot.png in the (first) run directory."),
 ) -> None:
     """Draw reward per rule, accuracy (train and held-out), KL, length, step time and diversity over steps.
 
@@ -241,10 +272,10 @@ def plot(
     typer.echo(f"wrote {written}")
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def samples(
     run: Path = typer.Argument(..., help="A run directory."),
-    step: int = typer.Option(None, help="A logged step; default the latest."),
+    step: int = typer.Option(None, metavar="STEP", help="A logged step; default the latest."),
 ) -> None:
     """Read the completions a run logged, with each rule's reward, the total and the advantage.
 
@@ -279,7 +310,7 @@ def recipes_list(context: typer.Context) -> None:
         typer.echo(f"{recipe.name.ljust(width)}  {recipe.summary}")
 
 
-@recipes_app.command("show")
+@recipes_app.command("show", cls=PlainCommand)
 def recipes_show(name: str = typer.Argument(..., help="A name from grpo recipes.")) -> None:
     """Print a shipped recipe.
 
@@ -293,10 +324,10 @@ def recipes_show(name: str = typer.Argument(..., help="A name from grpo recipes.
         _fail(error)
 
 
-@app.command()
+@app.command(cls=PlainCommand)
 def validate(
     recipe: Path = typer.Argument(..., help="The YAML recipe, or a shipped recipe's name."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value (repeatable)."),
 ) -> None:
     """Check a recipe and show what it would train: resolved values, parameters, estimated peak memory.
 

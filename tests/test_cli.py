@@ -202,3 +202,27 @@ def test_a_misspelled_recipe_path_gets_did_you_mean_the_file_beside_it(tmp_path,
     assert unknown.exit_code == 2 and "Did you mean 'qwen2.5-1.5b-gsm8k-qlora'" in " ".join(unknown.output.split())
     nothing_like_it = runner.invoke(app, ["validate", str(tmp_path / "xyzzy.yaml")])
     assert nothing_like_it.exit_code == 2 and "not found" in nothing_like_it.output
+
+
+def _command_paths(command, path=()):
+    """Every command line that has a --help: the root, each group, each command under it."""
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_no_help_shows_a_type_tag():
+    import re
+
+    import typer.main
+
+    paths = list(_command_paths(typer.main.get_command(app)))
+    assert ["recipes", "show"] in paths and len(paths) >= 10
+    for path in paths:
+        result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (path, result.output)
+        tags = re.findall(r"<[\w\[\]., |]+>", result.output)
+        assert not tags, f"grpo {' '.join(path)} --help shows {sorted(set(tags))}"
+    shown = runner.invoke(app, ["eval", "--help"], terminal_width=200).output
+    assert re.search(r"--limit\s+N\s", shown) and re.search(r"--output\s+-o\s+FILE\s", shown)
+    assert re.search(r"--chat\s+--no-chat\s+Use the", shown)  # a flag shows no placeholder at all
