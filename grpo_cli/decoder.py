@@ -38,7 +38,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from grpo_cli.logprobs import causal_lm, position_ids, uses_logit_postprocessing
+from grpo_cli.model_calls import causal_lm, position_ids, uses_logit_postprocessing
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # same decoder layer: pre-norm, rotary GQA attention, gated MLP
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rotary frequencies that change with the sequence's length

@@ -25,7 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo_cli import logprobs  # its functions looked up at each call, where tests replace them
 from grpo_cli.errors import UserError
+from grpo_cli.model_calls import causal_lm
+from grpo_cli.rollout import generate as run_generate
 
 
 @dataclass(frozen=True)
@@ -136,15 +139,12 @@ class PolicyPasses(torch.nn.Module):
 
     def forward(self, micro=None, temperature: float = 1.0, share: bool = True, generate: dict | None = None,
                 prompts=None, step_prompts_of=None, entropy_grad: bool = False):
-        from grpo_cli.logprobs import micro_batch_logprobs, step_prompts
-        from grpo_cli.rollout import generate as run_generate
-
         if generate is not None:
             return run_generate(self.model, **generate)
         if step_prompts_of is not None:  # a rollout: its prompts, run once (logprobs.step_prompts)
-            return step_prompts(self.model, step_prompts_of)
-        return micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True, prompts=prompts,
-                                    entropy_grad=entropy_grad)
+            return logprobs.step_prompts(self.model, step_prompts_of)
+        return logprobs.micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True,
+                                             prompts=prompts, entropy_grad=entropy_grad)
 
 
 class Parallel:
@@ -244,8 +244,6 @@ def _mesh(world: World, device: torch.device):
 def _shard(passes: PolicyPasses, mesh) -> None:
     """FSDP2: each decoder layer its own unit, the rest (embeddings, norm, head) in the root."""
     from torch.distributed.fsdp import fully_shard
-
-    from grpo_cli.logprobs import causal_lm
 
     layers = getattr(causal_lm(passes.model).base_model, "layers", None)
     if layers is None:

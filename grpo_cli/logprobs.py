@@ -23,27 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from grpo_cli.model_calls import (cache_argument, causal_lm, new_cache, position_ids, returned_cache,
+                                  uses_logit_postprocessing)
+
 CHUNK_TOKENS = 1024  # most tokens per chunk through the head
 # Most logits per chunk (128 MiB in float32): with Qwen2.5's 151936-token vocabulary a chunk is 220
 # tokens, so a chunk's few float32 [K, V] temporaries stay under a GiB whatever the vocabulary.
 CHUNK_LOGITS = 2**25
-# Configs whose CausalLM forward changes the logits after the head (Gemma's soft-capping,
-# Cohere's and Granite's scaling): for these the plain forward is used so nothing is skipped.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def causal_lm(model):
-    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as `generate` assigns them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, T]
-
-
-def uses_logit_postprocessing(model) -> bool:
-    return any(getattr(causal_lm(model).config, name, None) for name in _LOGIT_POSTPROCESSING)
 
 
 def chunk_tokens_for(vocab_size: int) -> int:
@@ -160,8 +146,6 @@ class PromptStates:
 
 def prompt_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptStates:
     """One pass over [B, P] left-padded prompts, keeping each layer's keys and values."""
-    from grpo_cli.rollout import cache_argument, new_cache, returned_cache
-
     out = causal_lm(model).base_model(input_ids=prompt_ids, attention_mask=prompt_mask,
                                       position_ids=position_ids(prompt_mask), use_cache=True,
                                       **{cache_argument(model): new_cache(model)})
@@ -203,8 +187,6 @@ def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: 
     if prompts is None and (not share_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]):
         return _completion_pass(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
                                 chunk_tokens, with_entropy, entropy_grad)
-    from grpo_cli.rollout import cache_argument, new_cache
-
     lm = causal_lm(model)
     if prompts is None:
         prompts, rows = prompt_states(model, micro.prompt_ids, micro.prompt_mask), micro.prompt_index  # [u, ...]

@@ -32,6 +32,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from grpo_cli.modeling import is_plain_lora_linear, lora_layers
+
 
 class _LoraLinear(torch.autograd.Function):
     """x W^T + b + s (x A^T) B^T; the adapter's arithmetic in the adapter's dtype (`.to` of a
@@ -80,16 +82,12 @@ def _forward(self, x, *args, **kwargs):
 def eligible(layer) -> bool:
     """Whether PEFT's forward of this layer is exactly base + s * B(A x) (see the module docstring):
     a plain LoRA linear layer without dropout over a frozen base."""
-    from grpo_cli.modeling import is_plain_lora_linear
-
     return (is_plain_lora_linear(layer) and isinstance(layer.lora_dropout[layer.active_adapters[0]], torch.nn.Identity)
             and not layer.get_base_layer().weight.requires_grad)
 
 
 def install(model) -> int:
     """Train the eligible LoRA layers of `model` through `_LoraLinear`; how many there are."""
-    from grpo_cli.modeling import lora_layers
-
     layers = [layer for layer in lora_layers(model) if eligible(layer)]
     for layer in layers:
         layer.forward = types.MethodType(_forward, layer)  # a bound method: a deep copy binds to the copy

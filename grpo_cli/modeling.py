@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import builtin_model
+from grpo_cli import builtin_model, checkpoint
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import ModelSpec
+from grpo_cli.recipe import load as load_recipe
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -223,14 +224,12 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
     adapter directory, a model directory, a hub id or a builtin name."""
     import json
 
-    from grpo_cli import checkpoint, recipe as recipe_module
-
     target = pick_device(device)
     path = Path(ref).expanduser()
     found = checkpoint.locate(path) if path.is_dir() else None
     if found is not None:
         recipe_path = found / checkpoint.RECIPE_FILE
-        recipe = recipe_module.load(recipe_path if recipe_path.exists() else found.parent.parent / "recipe.yaml")
+        recipe = load_recipe(recipe_path if recipe_path.exists() else found.parent.parent / "recipe.yaml")
         spec = recipe.model.model_copy(update={"dtype": dtype or recipe.model.dtype})
         if spec.lora is not None:
             model = _with_adapter(spec.name, found, spec, target, progress)
@@ -241,7 +240,7 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
     spec = ModelSpec(name=ref, dtype=dtype or "auto", lora=None)
     # a grpo export carries its training recipe: prompt it the way it was trained
     exported_recipe = path / "grpo_recipe.yaml"
-    recipe = recipe_module.load(exported_recipe) if exported_recipe.exists() else None
+    recipe = load_recipe(exported_recipe) if exported_recipe.exists() else None
     if (path / "adapter_config.json").exists():
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = _with_adapter(base_name, path, spec, target, progress)

@@ -22,13 +22,14 @@ after it is padding and masked out.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from grpo_cli import decoder
 from grpo_cli.guard import drop_point
+from grpo_cli.model_calls import cache_argument, new_cache, position_ids, returned_cache
+from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_layers
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this share of it has ended
 
@@ -56,8 +57,6 @@ def foldable_lora_layers(model) -> list:
     """The LoRA layers to fold for sampling: all of them when every one is a plain LoRA linear layer
     (`modeling.is_plain_lora_linear`), not merged, over float32 weights; otherwise none. In 16 bits,
     W + s*B@A would round the adapter's small update away; a 4-bit base cannot hold it."""
-    from grpo_cli.modeling import is_plain_lora_linear, lora_layers
-
     layers = lora_layers(model)
     if all(is_plain_lora_linear(layer) and not layer.merged and layer.get_base_layer().weight.dtype == torch.float32
            for layer in layers):
@@ -71,8 +70,6 @@ def folded_lora(model, enabled: bool = True):
     adapter switched off. The base weight is swapped for a new tensor, not changed in place, so
     the original comes back exactly; the fold costs one weight-sized copy of the adapted layers
     while it lasts. Only where `foldable_lora_layers` allows; a no-op otherwise."""
-    from grpo_cli.modeling import adapters_disabled
-
     layers = foldable_lora_layers(model) if enabled else []
     originals = []
     try:
@@ -93,28 +90,6 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     ids = configured if isinstance(configured, list) else [configured]
     ids = [i for i in ids if i is not None] or [tokenizer.eos_token_id]
     return sorted(set(ids))
-
-
-def cache_argument(model) -> str:
-    """transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`."""
-    from grpo_cli.logprobs import causal_lm
-
-    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
-
-
-def new_cache(model):
-    """An empty DynamicCache laid out for the model (sliding-window layers included where it knows them)."""
-    from transformers import DynamicCache
-
-    from grpo_cli.logprobs import causal_lm
-
-    if "config" in inspect.signature(DynamicCache.__init__).parameters:
-        return DynamicCache(config=causal_lm(model).config)
-    return DynamicCache()
-
-
-def returned_cache(output):
-    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
 
 
 def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -> Rollout:
@@ -210,8 +185,6 @@ class _TransformersStepper:
         self.cache = self.mask = self.next_position = None
 
     def prefill(self, input_ids, attention_mask, samples: int) -> torch.Tensor:  # -> [N, V]
-        from grpo_cli.logprobs import position_ids
-
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                          use_cache=True, logits_to_keep=1, **{self.kwarg: new_cache(self.model)})
         self.cache = returned_cache(out)

@@ -4,7 +4,7 @@ from conftest import trained_lora_policy
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from grpo_cli import decoder
-from grpo_cli.logprobs import position_ids
+from grpo_cli.model_calls import position_ids
 from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.rollout import foldable_lora_layers, generate

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from grpo_cli import logprobs
-from grpo_cli.logprobs import chunk_tokens_for, completion_logprobs, position_ids
+from grpo_cli.logprobs import chunk_tokens_for, completion_logprobs
+from grpo_cli.model_calls import position_ids
 from grpo_cli.modeling import load_policy
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.rollout import generate

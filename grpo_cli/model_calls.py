@@ -1,0 +1,53 @@
+"""Calling a transformers causal LM below its `generate`: what the log-prob passes (`logprobs`),
+the sampler (`rollout`), the lean decoder (`decoder`) and the FSDP2 sharding (`distributed`) all need.
+
+- `causal_lm`: the *ForCausalLM inside a PEFT wrapper;
+- `position_ids`: positions that skip left padding;
+- `uses_logit_postprocessing`: whether the forward changes the logits after the head;
+- `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases.
+
+A leaf: it imports nothing from grpo_cli, so every module that calls the model imports it at
+the top without a cycle.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Configs whose CausalLM forward changes the logits after the head (Gemma's soft-capping,
+# Cohere's and Granite's scaling): for these the plain forward is used so nothing is skipped.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def causal_lm(model):
+    """The transformers *ForCausalLM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` assigns them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [N, T]
+
+
+def uses_logit_postprocessing(model) -> bool:
+    return any(getattr(causal_lm(model).config, name, None) for name in _LOGIT_POSTPROCESSING)
+
+
+def cache_argument(model) -> str:
+    """transformers 5.2x calls the KV cache argument `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty DynamicCache laid out for the model (sliding-window layers included where it knows them)."""
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=causal_lm(model).config)
+    return DynamicCache()
+
+
+def returned_cache(output):
+    return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
