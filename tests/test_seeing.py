@@ -181,3 +181,46 @@ def test_4_bit_estimate_keeps_embeddings_and_norms_in_16_bits(tiny_model_path):
     assert total - 786_432 == 101 * 128 + 9 * 128
     weights = estimate(recipe, config, total, trainable).parts["weights"]
     assert weights == (786_432 * 0.5 + (101 * 128 + 9 * 128) * 2) / GIB
+
+
+def _metrics(run_dir, rules, steps=30):
+    run_dir.mkdir(parents=True)
+    rows = []
+    for step in range(1, steps + 1):
+        rows.append({"step": step, "reward_mean": step / steps, "accuracy": step / steps, "kl": 0.01,
+                     "completion_len": 30.0, "step_seconds": 1.0,
+                     **{f"reward/{rule}": (i + 1) * step / steps / 4 for i, rule in enumerate(rules)}})
+        if step % 10 == 0:
+            rows.append({"step": step, "eval/accuracy": step / steps, "eval/n": 50})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def test_plot_gives_each_rule_its_colour_and_puts_legends_beside_the_axes(tmp_path):
+    import matplotlib.colors
+    import matplotlib.pyplot as plt
+
+    from grpo_cli.plot import draw
+
+    rules = ["correctness", "step_format", "reflection_bonus"]
+    figure = draw([_metrics(tmp_path / "a", rules), _metrics(tmp_path / "b", rules[:2])])
+    try:
+        figure.canvas.draw()
+        reward = figure.axes[0]
+        colours = {}
+        for line in reward.lines:
+            run, series = line.get_label().split(" ", 1)
+            colours.setdefault(series, set()).add(matplotlib.colors.to_hex(line.get_color()))
+        assert set(colours) == {"total", *rules}
+        assert all(len(c) == 1 for c in colours.values()), colours  # a rule keeps its colour from run to run
+        assert len({next(iter(c)) for c in colours.values()}) == len(colours)  # and no two share one
+        legends = [axis for axis in figure.axes if axis.get_legend() is not None]
+        assert len(legends) == 5  # two runs: every panel with curves tells them apart (no diversity logged here)
+        for axis in legends:
+            box, legend = axis.get_window_extent(), axis.get_legend().get_window_extent()
+            assert legend.x0 >= box.x1 or legend.y1 <= box.y0 or legend.x1 <= box.x0 or legend.y0 >= box.y1, \
+                f"the legend of {axis.get_title()!r} lies over its curves"
+            others = [o.get_window_extent() for o in figure.axes if o is not axis]
+            assert not any(legend.overlaps(o) for o in others), f"the legend of {axis.get_title()!r} covers a panel"
+    finally:
+        plt.close(figure)
