@@ -42,6 +42,7 @@ CHAT_TEMPLATE = (
 )
 WORKED_FRACTION = 0.5
 WARM_START = {"steps": 500, "batch": 64, "lr": 3e-3, "seed": 0}
+PROGRESS_EVERY_S = 10.0  # the build takes minutes: a line per stage, and one this often during the warm start
 
 
 def cache_root() -> Path:
@@ -110,8 +111,9 @@ def warm_start_texts(seed: int, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> list[float]:
-    """Supervised pass on completions only (prompt tokens masked); returns the loss curve."""
+def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, on_step=None) -> list[float]:
+    """Supervised pass on completions only (prompt tokens masked); returns the loss curve.
+    `on_step(step, steps, loss)` is called after each step, step counting from 1."""
     pairs = warm_start_texts(seed, steps * batch)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -136,25 +138,70 @@ def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, steps, losses[-1])
     tokenizer.padding_side = "left"
     model.eval()
     return losses
 
 
-def build(target: Path) -> None:
-    """Create, warm-start and save the model into `target` (a fresh directory)."""
+class BuildReport:
+    """What a build that takes minutes says while it runs, through `say` (a function of one line): a line
+    per stage, and during the warm start a line at most every PROGRESS_EVERY_S seconds with the step,
+    the time so far, an estimate of the time left and the loss; the same on a terminal and in a log."""
+
+    STAGES = 3
+
+    def __init__(self, say=None, clock=time.monotonic):
+        self.say = say or (lambda text: None)
+        self.clock = clock
+        self.started = self.last = clock()
+        self.first_step = None  # (step, time) of the first step seen: the time left is estimated from there on
+
+    def _elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def stage(self, number: int, text: str) -> None:
+        self.say(f"  [{number}/{self.STAGES}] {text} ({self._elapsed():.0f}s elapsed)")
+        self.last = self.clock()
+
+    def step(self, step: int, steps: int, loss: float) -> None:
+        now = self.clock()
+        if self.first_step is None:
+            self.first_step = (step, now)  # the time before it went into generating the problems
+        if step != steps and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        took = self._elapsed()
+        since_step, since = self.first_step
+        per_step = (now - since) / (step - since_step) if step > since_step else None
+        left = f", about {per_step * (steps - step):.0f}s left" if per_step is not None and step < steps else ""
+        self.say(f"      warm start step {step}/{steps} ({step / steps:.0%}), {took:.0f}s elapsed{left}, loss {loss:.3f}")
+
+    def done(self) -> None:
+        self.say(f"  built builtin:{NAME} in {self._elapsed():.0f}s; later runs load it from the cache")
+
+
+def build(target: Path, progress=None) -> None:
+    """Create, warm-start and save the model into `target` (a fresh directory), saying how far it got
+    through `progress` (a function of one line; see BuildReport)."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
+    report = BuildReport(progress)
     torch.manual_seed(WARM_START["seed"])
     tokenizer = build_tokenizer()
     model = LlamaForCausalLM(build_config(tokenizer))
     started = time.perf_counter()
-    losses = warm_start(model, tokenizer, **WARM_START)
+    report.stage(1, f"warm start: {WARM_START['steps']} supervised steps of {WARM_START['batch']} generated "
+                    "arithmetic problems")
+    losses = warm_start(model, tokenizer, **WARM_START, on_step=report.step)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=48
     )
+    report.stage(2, "saving the model and its tokenizer")
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
+    report.stage(3, "checking that the saved tokenizer loads and tokenizes as built")
     check_roundtrip(target, tokenizer)
     info = {
         "name": f"builtin:{NAME}",
@@ -165,6 +212,7 @@ def build(target: Path) -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     (target / "builtin.json").write_text(json.dumps(info, indent=2))
+    report.done()
 
 
 def check_roundtrip(path: Path, tokenizer) -> None:
@@ -199,9 +247,9 @@ def ensure(name: str = NAME, progress=None) -> Path:
         if (target / "builtin.json").exists():
             return target
         if progress:
-            progress(f"building builtin:{NAME} (first use only, about a minute on 2 CPU cores) in {target}")
+            progress(f"building builtin:{NAME} (first use only, about two minutes on 2 CPU cores) in {target}")
         partial = root / f".{NAME}-v{VERSION}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        build(partial)
+        build(partial, progress)
         os.replace(partial, target)
     return target

@@ -67,3 +67,48 @@ def test_cached_model_loads_through_from_pretrained(tiny_model_path):
     assert model.config.vocab_size == len(tokenizer)
     assert (tiny_model_path / "builtin.json").exists()
     assert builtin_model.ensure() == tiny_model_path  # a second call reuses the cache
+
+
+def test_warm_start_reports_every_step():
+    tokenizer = builtin_model.build_tokenizer()
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(builtin_model.build_config(tokenizer))
+    seen = []
+    losses = builtin_model.warm_start(model, tokenizer, steps=3, batch=2, lr=1e-3, seed=0,
+                                      on_step=lambda *args: seen.append(args))
+    assert [(step, steps) for step, steps, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [loss for _, _, loss in seen] == losses
+
+
+def test_build_report_says_how_far_every_ten_seconds_not_every_step():
+    now = [0.0]
+    lines = []
+    report = builtin_model.BuildReport(lines.append, clock=lambda: now[0])
+    report.stage(1, "warm start")
+    for step in range(1, 501):
+        now[0] += 0.25  # 125 s in all
+        report.step(step, 500, 1.0 / step)
+    report.stage(2, "saving")
+    report.done()
+    steps = [line for line in lines if "warm start step" in line]
+    assert 10 <= len(steps) <= 14  # about one a PROGRESS_EVERY_S, not 500
+    counted = [int(line.split("step ")[1].split("/")[0]) for line in steps]
+    assert counted == sorted(counted) and counted[-1] == 500
+    assert "warm start step 40/500 (8%), 10s elapsed, about 115s left" in steps[0]
+    assert lines[0].startswith("  [1/3] warm start") and "[2/3] saving (125s elapsed)" in lines[-2]
+    assert "built builtin:tiny-math in 125s" in lines[-1]
+
+
+def test_a_first_build_says_each_stage_and_how_far(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRPO_CACHE", str(tmp_path))
+    monkeypatch.setitem(builtin_model.WARM_START, "steps", 3)
+    monkeypatch.setitem(builtin_model.WARM_START, "batch", 2)
+    lines = []
+    path = builtin_model.ensure(progress=lines.append)
+    assert path.parent == tmp_path / "builtin" and (path / "builtin.json").exists()
+    assert lines[0].startswith("building builtin:tiny-math (first use only")
+    assert [line.split("]")[0].strip() for line in lines if line.strip().startswith("[")] == ["[1/3", "[2/3", "[3/3"]
+    assert any("warm start step 3/3 (100%)" in line for line in lines) and "built builtin:tiny-math" in lines[-1]
+    again = []
+    assert builtin_model.ensure(progress=again.append) == path and again == []  # cached: nothing to say
