@@ -370,3 +370,7 @@ class PromptOrder:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
+
+    def restore(self, state: dict) -> None:
+        """Go back to a position `state()` returned: a resumed run, or a step taken back."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_cli import allocator, checkpoint, lora_linear
+from grpo_cli import allocator, checkpoint, lora_linear, metrics
 from grpo_cli.checkpoint import rng_state
 from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
 from grpo_cli.distributed import Parallel, World, check_recipe, connect, disconnect
-from grpo_cli.diversity import group_diversity
 from grpo_cli.errors import UserError
 from grpo_cli.guard import NAMES, Dropped, Interrupts, NonFiniteGuard, Stopped, out_of_memory, terminate_at_once
 from grpo_cli.evaluation import evaluate
@@ -38,11 +37,11 @@ from grpo_cli.recipe import Recipe, changes, dump
 from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
-from grpo_cli.sampling import sample_step
+from grpo_cli.step_batch import StepBatch, sample_step
 from grpo_cli.run_log import METRICS, SAMPLES, RunLog, read_jsonl, tensorboard_writer
-from grpo_cli.scoring import GRADERS, Scorer, refuse_inside_a_starting_worker
+from grpo_cli.scoring import GRADERS, Scorer, Scores, refuse_inside_a_starting_worker
 from grpo_cli.run_lock import RunLock
-from grpo_cli.update import UpdateStats, apply_optimizer_settings, make_optimizer, update_policy
+from grpo_cli.update import UpdateBatch, UpdateStats, apply_optimizer_settings, make_optimizer, update_policy
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
@@ -168,11 +167,6 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def mean_or_none(values: np.ndarray) -> float | None:
-    """Mean of a rule's rewards, leaving out completions it skipped (NaN); None if it skipped them all."""
-    return None if np.isnan(values).all() else float(np.nanmean(values))
-
-
 def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: list[str], scores: np.ndarray,
                 rewards: torch.Tensor, advantages: torch.Tensor, groups: int, group_size: int) -> list[dict]:
     rows = []
@@ -188,11 +182,11 @@ def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: l
 
 def run_eval(step: int, parallel: Parallel, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
              console: TrainConsole) -> float:
-    """Greedy accuracy on the held-out set; several processes each take a share of it."""
+    """Greedy accuracy on the held-out set; several processes each take every size-th item of it."""
     world, policy = parallel.world, parallel.policy
-    share = eval_set.items[world.rank :: world.size]
+    rank_items = eval_set.items[world.rank :: world.size]
     with parallel.gathered():
-        report = evaluate(policy.model, policy.tokenizer, share, recipe.grpo.max_new_tokens, scorer,
+        report = evaluate(policy.model, policy.tokenizer, rank_items, recipe.grpo.max_new_tokens, scorer,
                           add_special_tokens=not recipe.data.chat,
                           sampler=lambda **kwargs: parallel.generate(**kwargs))
     correct = world.all_gather_objects([c for item in report.items for c in item.correct])
@@ -236,8 +230,77 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
             disconnect(world)
 
 
+@dataclass(kw_only=True)
+class Run:
+    """What the loop works with, set up once by `set_up`; `step` and `last_saved` move as it runs."""
+
+    recipe: Recipe
+    run_dir: Path
+    world: World
+    parallel: Parallel
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    order: PromptOrder
+    train_set: Examples
+    eval_set: Examples | None
+    log: RunLog
+    console: TrainConsole
+    rule_keys: list[str]  # the recipe's rules, in order (their weights are `weights`)
+    scored_rules: list[str]  # rule_keys, plus correctness for the accuracy figure
+    rule_fns: dict
+    weights: torch.Tensor  # [R]
+    shared_prompts: bool  # a step's prompts run once for all its micro-batches (logprobs.can_share_prompts)
+    step: int  # the last step taken
+    last_saved: Path | None
+    started: float  # perf_counter() when the process began training
+
+    @property
+    def policy(self):
+        return self.parallel.policy
+
+    def trainer_state(self) -> dict:
+        return {"data": self.order.state(), "base_model": self.recipe.model.name}
+
+
 def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
            recipe_file: Path | None = None) -> RunSummary:
+    """The loop: a handful of named phases per step, each a function below with a typed result."""
+    run = set_up(recipe, resume, recipe_dir, console, world, recipe_file)
+    guard = NonFiniteGuard(recipe.train.max_bad_steps)
+    with Scorer({**GRADERS, **run.rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts:
+        if run.eval_set is not None and run.step == 0:
+            first_evaluation(run, scorer, interrupts)
+        console.start(recipe.train.steps, run.step)
+        try:
+            while run.step < recipe.train.steps:
+                run.step += 1
+                batch, scored, stats, clock = take_step(run, scorer, interrupts)
+                figures = metrics.gather(run.world, rewards_all=scored.rewards_all, scores=scored.scores,
+                                         rollout=batch.rollout, overlong=scored.overlong, stats=stats,
+                                         peak_memory_gib=peak_memory_gib(run.policy.device))
+                row = step_row(run, figures, batch, scored, stats, clock)
+                log_step(run, row, figures, batch, scored, stats)
+                guard.record(run.step, stats.problems, run.last_saved)
+                evaluate_if_due(run, scorer, interrupts)
+                # Ctrl-C or SIGTERM on any process stops all
+                stop = run.world.reduce(float(interrupts.requested), "max") > 0
+                save_if_due(run, stop)
+                if stop and run.step < recipe.train.steps:
+                    signum = interrupts.signum or signal.SIGINT
+                    raise Stopped(f"stopped by {NAMES[signum]} after step {run.step}; saved {run.last_saved}. "
+                                  "Continue with the same command and --resume.", signum)
+        finally:
+            console.stop()
+            run.log.close()
+
+    evals = [r["eval/accuracy"] for r in read_jsonl(run.run_dir / METRICS) if "eval/accuracy" in r]
+    return RunSummary(run.run_dir, run.step, run.last_saved, evals[0] if evals else None,
+                      evals[-1] if evals else None, time.perf_counter() - run.started)
+
+
+def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
+           recipe_file: Path | None) -> Run:
+    """The run directory, the model, the data, the optimizer; restored from the checkpoint when resuming."""
     started = time.perf_counter()
     run_dir = Path(recipe.output.dir)
     grpo = recipe.grpo
@@ -252,7 +315,6 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     resume_from = world.all_gather_objects([resume_from])[0]
     seed_everything(recipe.train.seed, recipe.train.deterministic)
 
-    # Model, data, optimizer.
     policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message, device=world.device(recipe.model.device))
     if policy.device.type == "cpu":
         allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
@@ -281,171 +343,213 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     optimizer, scheduler = make_optimizer(policy.trainable_parameters(), recipe.train,
                                           recipe.train.steps * grpo.updates_per_rollout)
     order = PromptOrder(len(train_set.items), recipe.train.seed)
-    weights = torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64)  # [R]
-    scored_rules = rule_keys + ([] if "correctness" in rule_keys else ["correctness"])
-
     step = 0
     if resume_from is not None:
         state = checkpoint.restore_training(resume_from, parallel, optimizer, scheduler)
         apply_optimizer_settings(optimizer, scheduler, recipe.train)  # a changed lr or weight decay takes effect
         step = state["step"]
-        order = PromptOrder(len(train_set.items), recipe.train.seed, **state["data"])
+        order.restore(state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
-    log = RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard, enabled=world.main)
-    last_saved = resume_from
     policy.model.train()
-    # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
-    # only when a micro-batch repeats a prompt, which would differ between processes.
-    share = fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp"
+    return Run(
+        recipe=recipe, run_dir=run_dir, world=world, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
+        order=order, train_set=train_set, eval_set=eval_set, console=console,
+        log=RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard, enabled=world.main),
+        rule_keys=rule_keys, scored_rules=rule_keys + ([] if "correctness" in rule_keys else ["correctness"]),
+        rule_fns=rule_fns, weights=torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64),
+        # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
+        # only when a micro-batch repeats a prompt, which would differ between processes.
+        shared_prompts=fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp",
+        step=step, last_saved=resume_from, started=started,
+    )
 
-    guard = NonFiniteGuard(recipe.train.max_bad_steps)
-    trainer_state = lambda: {"data": order.state(), "base_model": recipe.model.name}  # noqa: E731
 
-    def save_step_undone(step: int, rng_before: dict, order_before: dict) -> Path | None:
-        """Save the state `step` started from, when nothing of it was applied (it is step - 1's)."""
-        if step <= 1 or checkpoint.latest(run_dir) == checkpoint.checkpoint_dir(run_dir, step - 1):
-            return last_saved  # nothing trained yet, or that state is saved already
-        order.epoch, order.position = order_before["epoch"], order_before["position"]
-        return save_checkpoint(run_dir, step - 1, parallel, optimizer, scheduler, trainer_state(), recipe,
-                               rng=rng_before)
+class StepClock:
+    """The phases of a step: which one is running (an out-of-memory message names it) and how long each took."""
 
-    with Scorer({**GRADERS, **rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts:
-        if eval_set is not None and step == 0:
-            try:
-                with interrupts.droppable():
-                    run_eval(0, parallel, eval_set, recipe, scorer, log, console)
-            except Dropped:
-                raise Stopped("stopped by SIGTERM during the first evaluation, before any training step; "
-                              "nothing to save. Run the same command again to start.", signal.SIGTERM) from None
-        console.start(recipe.train.steps, step)
-        try:
-            while step < recipe.train.steps:
-                step += 1
-                t_start = time.perf_counter()
-                rng_before, order_before = rng_state(), order.state()  # to save this step undone (OOM, SIGTERM)
-                if policy.device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(policy.device)
-                phase, stats = "rollout", None
-                try:
-                    # Rollout: G completions for each prompt; the worker processes start scoring them.
-                    # A SIGTERM drops it (the model is as the step found it) rather than wait for its end.
-                    with interrupts.droppable():
-                        sampled = sample_step(parallel, train_set, order, scorer, recipe, scored_rules, weights)
-                    rollout, group = sampled.rollout, grpo.group_size
-                    t_rollout = time.perf_counter()
+    def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        self.started = time.perf_counter()
+        self.phase = "rollout"
+        self.seconds: dict[str, float] = {}
 
-                    # Micro-batches of similar length; reference log-probs for the KL, and old log-probs
-                    # when the batch is reused (both fixed for the whole step).
-                    phase = "update"
-                    if fast:
-                        batches = split(rollout, grpo.micro_batch_size, AUTO_TOKENS, SPREAD)
-                    else:
-                        batches = split(rollout, grpo.micro_batch_size)
-                    ref_logp = old_logp = None
-                    if grpo.kl_beta > 0:
-                        ref_logp = logprobs_no_grad(parallel, rollout, batches, grpo.temperature, share, reference=True)
-                    if grpo.updates_per_rollout > 1:
-                        old_logp = logprobs_no_grad(parallel, rollout, batches, grpo.temperature, share, reference=False)
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        self.phase, began = phase, time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - began
 
-                    # Rewards (with DAPO's overlong penalty), then group-relative advantages.
-                    t_wait = time.perf_counter()
-                    scores = sampled.pending.result()
-                    overlong = overlong_penalty(rollout.lengths.cpu(), grpo.max_new_tokens, grpo.overlong_buffer,
-                                                grpo.overlong_penalty)  # [N]
-                    rewards = total_reward(scores.values[:, : len(rule_keys)], weights) + overlong  # [N]
-                    # Every process sees the whole step's rewards: groups stay local, batch scaling does not.
-                    all_rewards = world.all_gather(rewards)  # [N_all]
-                    advantages, zero_std = group_advantages(all_rewards, group, grpo.reward_scaling)  # [N_all], [B_all]
-                    mine = slice(world.rank * len(rewards), (world.rank + 1) * len(rewards))
-                    advantages = advantages[mine].to(policy.device, torch.float32)  # [N]
-                    if scores.errors or scores.timeouts:
-                        console.message(f"warning: step {step}: {scores.errors + scores.timeouts} reward calls "
-                                        f"failed and scored 0 ({'; '.join(scores.messages)})")
-                    t_scored = time.perf_counter()
+    def stop(self) -> None:
+        self.seconds["step"] = time.perf_counter() - self.started
 
-                    # Clipped policy-gradient updates on this batch, skipped if anything is not finite.
-                    if torch.isfinite(all_rewards).all():
-                        stats = update_policy(policy, optimizer, scheduler, recipe, rollout, batches, advantages,
-                                              ref_logp, old_logp, share, parallel)
-                    else:
-                        scheduler.step()
-                        stats = UpdateStats([float("nan")], [], [], 0.0, 0.0, [float("nan")], ["rewards"], 0)
-                    t_update = time.perf_counter()
-                except Dropped:
-                    saved = save_step_undone(step, rng_before, order_before)
-                    raise Stopped(f"stopped by SIGTERM during step {step}, whose rollout was dropped; "
-                                  + (f"saved {saved}. Continue with the same command and --resume." if saved else
-                                     "nothing was trained yet, so nothing was saved."), signal.SIGTERM) from None
-                except OUT_OF_MEMORY:
-                    saved = None
-                    if stats is None or stats.applied == 0:  # nothing of this step was applied
-                        saved = save_step_undone(step, rng_before, order_before)
-                    raise out_of_memory(phase, step, grpo, saved or last_saved) from None
 
-                # The step's figures, over every process's completions.
-                values = world.all_gather(torch.from_numpy(scores.values)).numpy()  # [N_all, R']
-                texts = world.all_gather_objects(rollout.texts)
-                lengths = world.all_gather(rollout.lengths.cpu())  # [N_all]
-                losses = [world.reduce(loss) for loss in stats.losses]
-                column = {rule: values[:, i] for i, rule in enumerate(scores.rules)}
-                row = {
-                    "step": step,
-                    "reward_mean": all_rewards.mean().item(),
-                    "reward_std": all_rewards.std(unbiased=False).item(),
-                    **{f"reward/{key}": mean_or_none(column[key]) for key in rule_keys},
-                    **({"reward/overlong": world.all_gather(overlong).mean().item()} if grpo.overlong_buffer else {}),
-                    "accuracy": float((column["correctness"] > 0.5).mean()),
-                    "kl": world.all_gather(torch.cat(stats.kls)).mean().item() if stats.kls else None,
-                    "entropy": world.all_gather(torch.cat(stats.entropies)).mean().item() if stats.entropies else None,
-                    "clip_frac": world.reduce(stats.clipped) / max(world.reduce(stats.tokens), 1.0),
-                    "loss": sum(losses) / len(losses),
-                    "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
-                    "lr": scheduler.get_last_lr()[0],
-                    "completion_len": lengths.float().mean().item(),
-                    "tokens_per_second": lengths.sum().item() / (t_update - t_start),
-                    "peak_memory_gib": world.reduce(peak_memory_gib(policy.device), "max"),
-                    **dict(zip(("answer_diversity", "text_diversity"), group_diversity(texts, group))),
-                    "truncated_frac": world.all_gather(rollout.truncated.cpu().float()).mean().item(),
-                    "frac_zero_std": zero_std.float().mean().item(),
-                    **({"dropped_groups": sampled.dropped_groups, "sampling_rounds": sampled.rounds,
-                        "sampled_accuracy": sampled.sampled_accuracy} if grpo.dynamic_sampling else {}),
-                    **({"skipped_update": ", ".join(stats.problems)} if stats.problems else {}),
-                    "score_errors": int(world.reduce(scores.errors)),
-                    "score_timeouts": int(world.reduce(scores.timeouts)),
-                    "step_seconds": t_update - t_start,
-                    "rollout_seconds": t_rollout - t_start,
-                    "score_seconds": t_scored - t_wait,  # waiting for the scores, past what overlapped
-                    "update_seconds": t_update - t_rollout - (t_scored - t_wait),
-                    # since this process started: differences between rows are whole steps, logging included
-                    "elapsed_seconds": time.perf_counter() - started,
-                }
-                log.metrics(row)
-                best, worst = int(all_rewards.argmax()), int(all_rewards.argmin())
-                console.step(row, (texts[best], all_rewards[best].item()), (texts[worst], all_rewards[worst].item()))
-                if stats.problems:
-                    console.message(f"warning: step {step}: non-finite {', '.join(stats.problems)}; update skipped")
-                guard.record(step, stats.problems, last_saved)
-                if step == 1 or step % recipe.output.samples_every == 0:
-                    log.samples(sample_rows(step, sampled.examples, rollout, rule_keys, scores.values, rewards,
-                                            advantages, recipe.output.samples_groups, group))
-                if eval_set is not None and (step % recipe.output.eval_every == 0 or step == recipe.train.steps):
-                    try:
-                        with interrupts.droppable():
-                            run_eval(step, parallel, eval_set, recipe, scorer, log, console)
-                    except Dropped:
-                        pass  # SIGTERM: the step is trained and logged; save it and stop below
-                # Ctrl-C or SIGTERM on any process stops all
-                stop = world.reduce(float(interrupts.requested), "max") > 0
-                if step % recipe.output.save_every == 0 or step == recipe.train.steps or stop:
-                    last_saved = save_checkpoint(run_dir, step, parallel, optimizer, scheduler, trainer_state(), recipe)
-                if stop and step < recipe.train.steps:
-                    raise Stopped(f"stopped by {NAMES[interrupts.signum or signal.SIGINT]} after step {step}; saved "
-                                  f"{last_saved}. Continue with the same command and --resume.",
-                                  interrupts.signum or signal.SIGINT)
-        finally:
-            console.stop()
-            log.close()
+@dataclass(frozen=True, kw_only=True)
+class Scored:
+    """The score phase's result: rewards and group-relative advantages."""
 
-    evals = [r["eval/accuracy"] for r in read_jsonl(run_dir / METRICS) if "eval/accuracy" in r]
-    return RunSummary(run_dir, step, last_saved, evals[0] if evals else None, evals[-1] if evals else None,
-                      time.perf_counter() - started)
+    scores: Scores  # this process's completions, per rule
+    rewards: torch.Tensor  # [N] total rewards, overlong penalty included
+    rewards_all: torch.Tensor  # [N_all] every process's, in rank order
+    advantages: torch.Tensor  # [N] this process's, on the policy's device
+    zero_std: torch.Tensor  # [B_all] groups whose rewards are all equal
+    overlong: torch.Tensor  # [N] the overlong penalty
+
+
+def take_step(run: Run, scorer: Scorer, interrupts: Interrupts) -> tuple[StepBatch, Scored, UpdateStats, StepClock]:
+    """sample -> fixed log-probs -> score and advantages -> update. A SIGTERM during the rollout, or
+    running out of memory before the weights changed, saves the state the step started from."""
+    grpo, step = run.recipe.grpo, run.step
+    undo = Undo(rng=rng_state(), order=run.order.state())
+    clock = StepClock(run.policy.device)
+    stats = UpdateStats()  # filled as the updates go: an OOM part-way still shows what was applied
+    try:
+        # A SIGTERM drops the rollout (the model is as the step found it) rather than wait for its end.
+        with clock.timing("rollout"), interrupts.droppable():
+            batch = sample_step(run.parallel, run.train_set, run.order, scorer, run.recipe, run.scored_rules,
+                                run.weights)  # the worker processes start scoring it at once
+        micro_batches = micro_batches_of(run, batch.rollout)
+        ref_logp, old_logp = fixed_logprobs(run, batch.rollout, micro_batches, clock)
+        with clock.timing("scoring"):
+            scored = score(run, batch)
+        with clock.timing("update"):
+            update(run, UpdateBatch(rollout=batch.rollout, micro_batches=micro_batches, advantages=scored.advantages,
+                                    ref_logp=ref_logp, old_logp=old_logp, shared_prompts=run.shared_prompts),
+                   scored, stats)
+        clock.stop()
+    except Dropped:
+        saved = save_step_undone(run, undo)
+        raise Stopped(f"stopped by SIGTERM during step {step}, whose rollout was dropped; "
+                      + (f"saved {saved}. Continue with the same command and --resume." if saved else
+                         "nothing was trained yet, so nothing was saved."), signal.SIGTERM) from None
+    except OUT_OF_MEMORY:
+        saved = save_step_undone(run, undo) if stats.applied == 0 else None  # else the weights moved: not step - 1's
+        raise out_of_memory(clock.phase, step, grpo, saved or run.last_saved) from None
+    return batch, scored, stats, clock
+
+
+def micro_batches_of(run: Run, rollout: Rollout) -> list[MicroBatch]:
+    """Micro-batches of similar length (the fast engine also bounds their tokens)."""
+    grpo = run.recipe.grpo
+    if grpo.engine == "fast":
+        return split(rollout, grpo.micro_batch_size, AUTO_TOKENS, SPREAD)
+    return split(rollout, grpo.micro_batch_size)
+
+
+def fixed_logprobs(run: Run, rollout: Rollout, micro_batches: list[MicroBatch], clock: StepClock):
+    """The log-probs fixed for the whole step: the reference's for the KL, and the sampling policy's
+    when the batch is reused (updates_per_rollout > 1); None where not needed. [n, c] per micro-batch"""
+    grpo = run.recipe.grpo
+    ref_logp = old_logp = None
+    if grpo.kl_beta > 0:
+        with clock.timing("reference pass"):
+            ref_logp = logprobs_no_grad(run.parallel, rollout, micro_batches, grpo.temperature, run.shared_prompts,
+                                        reference=True)
+    if grpo.updates_per_rollout > 1:
+        with clock.timing("old-policy pass"):
+            old_logp = logprobs_no_grad(run.parallel, rollout, micro_batches, grpo.temperature, run.shared_prompts,
+                                        reference=False)
+    return ref_logp, old_logp
+
+
+def score(run: Run, batch: StepBatch) -> Scored:
+    """Wait for the rewards, add DAPO's overlong penalty, and turn them into group-relative advantages.
+    Every process sees the whole step's rewards: groups stay local, batch-wide scaling does not."""
+    grpo, world = run.recipe.grpo, run.world
+    scores = batch.pending.result()
+    overlong = overlong_penalty(batch.rollout.lengths.cpu(), grpo.max_new_tokens, grpo.overlong_buffer,
+                                grpo.overlong_penalty)  # [N]
+    rewards = total_reward(scores.values[:, : len(run.rule_keys)], run.weights) + overlong  # [N]
+    rewards_all = world.all_gather(rewards)  # [N_all]
+    advantages, zero_std = group_advantages(rewards_all, grpo.group_size, grpo.reward_scaling)  # [N_all], [B_all]
+    mine = slice(world.rank * len(rewards), (world.rank + 1) * len(rewards))
+    if scores.errors or scores.timeouts:
+        run.console.message(f"warning: step {run.step}: {scores.errors + scores.timeouts} reward calls failed and "
+                            f"scored 0 ({'; '.join(scores.messages)})")
+    return Scored(scores=scores, rewards=rewards, rewards_all=rewards_all, zero_std=zero_std, overlong=overlong,
+                  advantages=advantages[mine].to(run.policy.device, torch.float32))
+
+
+def update(run: Run, batch: UpdateBatch, scored: Scored, stats: UpdateStats) -> UpdateStats:
+    """The clipped policy-gradient updates, or none when a reward is not finite (the schedule still advances)."""
+    if torch.isfinite(scored.rewards_all).all():
+        return update_policy(run.parallel, run.optimizer, run.scheduler, run.recipe, batch, stats)
+    run.scheduler.step()
+    stats.losses.append(float("nan"))
+    stats.grad_norms.append(float("nan"))
+    stats.problems.append("rewards")
+    return stats
+
+
+def step_row(run: Run, figures: metrics.StepFigures, batch: StepBatch, scored: Scored, stats: UpdateStats,
+             clock: StepClock) -> dict:
+    grpo = run.recipe.grpo
+    seconds = {"step": clock.seconds["step"], "rollout": clock.seconds["rollout"], "score": clock.seconds["scoring"]}
+    return metrics.step_row(run.step, figures, rule_keys=run.rule_keys, group_size=grpo.group_size,
+                            zero_std=scored.zero_std, stats=stats, lr=run.scheduler.get_last_lr()[0], sampled=batch,
+                            dynamic_sampling=grpo.dynamic_sampling, overlong_on=bool(grpo.overlong_buffer),
+                            seconds=seconds, elapsed=time.perf_counter() - run.started)
+
+
+def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch, scored: Scored,
+             stats: UpdateStats) -> None:
+    """metrics.jsonl, the console (with the step's best and worst completion), and samples.jsonl when due."""
+    output = run.recipe.output
+    run.log.metrics(row)
+    best, worst = int(figures.rewards.argmax()), int(figures.rewards.argmin())
+    run.console.step(row, (figures.texts[best], figures.rewards[best].item()),
+                     (figures.texts[worst], figures.rewards[worst].item()))
+    if stats.problems:
+        run.console.message(f"warning: step {run.step}: non-finite {', '.join(stats.problems)}; update skipped")
+    if run.step == 1 or run.step % output.samples_every == 0:
+        run.log.samples(sample_rows(run.step, batch.examples, batch.rollout, run.rule_keys, scored.scores.values,
+                                    scored.rewards, scored.advantages, output.samples_groups,
+                                    run.recipe.grpo.group_size))
+
+
+def first_evaluation(run: Run, scorer: Scorer, interrupts: Interrupts) -> None:
+    try:
+        with interrupts.droppable():
+            run_eval(0, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
+    except Dropped:
+        raise Stopped("stopped by SIGTERM during the first evaluation, before any training step; nothing to "
+                      "save. Run the same command again to start.", signal.SIGTERM) from None
+
+
+def evaluate_if_due(run: Run, scorer: Scorer, interrupts: Interrupts) -> None:
+    """Every eval_every steps and at the last; a SIGTERM drops the evaluation (the step is trained and
+    logged: it is saved and the run stops after)."""
+    steps, every = run.recipe.train.steps, run.recipe.output.eval_every
+    if run.eval_set is None or not (run.step % every == 0 or run.step == steps):
+        return
+    try:
+        with interrupts.droppable():
+            run_eval(run.step, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
+    except Dropped:
+        pass
+
+
+def save_if_due(run: Run, stop: bool) -> None:
+    """Every save_every steps, at the last, and when stopping."""
+    every = run.recipe.output.save_every
+    if run.step % every == 0 or run.step == run.recipe.train.steps or stop:
+        run.last_saved = save_checkpoint(run.run_dir, run.step, run.parallel, run.optimizer, run.scheduler,
+                                         run.trainer_state(), run.recipe)
+
+
+@dataclass(frozen=True)
+class Undo:
+    """What a step changes before its weights do: the RNG streams and the data order."""
+
+    rng: dict
+    order: dict
+
+
+def save_step_undone(run: Run, undo: Undo) -> Path | None:
+    """Save the state the current step started from, when none of it was applied: it is step - 1's."""
+    step = run.step
+    if step <= 1 or checkpoint.latest(run.run_dir) == checkpoint.checkpoint_dir(run.run_dir, step - 1):
+        return run.last_saved  # nothing trained yet, or that state is saved already
+    run.order.restore(undo.order)
+    return save_checkpoint(run.run_dir, step - 1, run.parallel, run.optimizer, run.scheduler, run.trainer_state(),
+                           run.recipe, rng=undo.rng)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,20 +50,47 @@ def apply_optimizer_settings(optimizer, scheduler, spec: TrainSpec) -> None:
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class UpdateStats:
-    losses: list[float]
-    kls: list[torch.Tensor]
-    entropies: list[torch.Tensor]
-    clipped: float
-    tokens: float
-    grad_norms: list[float]
-    problems: list[str]  # what was not finite ("loss", "gradients"); those updates were skipped
-    applied: int  # optimizer steps taken
+    """What the updates of a step did. `update_policy` fills it as it goes, so after a failure
+    part-way (out of memory) `applied` still says whether the weights changed."""
+
+    losses: list[float] = field(default_factory=list)  # per update
+    kls: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, [n] each
+    entropies: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, [n] each
+    clipped: float = 0.0  # completion tokens where the clipped term was the smaller
+    tokens: float = 0.0  # completion tokens in the loss
+    grad_norms: list[float] = field(default_factory=list)  # per update, before clipping
+    problems: list[str] = field(default_factory=list)  # what was not finite ("loss", "gradients"); not applied
+    applied: int = 0  # optimizer steps taken
 
 
-def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout, batches: list[MicroBatch],
-                  advantages: torch.Tensor, ref_logp, old_logp, share: bool, parallel: Parallel) -> UpdateStats:
+@dataclass(frozen=True, kw_only=True)
+class UpdateBatch:
+    """What the step's updates train on: the rollout in micro-batches, its advantages, and the
+    log-probs fixed for the whole step (None when the recipe needs no such pass)."""
+
+    rollout: Rollout
+    micro_batches: list[MicroBatch]
+    advantages: torch.Tensor  # [N]
+    ref_logp: list[torch.Tensor] | None  # per micro-batch, [n, c]: the reference policy (KL)
+    old_logp: list[torch.Tensor] | None  # per micro-batch, [n, c]: the sampling policy (updates_per_rollout > 1)
+    shared_prompts: bool  # the step's prompts run once for all micro-batches (logprobs.can_share_prompts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossPlan:
+    """How a micro-batch's loss is computed, the same for every update of a step."""
+
+    loss_fn: object  # loss.LOSSES[grpo.loss]
+    loss_mask: torch.Tensor  # [N, C]
+    settings: LossSettings
+    temperature: float
+    entropy_grad: bool  # the entropy bonus trains on the entropy: keep its graph
+
+
+def update_policy(parallel: Parallel, optimizer, scheduler, recipe: Recipe, batch: UpdateBatch,
+                  stats: UpdateStats) -> UpdateStats:
     """updates_per_rollout clipped policy-gradient steps on the batch; a step whose loss or gradients
     are not finite is not applied (the scheduler still advances, so lr stays tied to the step).
 
@@ -73,22 +100,23 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
     update on all."""
     world = parallel.world
     grpo = recipe.grpo
-    loss_fn = LOSSES[grpo.loss]
+    rollout = batch.rollout
     loss_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
         else rollout.completion_mask  # [N, C]
     completions = int(world.reduce(rollout.input_ids.shape[0]))
     tokens = max(1, int(world.reduce(int(loss_mask.sum()))))
-    settings = LossSettings(grpo.clip_eps, grpo.upper_clip, grpo.kl_beta, grpo.entropy_bonus, completions, tokens,
-                            grpo.max_new_tokens)
-    stats = UpdateStats([], [], [], 0.0, 0.0, [], [], 0)
+    settings = LossSettings(clip_low=grpo.clip_eps, clip_high=grpo.upper_clip, kl_beta=grpo.kl_beta,
+                            entropy_bonus=grpo.entropy_bonus, step_completions=completions, step_tokens=tokens,
+                            max_new_tokens=grpo.max_new_tokens)
+    plan = LossPlan(loss_fn=LOSSES[grpo.loss], loss_mask=loss_mask, settings=settings,
+                    temperature=grpo.temperature, entropy_grad=bool(grpo.entropy_bonus))
     for _ in range(grpo.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
         bad = []
         with parallel.gathered():  # FSDP2: one gather per update, whatever each process's micro-batches
-            step_loss = _accumulate(parallel, rollout, batches, grpo, loss_fn, loss_mask, settings, advantages,
-                                    ref_logp, old_logp, share, stats)
+            step_loss = _accumulate(parallel, batch, plan, stats)
         max_norm = recipe.train.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), max_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parallel.policy.trainable_parameters(), max_norm).item()
         if world.reduce(0.0 if np.isfinite(step_loss) else 1.0, "max"):
             bad.append("loss")
         if not np.isfinite(grad_norm):
@@ -105,8 +133,7 @@ def update_policy(policy, optimizer, scheduler, recipe: Recipe, rollout: Rollout
     return stats
 
 
-def _accumulate(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], grpo, loss_fn, loss_mask,
-                settings: LossSettings, advantages, ref_logp, old_logp, share: bool, stats: UpdateStats) -> float:
+def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: UpdateStats) -> float:
     """Forward and backward over every micro-batch, gradients averaged over processes on the last; the
     step's loss.
 
@@ -115,19 +142,19 @@ def _accumulate(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch],
     gradients inside one backward per forward, so there each micro-batch runs its own prompts.)"""
     step_loss = 0.0
     states = leaves = None
-    if share and parallel.strategy == "single":
-        states = parallel.train_call(step_prompts_of=rollout)
+    if batch.shared_prompts and parallel.strategy == "single":
+        states = parallel.train_call(step_prompts_of=batch.rollout)
         leaves = as_leaves(states)
-    for i, micro in enumerate(batches):
-        with parallel.sync_gradients(syncing=i == len(batches) - 1):
-            logp, entropy = parallel.train_call(micro, grpo.temperature, share, prompts=leaves,
-                                                entropy_grad=bool(grpo.entropy_bonus))  # [n, c] each
-            mask = loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
+    last = len(batch.micro_batches) - 1
+    for i, micro in enumerate(batch.micro_batches):
+        with parallel.sync_gradients(syncing=i == last):
+            logp, entropy = parallel.train_call(micro, plan.temperature, batch.shared_prompts, prompts=leaves,
+                                                entropy_grad=plan.entropy_grad)  # [n, c] each
+            mask = plan.loss_mask[micro.rows, : micro.completion_mask.shape[1]]  # [n, c]
             # With one update, pi_old is the current policy: the ratio is exactly 1.
-            old = old_logp[i] if old_logp is not None else logp.detach()
-            terms = loss_fn(logp, old, advantages[micro.rows], mask, settings,
-                            ref_logp[i] if ref_logp is not None else None,
-                            entropy)
+            old = batch.old_logp[i] if batch.old_logp is not None else logp.detach()
+            reference = batch.ref_logp[i] if batch.ref_logp is not None else None
+            terms = plan.loss_fn(logp, old, batch.advantages[micro.rows], mask, plan.settings, reference, entropy)
             loss = terms.per_completion.sum()
             # gradients are averaged over the processes; the shares already divide by the whole step
             (loss * parallel.world.size).backward()

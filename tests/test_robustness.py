@@ -204,30 +204,57 @@ def test_weights_wrecked_by_a_finite_step_are_not_called_intact(tmp_path, tiny_m
     assert "intact" not in message and "may already have damaged" in message
 
 
-def test_out_of_memory_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight):
-    import grpo_cli.logprobs as logprobs
+@pytest.mark.parametrize("phase, target", [("reference pass", "logprobs_no_grad"), ("update", "update_policy")])
+def test_out_of_memory_names_its_phase_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight,
+                                                                                    phase, target):
+    import grpo_cli.train as train_module
 
-    original = logprobs.micro_batch_logprobs
+    original = getattr(train_module, target)  # called once a step in this recipe (kl_beta > 0, one update)
     calls = {"n": 0}
 
     def runs_out(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] > 5:  # some way into step 3 or later
+        if calls["n"] == 4:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(logprobs, "micro_batch_logprobs", runs_out)
+    monkeypatch.setattr(train_module, target, runs_out)
     with pytest.raises(Halted) as error:
         run_in_process(tmp_path / "run", output={"save_every": 100, "eval_every": 3})
     message = str(error.value)
-    assert "CUDA ran out of memory during the update of step" in message
+    assert f"CUDA ran out of memory during the {phase} of step 4." in message
     assert "grpo.micro_batch_size" in message and "grpo.group_size" in message and "grpo.max_new_tokens" in message
     saved = checkpoint.latest(tmp_path / "run")
-    assert saved is not None and f"saved as {saved}" in message
-    monkeypatch.setattr(logprobs, "micro_batch_logprobs", original)
+    assert saved == tmp_path / "run" / "checkpoints" / "step-3" and f"saved as {saved}" in message
+    monkeypatch.setattr(train_module, target, original)
     run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3})
     assert [r for r in metrics(tmp_path / "run") if "reward_mean" in r] == \
         [r for r in metrics(straight) if "reward_mean" in r]
+
+
+def test_out_of_memory_after_an_applied_update_does_not_save_it_as_the_step_before(tmp_path, monkeypatch,
+                                                                                  tiny_model_path):
+    """With two updates per rollout, running out in the second leaves weights the first update moved:
+    they are neither step 1's nor step 2's, so nothing is saved under step 1's name."""
+    import grpo_cli.update as update
+
+    original = update._accumulate
+    calls = {"n": 0}
+
+    def runs_out(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the second update of step 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(update, "_accumulate", runs_out)
+    with pytest.raises(Halted) as error:
+        run_in_process(tmp_path / "run", grpo={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": 24,
+                                               "updates_per_rollout": 2},
+                       output={"save_every": 100, "eval_every": 100})
+    assert "during the update of step 2" in str(error.value)
+    assert "Nothing newer than the last checkpoint could be saved" in str(error.value)
+    assert checkpoint.latest(tmp_path / "run") is None
 
 
 def test_resume_refuses_a_recipe_that_trains_something_else(tmp_path, straight):

@@ -1,4 +1,4 @@
-"""A step's groups: rollouts of G completions per prompt, and their scores.
+"""The step's batch (`StepBatch`): rollouts of G completions per prompt, and their scores.
 
 Without dynamic sampling one rollout of prompts_per_step prompts is taken and its
 scoring left running in the worker processes, to overlap with the reference pass.
@@ -32,8 +32,10 @@ class Done:
         return self.scores
 
 
-@dataclass
-class Sampled:
+@dataclass(kw_only=True)
+class StepBatch:
+    """What the sample phase of a step hands on: the groups to train on, their prompts and scores."""
+
     rollout: Rollout  # the groups to train on
     examples: list[Example]  # their prompts, one per group
     pending: Pending | Done  # their scores
@@ -43,9 +45,9 @@ class Sampled:
 
 
 def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
-                rules: list[str], weights: torch.Tensor) -> Sampled:
+                rules: list[str], weights: torch.Tensor) -> StepBatch:
     """Rollouts and their scoring for one step (see the module's docstring). With several processes,
-    each takes its share of the step's prompts (see distributed.py)."""
+    each takes its own slice of the step's prompts (see distributed.py)."""
     grpo = recipe.grpo
     policy, world = parallel.policy, parallel.world
 
@@ -61,11 +63,11 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
         return rollout, pending
 
     batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
-    share = grpo.prompts_per_step // world.size
-    batch = batch[world.rank * share : (world.rank + 1) * share]
+    rank_prompts = grpo.prompts_per_step // world.size
+    batch = batch[world.rank * rank_prompts : (world.rank + 1) * rank_prompts]
     rollout, pending = rollout_of(batch)
     if not grpo.dynamic_sampling:
-        return Sampled(rollout, batch, pending)
+        return StepBatch(rollout=rollout, examples=batch, pending=pending)
     kept: list[tuple[Rollout, list[Example], Scores]] = []
     dropped = rounds = correct = total = 0
     while True:
@@ -80,22 +82,23 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
         if informative:
             rows = [g * grpo.group_size + j for g in informative for j in range(grpo.group_size)]
             kept.append((select_groups(rollout, informative), [batch[g] for g in informative],
-                         Scores(scores.values[rows], scores.rules, scores.timeouts, scores.errors, scores.messages,
-                                scores.status[rows])))
+                         Scores(values=scores.values[rows], rules=scores.rules, timeouts=scores.timeouts,
+                                errors=scores.errors, messages=scores.messages, status=scores.status[rows])))
         have = sum(len(examples) for _, examples, _ in kept)
         if have >= grpo.prompts_per_step or rounds == grpo.max_sampling_rounds:
             break
         batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
         rollout, pending = rollout_of(batch)
     if not kept:  # nothing informative at all: train on the last round, whose advantages are all 0
-        return Sampled(rollout, batch, Done(scores), dropped, rounds, correct / total)
+        return StepBatch(rollout=rollout, examples=batch, pending=Done(scores), dropped_groups=dropped, rounds=rounds,
+                         sampled_accuracy=correct / total)
     groups = grpo.prompts_per_step
     rollout = concat([r for r, _, _ in kept], policy.tokenizer.pad_token_id)
     examples = [e for _, es, _ in kept for e in es][:groups]
     merged = np.concatenate([sc.values for _, _, sc in kept])[: groups * grpo.group_size]
     status = np.concatenate([sc.status for _, _, sc in kept])[: groups * grpo.group_size]
     first = kept[0][2]
-    return Sampled(select_groups(rollout, list(range(len(examples)))), examples,
-                   Done(Scores(merged, first.rules, sum(sc.timeouts for *_, sc in kept),
-                               sum(sc.errors for *_, sc in kept), first.messages, status)),
-                   dropped, rounds, correct / total)
+    scores = Scores(values=merged, rules=first.rules, timeouts=sum(sc.timeouts for *_, sc in kept),
+                    errors=sum(sc.errors for *_, sc in kept), messages=first.messages, status=status)
+    return StepBatch(rollout=select_groups(rollout, list(range(len(examples)))), examples=examples,
+                     pending=Done(scores), dropped_groups=dropped, rounds=rounds, sampled_accuracy=correct / total)
