@@ -137,13 +137,13 @@ class PolicyPasses(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, micro=None, temperature: float = 1.0, share: bool = True, generate: dict | None = None,
-                prompts=None, step_prompts_of=None, entropy_grad: bool = False):
+    def forward(self, micro=None, temperature: float = 1.0, shared_prompts: bool = True,
+                generate: dict | None = None, prompts=None, step_prompts_of=None, entropy_grad: bool = False):
         if generate is not None:
             return run_generate(self.model, **generate)
         if step_prompts_of is not None:  # a rollout: its prompts, run once (logprobs.step_prompts)
             return logprobs.step_prompts(self.model, step_prompts_of)
-        return logprobs.micro_batch_logprobs(self.model, micro, temperature, share, with_entropy=True,
+        return logprobs.micro_batch_logprobs(self.model, micro, temperature, shared_prompts, with_entropy=True,
                                              prompts=prompts, entropy_grad=entropy_grad)
 
 
@@ -196,15 +196,16 @@ class Parallel:
             return contextlib.nullcontext()
         return self._reference_unsharded if reference and self.reference is not None else self._unsharded
 
-    def logprobs(self, rollout, batches: list, temperature: float, share: bool, reference: bool) -> list:
+    def logprobs(self, rollout, batches: list, temperature: float, shared_prompts: bool, reference: bool) -> list:
         """Log-probs of every micro-batch ([n, c] each) under the policy or, with `reference`, the
         reference: the frozen copy, or the policy with its adapters disabled once for all the passes
-        (inside `gathered(reference=True)` under FSDP2). With `share` the step's prompts run once."""
+        (inside `gathered(reference=True)` under FSDP2). With `shared_prompts` the step's prompts run
+        once, for all the micro-batches."""
         module = self.reference if reference and self.reference is not None else self.module
         disabled = reference and self.reference is None
         with self.policy.reference() if disabled else contextlib.nullcontext():
-            prompts = module(step_prompts_of=rollout) if share else None
-            return [module(micro, temperature, share, prompts=prompts)[0] for micro in batches]
+            prompts = module(step_prompts_of=rollout) if shared_prompts else None
+            return [module(micro, temperature, shared_prompts, prompts=prompts)[0] for micro in batches]
 
     def model_state(self) -> dict:
         """The policy's full state dict on the CPU, names as policy.model names them (collective)."""

@@ -6,14 +6,14 @@ hidden states are kept and a chunk's logits are rebuilt during backward: peak
 memory grows with the chunk, not with batch x length x vocabulary.
 
 `micro_batch_logprobs` can also run each distinct prompt once for all its
-completions in a micro-batch: the prompt's KV cache (with autograd) is shared by
-the completions, and gradients flow back through it into the prompt pass. Or once
-for the whole step (`step_prompts`): every micro-batch continues from the same
-prompt pass. Under autograd its keys and values enter the micro-batches as leaves
-whose gradients add up over the micro-batches; `backward_into_prompts` then runs
-the prompt pass's backward once with the sum (exact by linearity). On the bench
-step the three per-micro-batch prompt passes cost 35 ms forward and backward
-against 12 ms for one (2-core CPU).
+completions in a micro-batch (`shared_prompts`): the prompt's KV cache (with
+autograd) serves the completions, and gradients flow back through it into the
+prompt pass. Or once for the whole step (`step_prompts`): every micro-batch
+continues from the same prompt pass. Under autograd its keys and values enter the
+micro-batches as leaves whose gradients add up over the micro-batches;
+`backward_into_prompts` then runs the prompt pass's backward once with the sum
+(exact by linearity). On the bench step the three per-micro-batch prompt passes
+cost 35 ms forward and backward against 12 ms for one (2-core CPU).
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def _head_logprobs(lm, hidden: torch.Tensor, targets: torch.Tensor, temperature:
 
 
 def can_share_prompts(model) -> bool:
-    """The shared-prompt pass needs a KV cache under autograd: not with activation checkpointing
-    (transformers turns the cache off there) nor with logit post-processing."""
+    """Whether prompts may run once for all their completions (`shared_prompts`): that needs a KV
+    cache under autograd, so not with activation checkpointing (transformers turns the cache off
+    there) nor with logit post-processing."""
     lm = causal_lm(model)
     checkpointing = getattr(lm, "is_activation_checkpointing", None)  # transformers >= 5.2x; the old name warns
     if checkpointing is None:
@@ -176,15 +177,15 @@ def backward_into_prompts(states: PromptStates, leaves: PromptStates) -> None:
         torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
-def micro_batch_logprobs(model, micro, temperature: float = 1.0, share_prompts: bool = True,
+def micro_batch_logprobs(model, micro, temperature: float = 1.0, shared_prompts: bool = True,
                          chunk_tokens: int | None = None, with_entropy: bool = False,
                          prompts: PromptStates | None = None, entropy_grad: bool = False):
     """([n, c] log-probs, [n, c] entropies or None) of a `batching.MicroBatch`'s completions.
 
     `prompts`: the step's prompts, already run (`step_prompts`), continued from. Otherwise with
-    share_prompts each distinct prompt of the micro-batch runs once and its KV cache serves all
+    `shared_prompts` each distinct prompt of the micro-batch runs once and its KV cache serves all
     of its completions; without, every row runs prompt and completion."""
-    if prompts is None and (not share_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]):
+    if prompts is None and (not shared_prompts or micro.prompt_ids.shape[0] == micro.completion_ids.shape[0]):
         return _completion_pass(model, micro.input_ids, micro.attention_mask, micro.prompt_len, temperature,
                                 chunk_tokens, with_entropy, entropy_grad)
     lm = causal_lm(model)

@@ -31,7 +31,7 @@ from grpo_cli.guard import drop_point
 from grpo_cli.model_calls import cache_argument, new_cache, position_ids, returned_cache
 from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_layers
 
-COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this share of it has ended
+COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this fraction of it has ended
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_
              cuda_graphs: bool = True) -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
-    `world` (a distributed.World): this rank's prompts are its share of the step (see _decode_shared).
+    `world` (a distributed.World): `prompts` are this rank's part of the step (see _decode_shared).
     `fold_lora`: the fast engine may fold LoRA into the weights it samples with (see `folded_lora`).
     `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`.
     `cuda_graphs`: on a GPU, that decoder replays its decode steps as CUDA graphs."""

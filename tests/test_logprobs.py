@@ -126,9 +126,9 @@ def test_shared_prompt_pass_equals_the_plain_pass(policy):
     for micro in split(rollout, max_rows=5, spread=0.75):
         mask = micro.completion_mask.bool()
         values, grads, entropies = [], [], []
-        for share in (True, False):
+        for shared in (True, False):
             model.zero_grad()
-            logp, entropy = micro_batch_logprobs(model, micro, temperature=0.8, share_prompts=share,
+            logp, entropy = micro_batch_logprobs(model, micro, temperature=0.8, shared_prompts=shared,
                                                  with_entropy=True)
             (logp * micro.completion_mask).sum().backward()
             entropies.append(entropy[mask].detach())
