@@ -10,6 +10,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from grpo_cli.metrics import DASHBOARD
+
 PLAIN_EVERY = 10  # steps between lines when the output is not a terminal
 SHOWN_CHARS = 160  # of the best and worst completion
 
@@ -29,16 +31,8 @@ def dashboard(row: dict, best: tuple[str, float] | None, worst: tuple[str, float
     for _ in range(4):
         figures.add_column(justify="left")
     rules = [(k.removeprefix("reward/"), v) for k, v in row.items() if k.startswith("reward/")]
-    cells = [
-        ("reward", _figure(row["reward_mean"], "+.3f")), ("accuracy", _figure(row["accuracy"], ".1%")),
-        ("KL", _figure(row.get("kl"), ".4f")), ("clip frac", _figure(row["clip_frac"], ".3f")),
-        ("length", _figure(row["completion_len"], ".1f")), ("zero-std groups", _figure(row["frac_zero_std"], ".0%")),
-        ("tokens/s", _figure(row.get("tokens_per_second"), ".0f")),
-        ("peak memory", f"{_figure(row.get('peak_memory_gib'), '.2f')} GiB"),
-        ("answer diversity", _figure(row.get("answer_diversity"), ".2f")),
-        ("entropy", _figure(row.get("entropy"), ".3f")),
-        *((f"  {name}", _figure(value, "+.3f")) for name, value in rules),
-    ]
+    cells = [(metric.label, _figure(row.get(metric.name), metric.fmt)) for metric in DASHBOARD]
+    cells += [(f"  {name}", _figure(value, "+.3f")) for name, value in rules]
     for i in range(0, len(cells), 2):
         pair = cells[i : i + 2]
         figures.add_row(*[part for label, value in pair for part in (Text(label, style="dim"), value)])

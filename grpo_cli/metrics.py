@@ -183,3 +183,11 @@ def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_siz
     unknown = [k for k in row if not known(k)]
     assert not unknown, f"metrics.py: columns written but not catalogued: {unknown}"
     return row
+
+
+def markdown_table() -> str:
+    """The catalogue as docs/runs.md shows it (a test keeps the two the same)."""
+    lines = ["| column | meaning |", "| --- | --- |"]
+    for metric in STEP_METRICS + EVAL_METRICS:
+        lines.append(f"| `{metric.name}` | {metric.meaning}{' (machine)' if metric.machine else ''} |")
+    return "\n".join(lines)

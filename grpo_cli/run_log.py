@@ -14,11 +14,10 @@ import math
 import os
 from pathlib import Path
 
+from grpo_cli.metrics import tensorboard_tag
+
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
-# Figures of the machine, not of the learning: two runs with the same seed differ only in these.
-MACHINE_METRICS = frozenset({"step_seconds", "rollout_seconds", "score_seconds", "update_seconds", "elapsed_seconds",
-                             "eval/seconds", "tokens_per_second", "peak_memory_gib"})
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -83,7 +82,7 @@ class RunLog:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
                         and math.isfinite(value):
-                    self.tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+                    self.tensorboard.add_scalar(tensorboard_tag(key), value, row["step"])
             self.tensorboard.flush()
 
     def samples(self, rows: list[dict]) -> None:

@@ -16,7 +16,8 @@ from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.distributed import World, check_recipe
 from grpo_cli.errors import UserError
-from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
+from grpo_cli.metrics import MACHINE_METRICS
+from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
 SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04},

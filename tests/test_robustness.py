@@ -23,7 +23,8 @@ from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
 from grpo_cli.guard import Halted
-from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
+from grpo_cli.metrics import MACHINE_METRICS
+from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
 SIX_STEPS = {"train": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, "seed": 0},

@@ -13,7 +13,8 @@ from conftest import ROOT, small_recipe
 from grpo_cli import recipe as recipe_module
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.run_log import MACHINE_METRICS, read_jsonl
+from grpo_cli.metrics import MACHINE_METRICS
+from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
 REQUIRED = {"step", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "loss", "completion_len",
