@@ -14,6 +14,7 @@ import math
 import os
 from pathlib import Path
 
+from grpo_cli.errors import UserError
 from grpo_cli.metrics import tensorboard_tag
 
 METRICS = "metrics.jsonl"
@@ -44,8 +45,6 @@ def tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        from grpo_cli.errors import UserError
-
         raise UserError("output.tensorboard is true but the tensorboard package is not installed: "
                         "pip install tensorboard (or pip install 'grpo-cli[tensorboard]'), or set "
                         "output.tensorboard: false.") from None
@@ -105,8 +104,6 @@ def write_whole(path: Path, text: str) -> None:
     """Write `path` whole or not at all: into a hidden temporary file beside it, renamed into place when
     complete; any failure or interruption (a full disk, Ctrl-C, SIGTERM) removes the temporary file, so
     no half-written output is left looking complete and no hidden one is left behind."""
-    from grpo_cli.errors import UserError
-
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
     try:

@@ -146,14 +146,14 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
 
 
 def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,
-                     share: bool, reference: bool) -> list[torch.Tensor]:
+                     shared_prompts: bool, reference: bool) -> list[torch.Tensor]:
     """Log-probs of each micro-batch's completions under the policy (or its reference), without
-    autograd; with `share`, the step's prompts run once for all micro-batches. [n, c] each"""
+    autograd; with `shared_prompts`, the step's prompts run once for all micro-batches. [n, c] each"""
     model = parallel.policy.model
     was_training = model.training
     model.eval()
     with torch.no_grad(), parallel.gathered(reference=reference):
-        out = parallel.logprobs(rollout, batches, temperature, share, reference)
+        out = parallel.logprobs(rollout, batches, temperature, shared_prompts, reference)
     model.train(was_training)
     return out
 
@@ -216,7 +216,7 @@ def train(recipe: Recipe, resume: bool = False, recipe_dir: Path | None = None,
     """Run the recipe; with resume, continue from the run directory's latest checkpoint.
     `recipe_file`: the YAML the recipe came from, which the run never overwrites.
 
-    Under torchrun each process runs this with its share of every step (see distributed.py)."""
+    Under torchrun each process runs this with its part of every step (see distributed.py)."""
     refuse_inside_a_starting_worker("train()")
     with terminate_at_once():  # until the loop's own handling: nothing to save yet
         world = connect(recipe.distributed.timeout_minutes)
