@@ -308,6 +308,8 @@ def recipes_list(context: typer.Context) -> None:
     width = max(len(r.name) for r in shipped())
     for recipe in shipped():
         typer.echo(f"{recipe.name.ljust(width)}  {recipe.summary}")
+    # The memory a recipe needs depends on the machine (dtype, CUDA or not): one source, the estimate.
+    typer.echo("\nMemory: grpo validate NAME estimates it for this machine, before anything heavy loads.")
 
 
 @recipes_app.command("show", cls=PlainCommand)
