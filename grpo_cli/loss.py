@@ -16,16 +16,20 @@ Each function returns every completion's share of the step loss, so the shares o
 micro-batches add up to the step loss whatever the split. With one update per rollout
 the ratio is exactly 1, clipping never binds, and the loss sits near 0 by
 construction: watch the reward, not the loss.
+
+`LOSSES` is the one list of them: `@register_loss` on a function adds it, and the recipe's
+`grpo.loss` accepts its name from then on (docs/extending.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossSettings:
     clip_low: float  # ratio floor 1 - clip_low
     clip_high: float  # ratio ceiling 1 + clip_high
@@ -84,12 +88,28 @@ def _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entro
 
 
 def _terms(per_completion, kl, binds, mask) -> LossTerms:
-    return LossTerms(per_completion, kl, (binds.to(mask.dtype) * mask).sum().detach(), mask.sum().detach())
+    return LossTerms(per_completion=per_completion, kl=kl, clipped_tokens=(binds.to(mask.dtype) * mask).sum().detach(),
+                     tokens=mask.sum().detach())
 
 
+LossFn = Callable[..., LossTerms]  # (logp, old_logp, advantages, mask, settings, ref_logp=None, entropy=None)
+LOSSES: dict[str, LossFn] = {}  # name -> loss: what grpo.loss may name
+
+
+def register_loss(function: LossFn) -> LossFn:
+    """Decorator: make `function` a loss that recipes choose by its name (grpo.loss: <name>). The first
+    line of its docstring is its summary in the recipe schema."""
+    if function.__name__ in LOSSES:
+        raise ValueError(f"a loss named {function.__name__!r} is registered already")
+    LOSSES[function.__name__] = function
+    return function
+
+
+@register_loss
 def grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
-    """DeepSeekMath: -(1/N) sum_i (1/|o_i|) sum_t objective_it.
+    """Token mean per completion, then batch mean (DeepSeekMath).
 
+    -(1/N) sum_i (1/|o_i|) sum_t objective_it.
     logp: [n, T] with grad; old_logp, ref_logp, entropy: [n, T]; advantages: [n]; mask: [n, T].
     """
     mask = mask.to(logp.dtype)
@@ -97,23 +117,32 @@ def grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None
     return _terms(-token_mean(objective, mask) / settings.step_completions, kl, binds, mask)
 
 
+@register_loss
 def dapo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
-    """DAPO: -(1/T) sum_i sum_t objective_it, T = completion tokens in the whole step. Shapes as grpo."""
+    """Token mean over the batch (DAPO).
+
+    -(1/T) sum_i sum_t objective_it, T = completion tokens in the whole step. Shapes as grpo."""
     mask = mask.to(logp.dtype)
     objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
     return _terms(-(objective * mask).sum(1) / settings.step_tokens, kl, binds, mask)
 
 
+@register_loss
 def dr_grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
-    """Dr. GRPO: -(1/(N L)) sum_i sum_t objective_it, L = max_new_tokens, a constant. Shapes as grpo."""
+    """Token sum over a constant budget (Dr. GRPO).
+
+    -(1/(N L)) sum_i sum_t objective_it, L = max_new_tokens, a constant. Shapes as grpo."""
     mask = mask.to(logp.dtype)
     objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
     budget = settings.step_completions * settings.max_new_tokens
     return _terms(-(objective * mask).sum(1) / budget, kl, binds, mask)
 
 
+@register_loss
 def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
-    """GSPO: -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp - old_logp)) per sequence;
+    """Sequence-level ratio (GSPO).
+
+    -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp - old_logp)) per sequence;
     the KL and entropy terms enter as token means per completion. Shapes as grpo."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(token_mean(logp - old_logp, mask))  # [n]
@@ -121,6 +150,3 @@ def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None
     extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
     objective = surrogate + token_mean(extra, mask)  # [n]
     return _terms(-objective / settings.step_completions, kl, binds.unsqueeze(1).expand_as(mask), mask)
-
-
-LOSSES = {"grpo": grpo, "dapo": dapo, "dr_grpo": dr_grpo, "gspo": gspo}

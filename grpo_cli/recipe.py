@@ -3,21 +3,27 @@
 Everything a run does is decided here, before any model loads. Unknown keys are
 errors that name the file, the line and the closest valid key; every error in a
 file is reported at once.
+
+The reward rules a recipe may name, their keys, and the losses come from the registries
+`rewards.REWARD_RULES` and `loss.LOSSES`; the schema follows them (`_follow_registries`).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, create_model
+from pydantic_core import core_schema
 
 from grpo_cli.errors import UserError
-
-RULES = ("correctness", "step_format", "reflection_bonus", "length", "repetition", "python")
-LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")
+from grpo_cli.loss import LOSSES
+from grpo_cli.rewards import REWARD_RULES, RewardRule
 
 
 class Section(BaseModel):
@@ -70,6 +76,10 @@ class DataSpec(Section):
     eval_limit: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
 
 
+# A loss: one of LOSSES' names, read when the schema is built.
+LossName = Annotated[str, GetPydanticSchema(lambda _, handler: core_schema.literal_schema(list(LOSSES)))]
+
+
 class GrpoSpec(Section):
     group_size: int = Field(16, ge=2, description="completions per prompt (G)")
     prompts_per_step: int = Field(8, ge=1, description="prompts (groups) per training step")
@@ -90,9 +100,8 @@ class GrpoSpec(Section):
         True, description="fast engine on a GPU: each decode step recorded once as a CUDA graph and replayed "
         "(llama, mistral, qwen2); false = every kernel launched from Python. No effect on CPU"
     )
-    loss: Literal["grpo", "dapo", "dr_grpo", "gspo"] = Field(
-        "grpo", description="grpo: token mean per completion, then batch mean (DeepSeekMath); dapo: token mean "
-        "over the batch (DAPO); dr_grpo: token sum over a constant budget (Dr. GRPO); gspo: sequence-level ratio (GSPO)"
+    loss: LossName = Field(
+        "grpo", description=" ".join(f"{name}: {inspect.getdoc(fn).splitlines()[0]}" for name, fn in LOSSES.items())
     )
     clip_eps_high: float | None = Field(
         None, gt=0, description="upper clip: ratio clipped to [1 - clip_eps, 1 + clip_eps_high] (DAPO's clip-higher); "
@@ -128,52 +137,42 @@ class GrpoSpec(Section):
 
 
 class _Rule(Section):
+    """The keys every reward entry has; each registered rule adds its own (rewards.RuleOptions)."""
+
     weight: float = Field(1.0, description="its weight in the reward sum")
     name: str | None = Field(None, description="name in metrics (reward/<name>); default: the rule, or the function")
+    rule: str  # narrowed to the rule's name in each rule's entry class
 
     @property
     def key(self) -> str:
-        return self.name or self.rule
+        return self.name or self.default_name(self.rule)  # default_name: from the rule's options class
 
 
-class CorrectnessRule(_Rule):
-    rule: Literal["correctness"]
+@functools.cache
+def _entry_class(rule: RewardRule) -> type[_Rule]:
+    """The recipe entry of a registered rule: _Rule's keys, `rule: <its name>`, then its options' keys."""
+    title = "".join(part.title() for part in rule.name.split("_")) + "Rule"
+    return create_model(title, __base__=(rule.options, _Rule), __module__=__name__, rule=(Literal[rule.name], ...))
 
 
-class StepFormatRule(_Rule):
-    rule: Literal["step_format"]
+class _EntryClasses(Mapping[str, type[_Rule]]):
+    """rule name -> its entry class, for every rule registered now (a live view of REWARD_RULES)."""
+
+    def __getitem__(self, name: str) -> type[_Rule]:
+        return _entry_class(REWARD_RULES[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(REWARD_RULES))
+
+    def __len__(self) -> int:
+        return len(REWARD_RULES)
 
 
-class ReflectionRule(_Rule):
-    rule: Literal["reflection_bonus"]
+RULE_SPECS: Mapping[str, type[_Rule]] = _EntryClasses()
 
-
-class LengthRule(_Rule):
-    rule: Literal["length"]
-    max_chars: int = Field(1000, gt=0, description="1 for an empty completion, falling to 0 at this many characters")
-
-
-class RepetitionRule(_Rule):
-    rule: Literal["repetition"]
-    ngram: int = Field(3, ge=1, description="word n-grams; the penalty is the fraction that repeat, as a negative")
-
-
-class PythonRule(_Rule):
-    rule: Literal["python"]
-    function: str = Field(..., pattern=r"^[\w.]+:[\w]+$", description="module:function, e.g. my_rewards:brevity")
-    timeout_s: float = Field(5.0, gt=0, description="seconds one call may take; a slower call scores 0")
-
-    @property
-    def key(self) -> str:
-        return self.name or self.function.split(":")[1]
-
-
-RULE_SPECS = {c.model_fields["rule"].annotation.__args__[0]: c
-              for c in (CorrectnessRule, StepFormatRule, ReflectionRule, LengthRule, RepetitionRule, PythonRule)}
-RewardSpec = Annotated[
-    Union[CorrectnessRule, StepFormatRule, ReflectionRule, LengthRule, RepetitionRule, PythonRule],
-    Field(discriminator="rule"),
-]
+# A reward entry: one of RULE_SPECS, told apart by its `rule`. The union is made when the schema is built.
+RewardSpec = Annotated[_Rule, GetPydanticSchema(lambda _, handler: handler.generate_schema(
+    Annotated[Union[tuple(RULE_SPECS.values())], Field(discriminator="rule")]))]
 
 
 class TrainSpec(Section):
@@ -213,7 +212,8 @@ class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     grpo: GrpoSpec = Field(default_factory=GrpoSpec)
-    rewards: list[RewardSpec] = Field(default_factory=lambda: [CorrectnessRule(rule="correctness")], min_length=1)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RULE_SPECS["correctness"](rule="correctness")],
+                                      min_length=1)
     train: TrainSpec = Field(default_factory=TrainSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
@@ -221,6 +221,23 @@ class Recipe(Section):
     @property
     def completions_per_step(self) -> int:
         return self.grpo.prompts_per_step * self.grpo.group_size
+
+
+def _registered() -> tuple:
+    return tuple(REWARD_RULES.values()), tuple(LOSSES)
+
+
+_built_for = _registered()  # what the schema's rule entries and loss names were built from
+
+
+def _follow_registries() -> None:
+    """Build the schema again if a reward rule or a loss was registered (or removed) since it was built:
+    the rewards union and the loss names are read from the registries as the schema is built."""
+    global _built_for
+    if _registered() != _built_for:
+        GrpoSpec.model_rebuild(force=True)
+        Recipe.model_rebuild(force=True)  # after GrpoSpec: it holds GrpoSpec's schema
+        _built_for = _registered()
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:
@@ -315,7 +332,7 @@ def _clean_loc(loc: tuple) -> tuple:
     a recipe path."""
     tags = {"str", "int", "float", "bool", "none", *(c.__name__ for c in Section.__subclasses__())}
     loc = tuple(p for p in loc if not (isinstance(p, str) and (p in tags or "[" in p)))
-    if len(loc) > 2 and loc[0] == "rewards" and loc[2] in RULES:
+    if len(loc) > 2 and loc[0] == "rewards" and loc[2] in RULE_SPECS:
         loc = loc[:2] + loc[3:]
     return loc
 
@@ -336,10 +353,10 @@ def _describe(error: dict) -> str:
         return f"{dotted}: required key is missing."
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
         tag = error.get("ctx", {}).get("tag")
-        close = difflib.get_close_matches(str(tag), RULES, n=1, cutoff=0.5) if tag else []
+        close = difflib.get_close_matches(str(tag), list(RULE_SPECS), n=1, cutoff=0.5) if tag else []
         hint = f" Did you mean '{close[0]}'?" if close else ""
         given = f"unknown rule {tag!r}." if tag else "each reward needs a rule."
-        return f"{dotted}.rule: {given}{hint} The rules are: {', '.join(RULES)}."
+        return f"{dotted}.rule: {given}{hint} The rules are: {', '.join(RULE_SPECS)}."
     given = error.get("input")
     shown = "" if isinstance(given, (dict, list)) or given is None else f" (got {given!r})"
     return f"{dotted}: {message}{shown}."
@@ -376,6 +393,7 @@ def _report(items: list[tuple[tuple, str]], source: str, lines: dict) -> RecipeE
 def validate(data: dict, source: str = "recipe", lines: dict[tuple, Any] | None = None) -> Recipe:
     """A Recipe from plain data, or a RecipeError listing every problem with its line."""
     lines = lines or {}
+    _follow_registries()
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -25,13 +25,14 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import ChainMap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from grpo_cli.answers import equivalence, extract_final_answer, settled_without_parsing
-from grpo_cli.rewards import RULES, CustomRule, Rule, correctness
+from grpo_cli.rewards import RULE_FUNCTIONS, CustomRule, Rule, correctness
 from grpo_cli.worker_pool import WorkerDied, WorkerPool, stops_held_back
 
 CALL_TIMEOUT_S = 5.0
@@ -40,7 +41,7 @@ START_LIMIT_S = 60.0  # no worker started by then: they fail as they start (see 
 CHUNK = 32
 OK, TIMEOUT, ERROR = 0, 1, 2
 # What the pool runs by default: the reward rules, and answer-to-answer equivalence for majority votes.
-GRADERS: dict[str, Rule] = {**RULES, "equivalent": equivalence}
+GRADERS: Mapping[str, Rule] = ChainMap({"equivalent": equivalence}, RULE_FUNCTIONS)  # live: registered rules too
 
 Item = tuple[str, str, str, str]  # (rule, completion, answer, context as JSON; "" for rules without context)
 

@@ -1,13 +1,13 @@
 import pytest
 
 from brief_answers import BARE_BOXES, FACTORED, GOLD, REFLECTED, WRONG_DISCRIMINANT
-from grpo_cli.rewards import RULES, correctness, count_steps, reflection_bonus, step_format
+from grpo_cli.rewards import RULE_FUNCTIONS, correctness, count_steps, reflection_bonus, step_format
 
 BRIEF_WEIGHTS = {"correctness": 1.0, "step_format": 0.2, "reflection_bonus": 0.1}
 
 
 def total(completion):
-    return sum(w * RULES[rule](completion, GOLD) for rule, w in BRIEF_WEIGHTS.items())
+    return sum(w * RULE_FUNCTIONS[rule](completion, GOLD) for rule, w in BRIEF_WEIGHTS.items())
 
 
 def test_the_brief_ranking():

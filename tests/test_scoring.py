@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rules_for_tests as bad
-from grpo_cli.rewards import RULES, correctness, step_format
+from grpo_cli.rewards import RULE_FUNCTIONS, correctness, step_format
 from grpo_cli import scoring
 from grpo_cli.scoring import ERROR, OK, Scorer
 
@@ -51,7 +51,7 @@ def test_works_from_a_worker_thread():
 
 
 def test_a_slow_rule_times_out_and_scores_zero():
-    rules = {**RULES, "sleeps": bad.sleeps, "length": bad.length}
+    rules = {**RULE_FUNCTIONS, "sleeps": bad.sleeps, "length": bad.length}
     with Scorer(rules, workers=1, call_timeout_s=0.5) as scorer:
         started = time.perf_counter()
         scores = scorer.score(["length", "sleeps"], ["abc", "de"], ["1", "2"])
@@ -95,8 +95,9 @@ def test_unknown_rule_is_refused():
 def test_custom_rules_get_their_context_skip_and_fail_cleanly():
     from grpo_cli.rewards import CustomRule
 
-    rules = {"skips": CustomRule(bad.skips_odd, 2.0), "text": CustomRule(bad.returns_text, 2.0),
-             "slow": CustomRule(bad.sleeps, 0.3)}
+    rules = {"skips": CustomRule(function=bad.skips_odd, timeout_s=2.0),
+             "text": CustomRule(function=bad.returns_text, timeout_s=2.0),
+             "slow": CustomRule(function=bad.sleeps, timeout_s=0.3)}
     with Scorer(rules, workers=1) as scorer:
         scores = scorer.score(["skips", "text", "slow"], ["ab", "abc"], ["1", "1"],
                               [{"prompt": "p", "level": 3}, {"prompt": "p", "level": 4}])
