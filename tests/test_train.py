@@ -121,18 +121,92 @@ def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_pa
     assert summary.step == 3
 
 
-def test_no_reference_pass_without_kl(tmp_path, tiny_model_path):
-    run(tmp_path, grpo={"kl_beta": 0.0}, train={"steps": 1, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
-    rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
-    assert rows[0]["kl"] is None
+def count_reference_passes(monkeypatch) -> list[bool]:
+    """Record, for every log-prob pass the trainer runs through `Parallel.logprobs`, whether it was
+    the reference's."""
+    from grpo_cli.distributed import Parallel
+
+    passes = []
+    logprobs = Parallel.logprobs
+
+    def counted(self, rollout, batches, temperature, shared_prompts, reference):
+        passes.append(reference)
+        return logprobs(self, rollout, batches, temperature, shared_prompts, reference)
+
+    monkeypatch.setattr(Parallel, "logprobs", counted)
+    return passes
 
 
-def test_4bit_base(tmp_path, tiny_model_path):
+def test_no_reference_pass_without_kl(tmp_path, tiny_model_path, monkeypatch):
+    steps = {"train": {"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0}, "data": {"eval": None}}
+    passes = count_reference_passes(monkeypatch)
+    run(tmp_path, "without", grpo={"kl_beta": 0.0}, **steps)
+    assert passes.count(True) == 0
+    assert all(r["kl"] is None for r in metrics(tmp_path / "without") if "reward_mean" in r)
+    passes.clear()
+    run(tmp_path, "with", grpo={"kl_beta": 0.04}, **steps)
+    assert passes.count(True) == 2  # one reference pass a step, over all its micro-batches
+
+
+def test_4bit_base(tmp_path, tiny_model_path, monkeypatch):
+    """QLoRA: the base's linear layers are bitsandbytes NF4 (on the CPU too) and never change; only
+    the adapters train, and a checkpoint holds only them."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from grpo_cli import train as train_module
+    from grpo_cli.modeling import lora_layers
+
+    def base_weights(model):
+        """Every weight outside the adapters, 4-bit ones both as stored and dequantized."""
+        out = {}
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                out[name] = param.detach().clone()
+                if isinstance(param, bnb.nn.Params4bit):
+                    out[name + " dequantized"] = dequantize_4bit(param.data, param.quant_state).clone()
+        return out
+
+    loaded = {}
+    load_policy = train_module.load_policy
+
+    def load_and_keep(*args, **kwargs):
+        policy = load_policy(*args, **kwargs)
+        loaded.update(policy=policy, base=base_weights(policy.model))
+        return policy
+
+    monkeypatch.setattr(train_module, "load_policy", load_and_keep)
     summary = run(tmp_path, model={"name": "builtin:tiny-math", "dtype": "float32", "load_in_4bit": True,
                                    "lora": {"r": 8, "alpha": 16}},
-                  train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0})
+                  train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0},
+                  data={"eval": None}, output={"save_every": 1})
     assert summary.step == 2
-    assert (tmp_path / "run" / "checkpoints" / "step-2" / "adapter_model.safetensors").exists()
+    model = loaded["policy"].model
+    # every adapted projection runs over an NF4 base layer, as load_base asks bitsandbytes for
+    layers = lora_layers(model)
+    assert len(layers) == 28  # 7 projections x 4 layers
+    for layer in layers:
+        base = layer.get_base_layer()
+        assert isinstance(base, bnb.nn.Linear4bit) and base.weight.quant_type == "nf4", type(base)
+    plain = [m for m in model.modules() if type(m) is torch.nn.Linear and m not in
+             {a for layer in layers for a in (*layer.lora_A.values(), *layer.lora_B.values())}]
+    assert plain == [model.get_output_embeddings()]  # bitsandbytes keeps the head in full precision
+    # only the adapters train, and the base is bit for bit as loaded after two steps
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if "lora_" in n}
+    after = base_weights(model)
+    assert after.keys() == loaded["base"].keys()
+    assert all(torch.equal(after[k], loaded["base"][k]) for k in after), \
+        [k for k in after if not torch.equal(after[k], loaded["base"][k])]
+    # a checkpoint holds the adapters alone, and they moved from one step to the next
+    ckpts = [tmp_path / "run" / "checkpoints" / f"step-{n}" for n in (1, 2)]
+    for ckpt in ckpts:
+        assert {f.name for f in ckpt.glob("*.safetensors")} == {"adapter_model.safetensors"}
+    first, second = (load_file(str(c / "adapter_model.safetensors")) for c in ckpts)
+    assert first.keys() == second.keys() and len(first) == 2 * len(layers)
+    assert all(".lora_A." in k or ".lora_B." in k for k in first)
+    moved = [k for k in first if not torch.equal(first[k], second[k])]
+    assert any(".lora_A." in k for k in moved) and any(".lora_B." in k for k in moved), moved
 
 
 def test_training_data_without_the_named_field(tmp_path, tiny_model_path):
