@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, create_model, model_validator
 from pydantic_core import core_schema
 
+from grpo_cli import builtin_task
 from grpo_cli.errors import UserError
 from grpo_cli.loss import LOSSES
 from grpo_cli.rewards import REWARD_RULES, RewardRule
@@ -65,7 +66,8 @@ DatasetRef = str | HubDataset
 
 class DataSpec(Section):
     train: DatasetRef = Field("builtin:arithmetic", description="builtin set, a .jsonl/.json/.csv/.parquet path, or a hub dataset")
-    eval: DatasetRef | None = Field("builtin:arithmetic-test", description="held-out set; null = no evaluation")
+    eval: DatasetRef | None = Field(
+        None, description="held-out set; null = no evaluation; unset: follows data.train (see held_out_default)")
     prompt_field: str = Field("question", description="the field holding the problem")
     answer_field: str = Field("answer", description="gold answer; GSM8K's '#### 42' form is understood")
     template: str | None = Field(
@@ -74,6 +76,24 @@ class DataSpec(Section):
     chat: bool = Field(False, description="wrap the rendered template in the tokenizer's chat template")
     system_prompt: str | None = Field(None, description="system message when chat is true")
     eval_limit: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _held_out_follows_train(cls, values):
+        if isinstance(values, Mapping) and "eval" not in values:
+            values = {**values, "eval": held_out_default(values.get("train", "builtin:arithmetic"))}
+        return values
+
+
+def held_out_default(train) -> str | None:
+    """data.eval when the recipe leaves it unset: a builtin training set's own held-out split
+    (builtin:arithmetic -> builtin:arithmetic-test); for any other data, no evaluation rather than a
+    held-out set of a different task (whether a file or hub dataset has a held-out part is not
+    known before it loads). The trainer says so when it starts."""
+    if isinstance(train, str) and train.startswith("builtin:") \
+            and f"{train.removeprefix('builtin:')}-test" in builtin_task.SPLITS:
+        return f"{train}-test"
+    return None
 
 
 # A loss: one of LOSSES' names, read when the schema is built.

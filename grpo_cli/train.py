@@ -334,6 +334,10 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         + (f" ({train_set.skip_note()})" if train_set.skipped else "")
         + (f" ({too_long} prompts too long for the context skipped)" if too_long else "")
     )
+    if eval_set is None:
+        console.message("no held-out evaluation: data.eval is null (unset, it follows only a builtin training "
+                        "set). Set data.eval to a held-out file, builtin set or hub dataset to measure accuracy "
+                        "as training goes.")
     if resume_from is not None:
         checkpoint.restore_weights(resume_from, policy)  # before sharding: into whole tensors
     fast = grpo.engine == "fast"

@@ -184,3 +184,24 @@ def test_a_seed_numpy_cannot_take_is_refused(tmp_path, seed):
         """)
     with pytest.raises(RecipeError, match=rf"{path}:2: train.seed: .* \(got {seed}\)"):
         load(path)
+
+
+def test_the_held_out_set_follows_the_training_data_unless_set(tmp_path):
+    """Unset, data.eval is a builtin training set's own held-out split, and nothing for other data: a
+    user's own problems were once evaluated on builtin arithmetic without a word."""
+    def held_out(data):
+        path = tmp_path / "r.yaml"
+        path.write_text(textwrap.dedent(f"data: {data}\n"))
+        return load(path).data.eval
+
+    assert held_out("{}") == "builtin:arithmetic-test"
+    assert held_out("{train: builtin:arithmetic}") == "builtin:arithmetic-test"
+    assert held_out("{train: mine.jsonl}") is None
+    assert held_out("{train: arithmetic}") is None  # a file that happens to share a builtin set's name
+    assert held_out("{train: {name: openai/gsm8k, config: main}}") is None
+    assert held_out("{train: mine.jsonl, eval: held.jsonl}") == "held.jsonl"
+    assert held_out("{train: builtin:arithmetic, eval: null}") is None
+    # the resolved recipe keeps what was chosen, so a resumed run evaluates on the same set
+    path = tmp_path / "mine.yaml"
+    path.write_text("data: {train: mine.jsonl}\n")
+    assert "eval: null" in recipe.dump(load(path))

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pytest
 from rich.console import Console
@@ -12,6 +13,7 @@ from grpo_cli import recipe as recipe_module
 from grpo_cli.cli import app
 from grpo_cli.console import TrainConsole, dashboard
 from grpo_cli.errors import UserError
+from grpo_cli.metrics import DASHBOARD
 from grpo_cli.run_log import read_jsonl
 from grpo_cli.train import train
 
@@ -40,9 +42,14 @@ def test_dashboard_panel(run_dir):
     console = Console(record=True, width=120, file=io.StringIO())
     console.print(dashboard(row, ("2+2=4. #### 4", 1.2), ("#### 5", -0.2)))
     text = console.export_text()
-    for label in ("reward", "accuracy", "KL", "clip frac", "length", "zero-std groups", "tokens/s", "peak memory",
-                  "correctness", "step_format", "best +1.20", "worst -0.20", "#### 5"):
-        assert label in text, label
+    # every figure the catalogue puts on the dashboard, by its label and with the row's value as the
+    # catalogue formats it; then each reward rule's mean, and the best and worst completion
+    shown = [(m.label, "-" if row.get(m.name) is None else format(row[m.name], m.fmt)) for m in DASHBOARD]
+    shown += [(k.removeprefix("reward/"), format(v, "+.3f")) for k, v in row.items() if k.startswith("reward/")]
+    assert {"correctness", "step_format"} <= {label for label, _ in shown}
+    for label, value in shown:
+        assert re.search(rf"(?<!\S){re.escape(label)}\s+{re.escape(value)}(?!\S)", text), (label, value)
+    assert re.search(r"best \+1\.20\s+2\+2=4\. #### 4", text) and re.search(r"worst -0\.20\s+#### 5", text)
 
 
 def test_live_console_on_a_terminal_and_plain_lines_otherwise(run_dir):
@@ -165,6 +172,7 @@ def test_a_shipped_recipe_by_name(tmp_path, tiny_model_path, monkeypatch):
                                  "--set", f"output.dir={tmp_path / 'r'}"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+    assert "no held-out evaluation: data.eval is null" in " ".join(result.output.split())  # said, not silent
 
 
 def test_4_bit_estimate_keeps_embeddings_and_norms_in_16_bits(tiny_model_path):
