@@ -2,8 +2,11 @@
 
 LoRA adapters are merged in float32 into a full-precision copy of the original
 base weights (never into 4-bit ones, where the small delta would be rounded away),
-then cast to the output dtype and saved as safetensors with the tokenizer, chat
-template and generation config. The export is then verified, not assumed: it is
+then cast to the output dtype and saved as safetensors with the tokenizer and
+generation config. The tokenizer carries the chat template training prompted with, and
+none when training used plain-text prompts (data.chat false): a template the model never
+saw would only prompt it wrongly. The model card shows the prompt format of training,
+with an example, and how to generate with plain transformers. The export is then verified, not assumed: it is
 reloaded and its next-token distributions on fixed prompts must match the adapter
 model's and differ from the base model's. A failed check is an error.
 
@@ -24,6 +27,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pprint
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from grpo_cli import __version__, checkpoint
+from grpo_cli.data import load_rows, prompt_fields, render_prompt
 from grpo_cli.errors import UserError, os_error
 from grpo_cli.modeling import DTYPES, load_base, load_tokenizer, resolve
 from grpo_cli.recipe import Recipe, dump, load as load_recipe
@@ -51,6 +57,9 @@ CHECK_PROMPTS = [
 # cannot be closer than its own rounding allows.
 TOLERANCE_FLOOR = 1e-4
 NOISE_FACTOR = 3.0
+# The model card's example prompt when the training set's first row is not at hand (a hub dataset).
+EXAMPLE_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                    "How many clips did Natalia sell altogether in April and May?")
 
 
 @dataclass(frozen=True)
@@ -243,18 +252,106 @@ def _verify(reloaded, out: Path, reference: torch.Tensor, base: torch.Tensor, dt
     return check
 
 
+def trained_chat_template(recipe: Recipe, tokenizer):
+    """The chat template training prompted with: the tokenizer's when data.chat is true, else None (plain prompts)."""
+    return getattr(tokenizer, "chat_template", None) if recipe.data.chat else None
+
+
+def _example_row(recipe: Recipe) -> tuple[dict, str]:
+    """A row to show the prompt format with, and where it is from: the first usable row of the training set
+    when that is a builtin set or a local file, else a made-up one (a hub set is not fetched for a card)."""
+    spec = recipe.data
+    fields = prompt_fields(spec)
+    ref = spec.train
+    if isinstance(ref, str) and (ref.startswith("builtin:") or Path(ref).is_file()):
+        try:
+            for row in load_rows(ref):
+                if all(row.get(f) is not None and str(row.get(f)).strip() for f in fields):
+                    return row, f"the first problem of the training set, {ref}"
+        except UserError:
+            pass
+    return {f: EXAMPLE_QUESTION if f == spec.prompt_field else f"<{f}>" for f in fields}, "a made-up problem"
+
+
+def _fence(text: str, language: str = "text") -> str:
+    """`text` verbatim in a code block whose fence no run of backticks inside it can close."""
+    ticks = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{ticks}{language}\n{text}\n{ticks}"
+
+
+def prompting(recipe: Recipe, tokenizer, adapter_only: bool, base_path: str) -> str:
+    """The model card's sections on prompting the model exactly as training did, and on generating with it."""
+    spec = recipe.data
+    row, origin = _example_row(recipe)
+    text = spec.template.format(**row) if spec.template is not None else str(row[spec.prompt_field])
+    prompt = render_prompt(row, spec, tokenizer)
+    written = ("data.template, the format string below, filled in with the problem's fields"
+               if spec.template is not None else f"the problem's `{spec.prompt_field}` field as it is, nothing added "
+               "around it")
+    blocks = f"The format string (data.template):\n\n{_fence(spec.template)}\n\n" if spec.template is not None else ""
+    if spec.chat:
+        messages = ([{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []) + \
+                   [{"role": "user", "content": text}]
+        if spec.system_prompt:
+            blocks += f"The system message (data.system_prompt):\n\n{_fence(spec.system_prompt)}\n\n"
+        system = ("before it, the system message below (data.system_prompt): the chat template does not add it by "
+                  "itself, so pass it" if spec.system_prompt else "no system message (data.system_prompt was empty)")
+        how = f"""It was trained on chat prompts, built as follows:
+
+- the user message: {written};
+- {system};
+- the messages rendered by the chat template this tokenizer carries (the one training used), with
+  the assistant's turn opened (`add_generation_prompt=True`), then tokenized without adding
+  special tokens.
+
+{blocks}For example ({origin}), the messages
+
+{_fence(pprint.pformat(messages, width=100, sort_dicts=False), "python")}
+
+render to exactly this prompt, the model's completion following it:
+
+{_fence(prompt)}"""
+        make = (f"messages = {pprint.pformat(messages, width=100, sort_dicts=False)}\n"
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+                "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)")
+    else:
+        how = f"""It was trained on plain-text prompts, not chat messages, so this tokenizer carries no chat
+template: the base model's was left out, since the model never saw it in training and
+`apply_chat_template` would prompt it in a format it was not trained on. Prompt it as training
+did, with plain text the model continues: each prompt was {written}.
+
+{blocks}For example ({origin}), a prompt exactly as the model saw it:
+
+{_fence(prompt)}"""
+        make = f"prompt = {prompt!r}\ninputs = tokenizer(prompt, return_tensors=\"pt\")"
+    load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"base = AutoModelForCausalLM.from_pretrained({base_path!r})\n"
+            "model = PeftModel.from_pretrained(base, \"<this dir>\")\n"
+            if adapter_only else
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\n")
+    generate = (f"{load}tokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")\n{make}\n"
+                f"output = model.generate(**inputs, max_new_tokens={recipe.grpo.max_new_tokens}, do_sample=False)\n"
+                "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
+    return f"""## How to prompt it
+
+{how}
+
+## Use
+
+Greedy decoding, as held-out accuracy was measured (training sampled at temperature
+{recipe.grpo.temperature}), with the completion length training allowed.
+
+{_fence(generate, "python")}"""
+
+
 def _model_card(recipe: Recipe, state: dict, source: Path, dtype: str, adapter_only: bool, check: ExportCheck,
-                run_dir: Path) -> str:
+                run_dir: Path, tokenizer, base_path: str) -> str:
     evals = [r for r in read_jsonl(run_dir / METRICS) if "eval/accuracy" in r and r["step"] <= state["step"]]
     eval_lines = "\n".join(f"| {r['step']} | {r['eval/accuracy']:.1%} | {r.get('eval/n', '')} |" for r in evals)
     what = "a LoRA adapter (PEFT layout)" if adapter_only else (
         "LoRA adapters merged in float32 into the full-precision base weights" if recipe.model.lora else
         "fully fine-tuned weights")
-    load = ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-            "base = AutoModelForCausalLM.from_pretrained(\"<base model>\")\nmodel = PeftModel.from_pretrained(base, \"<this dir>\")"
-            if adapter_only else
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\ntokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")")
     return f"""# GRPO fine-tune of {recipe.model.name}
 
 Made with grpo {__version__} on {time.strftime('%Y-%m-%d')} from `{source}` (step {state['step']} of
@@ -271,17 +368,11 @@ variation; allowed {check.tolerance:.1e}), and from the base model's by {check.v
 | --- | --- | --- |
 {eval_lines or '| - | no evaluation recorded | |'}
 
-## Use
-
-```python
-{load}
-```
+{prompting(recipe, tokenizer, adapter_only, base_path)}
 
 ## Recipe
 
-```yaml
-{dump(recipe).rstrip()}
-```
+{_fence(dump(recipe).rstrip(), "yaml")}
 """
 
 
@@ -333,6 +424,7 @@ def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_onl
     # The merge and the reference run in float32 on the CPU: the delta is not rounded before it is added.
     base = load_base(base_path, full_precision, cpu, torch.float32).eval()
     tokenizer = load_tokenizer(str(found))
+    tokenizer.chat_template = trained_chat_template(recipe, tokenizer)  # none when training prompted in plain text
     base_dist = _distributions(base, tokenizer)
     if recipe.model.lora is not None:
         from peft import PeftModel
@@ -364,5 +456,6 @@ def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_onl
         tolerance = _tolerance(base_path, full_precision, out_dtype, base_dist, tokenizer)
         check = _verify(reloaded, partial, reference, base_dist, out_dtype, tolerance)
     (partial / RECIPE_FILE).write_text(dump(recipe))
-    (partial / "README.md").write_text(_model_card(recipe, state, found, out_dtype, adapter_only, check, run_dir))
+    (partial / "README.md").write_text(_model_card(recipe, state, found, out_dtype, adapter_only, check, run_dir,
+                                                   tokenizer, base_path))
     return check

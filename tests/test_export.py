@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_recipe
-from grpo_cli import checkpoint, recipe as recipe_module
+from grpo_cli import builtin_task, checkpoint, recipe as recipe_module
 from grpo_cli.benchmark import EvalOptions, run as run_eval
 from grpo_cli.console import TrainConsole
 from grpo_cli.errors import UserError
@@ -43,9 +43,10 @@ def lora_export(lora_run, tmp_path_factory):
 def test_merged_export_layout_and_check(lora_export):
     out = lora_export.out
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                 "tokenizer_config.json", "chat_template.jinja", "README.md"):
+                 "tokenizer_config.json", "README.md"):
         assert (out / name).exists(), name
     assert not (out / "adapter_config.json").exists()
+    assert not (out / "chat_template.jinja").exists()  # trained on plain prompts: see the prompting tests
     weights = load_file(str(out / "model.safetensors"))
     assert not any("lora" in name for name in weights)
     assert lora_export.step == 4 and lora_export.dtype == "float32"
@@ -352,3 +353,81 @@ def test_a_hidden_partial_beside_out_is_removed_only_when_a_dead_export_left_it(
     # Its writer killed outright (SIGKILL), the leftover is export's own: removed, and the export goes ahead.
     assert export(str(lora_run), tmp_path / "model").out.joinpath("model.safetensors").exists()
     assert hidden(tmp_path) == []
+
+
+def _card_snippet(out: Path) -> str:
+    """The model card's Python snippet, pointed at `out`."""
+    card = (out / "README.md").read_text()
+    use = card.split("## Use")[1].split("## Recipe")[0]
+    return use.split("```python\n")[1].split("\n```")[0].replace("<this dir>", str(out))
+
+
+def _run_snippet(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_a_plain_prompt_run_exports_no_chat_template_and_its_card_shows_the_plain_prompt(lora_export):
+    from transformers import AutoTokenizer
+
+    out = lora_export.out
+    assert AutoTokenizer.from_pretrained(out).chat_template is None  # the builtin base has one; training never used it
+    card = (out / "README.md").read_text()
+    prompting = card.split("## How to prompt it")[1].split("## Use")[0]
+    assert "no chat" in prompting and "template" in prompting
+    first = builtin_task.train_split()[0].question  # the example is the training set's first problem, verbatim
+    assert f"```text\n{first}\n```" in prompting and "the problem's `question` field as it is" in prompting
+    snippet = _card_snippet(out)
+    assert f"prompt = {first!r}" in snippet and "apply_chat_template" not in snippet
+    assert _run_snippet(snippet).strip()  # plain transformers runs the card's snippet and the model answers
+
+
+def _prompted_with(run_dir: Path, **data) -> Path:
+    """`run_dir` (a copy of the trained run) as if its recipe had prompted with `data`: its weights are
+    trained, which export needs, and the prompt format is all the card and the tokenizer depend on."""
+    for path in [run_dir / "recipe.yaml", *run_dir.glob(f"checkpoints/*/{checkpoint.RECIPE_FILE}")]:
+        loaded = recipe_module.load(path)
+        path.write_text(recipe_module.dump(loaded.model_copy(update={"data": loaded.data.model_copy(update=data)})))
+        if path.parent.parent.name == "checkpoints":  # the checkpoint's manifest and checksums, rewritten to match
+            for name in (checkpoint.MANIFEST, checkpoint.CHECKSUMS):
+                (path.parent / name).unlink()
+            checkpoint._write_manifest(path.parent)
+    return run_dir
+
+
+def test_a_template_run_shows_its_format_string_and_an_example_built_with_it(run_copy, tmp_path):
+    template = "Q: {question}\nA:"
+    out = export(str(_prompted_with(run_copy, template=template)), tmp_path / "templated").out
+    card = (out / "README.md").read_text()
+    first = builtin_task.train_split()[0].question
+    assert f"```text\n{template}\n```" in card and f"```text\nQ: {first}\nA:\n```" in card
+    assert f"prompt = {f'Q: {first}' + chr(10) + 'A:'!r}" in _card_snippet(out)
+
+
+def test_a_chat_run_exports_the_template_it_trained_with_and_its_card_shows_the_messages(run_copy, tmp_path):
+    from transformers import AutoTokenizer
+
+    from grpo_cli import builtin_model
+    from grpo_cli.data import render_prompt
+
+    system = "Show your work, then the answer after ####."
+    run_dir = _prompted_with(run_copy, chat=True, system_prompt=system)
+    exported = export(str(run_dir), tmp_path / "chat")
+    tokenizer = AutoTokenizer.from_pretrained(exported.out)
+    assert tokenizer.chat_template == builtin_model.CHAT_TEMPLATE
+    card = (exported.out / "README.md").read_text()
+    first = builtin_task.train_split()[0].question
+    recipe = recipe_module.load(exported.out / "grpo_recipe.yaml")
+    trained_prompt = render_prompt({"question": first}, recipe.data, tokenizer)  # as training rendered it
+    assert f"```text\n{trained_prompt}\n```" in card and "<|im_start|>system" in trained_prompt
+    assert f"```text\n{system}\n```" in card
+    snippet = _card_snippet(exported.out)
+    assert "apply_chat_template(messages, tokenize=False, add_generation_prompt=True)" in snippet
+    assert "messages = [" in snippet and repr(system) in snippet and repr(first) in snippet
+    probe = snippet.replace("output = model.generate", "print(repr(prompt))\noutput = model.generate")
+    assert _run_snippet(probe).splitlines()[0] == repr(trained_prompt)  # the snippet prompts as training did
+    adapter = export(str(run_dir), tmp_path / "chat-adapter", adapter_only=True)
+    assert AutoTokenizer.from_pretrained(adapter.out).chat_template == builtin_model.CHAT_TEMPLATE
+    assert _run_snippet(_card_snippet(adapter.out)).strip()
