@@ -208,7 +208,7 @@ def score(
     from grpo_cli import recipe as recipe_module
     from grpo_cli.console import print_scores
     from grpo_cli.run_log import write_whole
-    from grpo_cli.score import score_completions
+    from grpo_cli.scored_groups import score_completions
 
     try:
         with terminate_at_once():
@@ -284,7 +284,7 @@ def samples(
     from rich.console import Console
 
     from grpo_cli.console import print_scores
-    from grpo_cli.score import logged_groups
+    from grpo_cli.scored_groups import logged_groups
 
     try:
         shown, groups = logged_groups(run, step)
@@ -354,7 +354,11 @@ def validate(
     console.print(f"{recipe}: valid.", style="green")
     try:
         config = model_config(loaded)
-    except Exception as exc:  # an unreachable hub model: the recipe is still valid
+    except UserError as error:  # a hub model neither cached nor reachable: the recipe is still valid
+        console.print(f"could not read the model's config, which the parameter count and memory estimate need: "
+                      f"{error}", style="yellow", highlight=False)
+        return
+    except Exception as exc:
         console.print(f"could not read the model's config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                       "the parameter count and memory estimate need it.", style="yellow")
         return

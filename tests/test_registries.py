@@ -36,7 +36,7 @@ def registries():
 
 def test_a_rule_registered_once_is_a_recipe_key_scored_as_training_scores_it(registries, tmp_path):
     from grpo_cli.recipe import RecipeError, validate
-    from grpo_cli.score import score_completions
+    from grpo_cli.scored_groups import score_completions
     from grpo_cli.scoring import GRADERS
 
     reward_rule(MentionsOptions)(mentions)  # as `@reward_rule(MentionsOptions)` on its definition

@@ -6,7 +6,7 @@ from brief_answers import BARE_BOXES, FACTORED, GOLD, QUESTION, REFLECTED, WRONG
 from grpo_cli.advantages import STD_EPS
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import validate
-from grpo_cli.score import score_completions
+from grpo_cli.scored_groups import score_completions
 
 RECIPE = validate({"rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "step_format", "weight": 0.2},
                                {"rule": "reflection_bonus", "weight": 0.1}]})

@@ -1,8 +1,9 @@
-"""`grpo score`: the recipe's reward rules on given completions, exactly as training computes them.
+"""Groups of scored completions: `grpo score` computes them for given completions, exactly as
+training would, and `grpo samples` reads them back from a run's samples.jsonl.
 
 Rows sharing a prompt form one group, as a rollout's G completions do; each
 completion gets every rule's reward, the weighted total, and its advantage inside
-its group. It is the dry run for designing rewards before paying for a rollout.
+its group. `grpo score` is the dry run for designing rewards before paying for a rollout.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from grpo_cli.data import build_examples, load_rows
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import Recipe
 from grpo_cli.rewards import rule_functions
+from grpo_cli.run_log import SAMPLES, read_jsonl
 from grpo_cli.scoring import GRADERS, Scorer
 
 
 @dataclass(frozen=True)
-class Scored:
+class ScoredCompletion:
     completion: str
     rewards: dict[str, float]  # rule -> reward (NaN where a custom rule skipped it)
     total: float  # weighted sum, the reward training uses
@@ -32,7 +34,7 @@ class Scored:
 class Group:
     prompt: str
     answer: str
-    completions: list[Scored]
+    completions: list[ScoredCompletion]
 
 
 def _prompt_tokenizer(recipe: Recipe):
@@ -82,8 +84,8 @@ def score_completions(recipe: Recipe, path: Path, recipe_dir: Path | None = None
     for prompt, members in by_prompt.items():
         advantages, _ = group_advantages(totals[members], len(members))  # [G]
         groups.append(Group(prompt, examples[members[0]].answer, [
-            Scored(examples[i].row["_completion"], dict(zip(names, scores.values[i].tolist())), totals[i].item(),
-                   advantages[j].item())
+            ScoredCompletion(completion=examples[i].row["_completion"], rewards=dict(zip(names, scores.values[i].tolist())),
+                             total=totals[i].item(), advantage=advantages[j].item())
             for j, i in enumerate(members)
         ]))
     return groups
@@ -91,8 +93,6 @@ def score_completions(recipe: Recipe, path: Path, recipe_dir: Path | None = None
 
 def logged_groups(run_dir: Path, step: int | None = None) -> tuple[int, list[Group]]:
     """The groups a run logged in samples.jsonl at `step` (default: the latest logged step)."""
-    from grpo_cli.run_log import SAMPLES, read_jsonl
-
     rows = read_jsonl(Path(run_dir) / SAMPLES)
     if not rows:
         raise UserError(f"{run_dir} has no logged samples ({SAMPLES}); pass the directory of a grpo train run.")
@@ -104,5 +104,6 @@ def logged_groups(run_dir: Path, step: int | None = None) -> tuple[int, list[Gro
     groups: dict[int, Group] = {}
     for row in (r for r in rows if r["step"] == chosen):
         group = groups.setdefault(row["group"], Group(row["prompt"], row["answer"], []))
-        group.completions.append(Scored(row["completion"], row["rewards"], row["reward"], row["advantage"]))
+        group.completions.append(ScoredCompletion(completion=row["completion"], rewards=row["rewards"],
+                                                  total=row["reward"], advantage=row["advantage"]))
     return chosen, list(groups.values())
