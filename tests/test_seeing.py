@@ -131,7 +131,7 @@ def test_samples_view(run_dir):
 def test_recipes_list_and_show():
     listed = runner.invoke(app, ["recipes"])
     assert listed.exit_code == 0
-    names = [line.split()[0] for line in listed.output.splitlines()]
+    names = [line.split()[0] for line in listed.output.split("\n\n")[0].splitlines()]  # then a note on memory
     assert names == sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
     shown = runner.invoke(app, ["recipes", "show", "quickstart"])
     assert shown.exit_code == 0 and shown.output == (ROOT / "recipes" / "quickstart.yaml").read_text()
@@ -232,3 +232,84 @@ def test_plot_gives_each_rule_its_colour_and_puts_legends_beside_the_axes(tmp_pa
             assert not any(legend.overlaps(o) for o in others), f"the legend of {axis.get_title()!r} covers a panel"
     finally:
         plt.close(figure)
+
+
+@pytest.fixture
+def hub(monkeypatch, tiny_model_path):
+    """The hub as validate meets it: `cached` says whether the model's config is in the local cache, `answers`
+    whether the hub answers; a config fetched from the hub itself takes 30 s, as retries offline do."""
+    import time
+
+    import huggingface_hub.utils
+    import transformers
+    from huggingface_hub import constants
+
+    from grpo_cli import builtin_model
+
+    state = {"cached": False, "answers": False, "probes": 0, "fetched": 0}
+
+    def from_pretrained(name, local_files_only=False, **kwargs):
+        if local_files_only:
+            if not state["cached"]:
+                raise OSError(f"{name} is not in the cache")
+        else:
+            state["fetched"] += 1
+            time.sleep(30)
+        return builtin_model.build_config(builtin_model.build_tokenizer())
+
+    class Session:
+        def head(self, url, timeout=None):
+            state["probes"] += 1
+            assert timeout is not None and timeout <= 10
+            if not state["answers"]:
+                raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Session)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # tests set HF_HUB_OFFLINE=1; a newcomer has not
+    return state
+
+
+def _validate_hub_model(tmp_path):
+    import time
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: some-org/some-model}\n")
+    started = time.perf_counter()
+    result = runner.invoke(app, ["validate", str(path)], terminal_width=400)
+    return result, time.perf_counter() - started
+
+
+def test_validate_offline_says_what_to_do_at_once_instead_of_retrying(hub, tmp_path):
+    result, seconds = _validate_hub_model(tmp_path)
+    assert result.exit_code == 0 and "valid." in result.output  # the recipe is fine; only the estimate is missing
+    assert seconds < 5 and hub["probes"] == 1 and hub["fetched"] == 0
+    text = " ".join(result.output.split())
+    assert "some-org/some-model is not in the local Hugging Face cache" in text and "does not answer" in text
+    assert "hf download some-org/some-model" in text and "HF_HUB_OFFLINE=1" in text and "hf auth login" in text
+
+
+def test_validate_reads_a_cached_config_without_the_network(hub, tmp_path):
+    hub["cached"] = True
+    result, seconds = _validate_hub_model(tmp_path)
+    assert result.exit_code == 0 and "estimated peak" in result.output, result.output
+    assert hub["probes"] == 0 and hub["fetched"] == 0 and seconds < 5
+
+
+def test_validate_with_hf_hub_offline_set_does_not_ask_the_hub(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result, _ = _validate_hub_model(tmp_path)
+    assert "HF_HUB_OFFLINE is set, so the hub is not asked" in " ".join(result.output.split())
+    assert hub["probes"] == 0 and hub["fetched"] == 0
+
+
+def test_validate_fetches_from_the_hub_when_it_answers(hub, tmp_path, monkeypatch):
+    import time
+
+    hub["answers"] = True
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    result, _ = _validate_hub_model(tmp_path)
+    assert result.exit_code == 0 and "estimated peak" in result.output, result.output
+    assert hub["probes"] == 1 and hub["fetched"] == 1
