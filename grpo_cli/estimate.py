@@ -10,9 +10,7 @@ update's activations (about 34 bytes x hidden size per token and layer in 16 bit
 factor of about 1.5 of what a GPU shows; allocator slack is not in it.
 
 A hub model's config is read from the local Hugging Face cache when it is there, without
-the network; otherwise one request with a short timeout first asks whether the hub answers
-at all, so that a machine without a network hears so at once instead of after ~25 s of
-huggingface_hub's retries.
+the network; otherwise the hub is asked once, briefly, whether it answers (hub.py).
 """
 
 from __future__ import annotations
@@ -22,12 +20,11 @@ from pathlib import Path
 
 import torch
 
+from grpo_cli import hub
 from grpo_cli.batching import AUTO_TOKENS
-from grpo_cli.errors import UserError
 from grpo_cli.logprobs import chunk_tokens_for
 from grpo_cli.recipe import Recipe
 
-HUB_PROBE_TIMEOUT_S = 5.0  # for the one request that asks whether the hub answers
 ASSUMED_PROMPT_TOKENS = 256  # the recipe does not know its prompts' length; a GSM8K chat prompt is ~150-250
 GIB = 2**30
 
@@ -60,21 +57,6 @@ def _auto_config(name: str, **options):
     return AutoConfig.from_pretrained(name, **options)
 
 
-def hub_unreachable() -> str | None:
-    """Why the Hugging Face hub cannot be asked for files now, or None when it answers: one request with a
-    short timeout and no retries (huggingface_hub retries a failed request for ~25 s)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-    except Exception as exc:  # no name resolution, refused, timed out, a proxy's error...
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}"
-    return None
-
-
 def hub_config(name: str):
     """The config of hub model `name`: from the local cache when it is there (no network), else from the hub
     when it answers; else a UserError saying what to do."""
@@ -82,20 +64,9 @@ def hub_config(name: str):
         return _auto_config(name, local_files_only=True)
     except Exception:  # not in the cache (or unreadable there): the hub may have it
         pass
-    why = hub_unreachable()
+    why = hub.unreachable()
     if why is not None:
-        from huggingface_hub import constants
-
-        offline = why.startswith("HF_HUB_OFFLINE")
-        raise UserError(
-            f"{name} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            + ("HF_HUB_OFFLINE is set, so the hub is not asked. " if offline else
-               f"the hub ({constants.ENDPOINT}) does not answer ({why}). ")
-            + ("Unset HF_HUB_OFFLINE to download it, " if offline else
-               "Connect to the network (for a gated or private model, log in first: hf auth login), ")
-            + f"or download it where there is a network (hf download {name}), copy the cache here, and set "
-            "HF_HUB_OFFLINE=1 so that nothing waits for the network."
-        )
+        raise hub.not_available(name, why)
     return _auto_config(name)
 
 

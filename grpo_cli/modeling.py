@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import builtin_model, checkpoint
+from grpo_cli import builtin_model, checkpoint, hub
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.recipe import load as load_recipe
@@ -22,7 +22,7 @@ from grpo_cli.recipe import load as load_recipe
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Policy:
     model: torch.nn.Module  # what the optimizer trains (a PeftModel with LoRA)
     tokenizer: object
@@ -120,6 +120,8 @@ def resolve(name: str, progress=None) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if not Path(path).exists():
+        hub.require(path)  # the first file a hub model needs: offline and not cached, say so at once
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
@@ -141,6 +143,9 @@ def _load_failure(what: str, path: str, exc: Exception) -> str:
 
 def load_base(path: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
+
+    if not Path(path).exists():
+        hub.require(path)
 
     kwargs: dict = {"dtype": dtype}
     if spec.load_in_4bit:
@@ -206,10 +211,11 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.de
         model = get_peft_model(model, config)
     elif kl_beta > 0:
         frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
-    return Policy(model, tokenizer, device, dtype, path, frozen_reference)
+    return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, path=path,
+                  frozen_reference=frozen_reference)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Inference:
     """A model ready to generate, and the recipe it was trained with when there is one."""
 
@@ -236,7 +242,7 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
         else:
             model = load_base(str(found), spec, target, pick_dtype(spec.dtype, target))
         source = f"{found} (step {checkpoint.read_state(found)['step']})"
-        return Inference(model.eval(), load_tokenizer(str(found)), recipe, source)
+        return Inference(model=model.eval(), tokenizer=load_tokenizer(str(found)), recipe=recipe, source=source)
     spec = ModelSpec(name=ref, dtype=dtype or "auto", lora=None)
     # a grpo export carries its training recipe: prompt it the way it was trained
     exported_recipe = path / "grpo_recipe.yaml"
@@ -245,10 +251,10 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
         base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = _with_adapter(base_name, path, spec, target, progress)
         tokenizer_from = str(path) if (path / "tokenizer_config.json").exists() else resolve(base_name, progress)
-        return Inference(model.eval(), load_tokenizer(tokenizer_from), recipe, str(path))
+        return Inference(model=model.eval(), tokenizer=load_tokenizer(tokenizer_from), recipe=recipe, source=str(path))
     resolved = resolve(ref, progress)
     model = load_base(resolved, spec, target, pick_dtype(spec.dtype, target))
-    return Inference(model.eval(), load_tokenizer(resolved), recipe, ref)
+    return Inference(model=model.eval(), tokenizer=load_tokenizer(resolved), recipe=recipe, source=ref)
 
 
 def _with_adapter(base_name: str, adapter_dir: Path, spec: ModelSpec, device: torch.device, progress):

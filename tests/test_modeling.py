@@ -51,7 +51,13 @@ def test_full_fine_tune_keeps_a_frozen_copy_only_with_kl():
 def test_4bit_lora_gradients_survive_an_eval_pass_on_cpu(rollout):
     # bitsandbytes repacks 4-bit layers for CPU inference after an eval-mode forward, and that
     # kernel has no backward; the policy must keep training correctly after each rollout.
+    import bitsandbytes as bnb
+
+    from grpo_cli.modeling import lora_layers
+
     policy = load_policy(ModelSpec(name="builtin:tiny-math", load_in_4bit=True), kl_beta=0.0)
+    bases = [layer.get_base_layer() for layer in lora_layers(policy.model)]
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)  # else nothing here is 4-bit
 
     def lora_grad():
         policy.model.zero_grad()
@@ -85,7 +91,8 @@ def test_unknown_builtin_model():
 
 
 def test_unreachable_hub_model_is_a_user_error():
-    with pytest.raises(UserError, match="could not load the tokenizer for 'no-such-org/no-such-model'"):
+    # the tests run with HF_HUB_OFFLINE=1: not in the cache, the hub is not asked, and the message says what to do
+    with pytest.raises(UserError, match="no-such-org/no-such-model is not in the local Hugging Face cache"):
         load_policy(ModelSpec(name="no-such-org/no-such-model"), kl_beta=0.0)
 
 
@@ -94,3 +101,64 @@ def test_cuda_requested_without_a_gpu():
         pytest.skip("this machine has a GPU; the error is for machines without one")
     with pytest.raises(UserError, match="no CUDA GPU"):
         load_policy(ModelSpec(device="cuda"), kl_beta=0.0)
+
+
+def test_a_hub_model_neither_cached_nor_reachable_is_refused_at_once(monkeypatch):
+    """Train, eval and export load through load_tokenizer / load_base: offline, an uncached hub model is
+    one short probe and a message, not ~25 s of huggingface_hub's retries and a traceback."""
+    import time
+
+    import huggingface_hub
+    import huggingface_hub.utils
+    import transformers
+    from huggingface_hub import constants
+
+    from grpo_cli import modeling
+    from grpo_cli.errors import UserError
+    from grpo_cli.recipe import ModelSpec
+
+    probes = []
+
+    class Session:
+        def head(self, url, timeout=None):
+            probes.append(timeout)
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the hub was asked for files")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Session)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fetched)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fetched)
+    for load in (lambda: modeling.load_tokenizer("some-org/some-model"),
+                 lambda: modeling.load_base("some-org/some-model", ModelSpec(name="some-org/some-model"),
+                                            torch.device("cpu"), torch.float32)):
+        started = time.perf_counter()
+        with pytest.raises(UserError, match="some-org/some-model is not in the local Hugging Face cache") as error:
+            load()
+        assert time.perf_counter() - started < 5 and "hf download some-org/some-model" in str(error.value)
+    assert probes == [5.0, 5.0]
+
+
+def test_a_cached_hub_model_loads_without_asking_the_hub(monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.utils
+    import transformers
+    from huggingface_hub import constants
+
+    from grpo_cli import modeling
+
+    class Session:
+        def head(self, url, timeout=None):
+            raise AssertionError("the hub was probed for a cached model")
+
+    loaded = []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", Session)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda name, **kwargs: loaded.append(name) or modeling.builtin_model.build_tokenizer())
+    modeling.load_tokenizer("some-org/some-model")
+    assert loaded == ["some-org/some-model"]
