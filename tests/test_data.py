@@ -3,6 +3,7 @@ import json
 import pytest
 
 from conftest import TEST_DATA
+from grpo_cli import builtin_task
 from grpo_cli.answers import is_equivalent
 from grpo_cli.builtin_model import build_tokenizer
 from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows
@@ -16,8 +17,12 @@ def tokenizer():
 
 
 def test_builtin_rows():
+    # the held-out problems, in order, under the fields a recipe's defaults read (and kind, for rules
+    # that ask for it)
     rows = load_rows("builtin:arithmetic-test")
-    assert len(rows) == 200 and set(rows[0]) == {"question", "answer", "kind"}
+    spec = DataSpec()
+    assert [(r[spec.prompt_field], r[spec.answer_field], r["kind"]) for r in rows] == \
+        [(p.question, p.answer, p.kind) for p in builtin_task.test_split()]
 
 
 def test_unknown_builtin_set_is_explained():

@@ -39,8 +39,21 @@ def test_scaling_prints_one_row_per_doubling():
     proc = run_script("scripts/scaling.py", "--prompts", "1", "--group-size", "2", "--max-new-tokens", "4",
                       "--prompt-tokens", "4", "--steps", "1")
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert [r.split("|")[1].strip() for r in rows] == ["base", "G x2", "G x4", "length x2", "length x4", "model x2"]
+    cells = [[c.strip() for c in r.split("|")[1:5]] for r in rows]  # run, shape, G, new tokens
+    (label, shape, g, c), others = cells[0], cells[1:]
+    assert label == "base" and (g, c) == ("2", "4")  # as asked
     assert rows[0].split("|")[6].strip() == "1.00"  # the base row against itself
+    # each other row doubles one dimension of the base (once or twice over) and keeps the others
+    doubled = {}
+    for label, row_shape, row_g, row_c in others:
+        dimension, times = label.rsplit(" x", 1)
+        doubled.setdefault(dimension, []).append(int(times))
+        expected = {"G": (shape, int(g) * int(times), int(c)), "length": (shape, int(g), int(c) * int(times))}
+        if dimension == "model":
+            assert row_shape != shape and (int(row_g), int(row_c)) == (int(g), int(c)), label
+        else:
+            assert (row_shape, int(row_g), int(row_c)) == expected[dimension], label
+    assert doubled["G"] == doubled["length"] == [2, 4] and doubled["model"] == [2]
 
 
 def test_head_memory_prints_one_row_per_case():
