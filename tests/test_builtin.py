@@ -1,5 +1,6 @@
 import random
 
+import pytest
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, standard_transformations
 
@@ -59,14 +60,16 @@ def test_tokenizer_is_character_level_and_round_trips():
     assert tokenizer.decode(ids) == text
 
 
-def test_cached_model_loads_through_from_pretrained(tiny_model_path):
+def test_cached_model_loads_through_from_pretrained(tiny_model_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     assert model.config.vocab_size == len(tokenizer)
     assert (tiny_model_path / "builtin.json").exists()
-    assert builtin_model.ensure() == tiny_model_path  # a second call reuses the cache
+    # a second call reuses the cache: it builds nothing
+    monkeypatch.setattr(builtin_model, "build", lambda *args, **kwargs: pytest.fail("built the cached model again"))
+    assert builtin_model.ensure() == tiny_model_path
 
 
 def test_warm_start_reports_every_step():

@@ -91,13 +91,24 @@ def test_architectures_it_does_not_know_use_transformers_forward():
     assert not decoder.supports(random_model(GPT2Config(vocab_size=50, n_embd=64, n_layer=2, n_head=4)))
 
 
-def test_sampling_draws_the_same_tokens_either_way(tiny_model_path):
+def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, monkeypatch):
+    made = []
+
+    class Counted(decoder.LeanDecoder):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "LeanDecoder", Counted)
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
     prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 38?"]
-    out = {}
+    out, decoders = {}, {}
     for lean in (True, False):
         torch.manual_seed(7)
+        made.clear()
         out[lean] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=6, lean=lean)
+        decoders[lean] = len(made)
+    assert decoders == {True: 1, False: 0}  # the two ways are two: the lean decoder, then transformers' forward
     assert torch.equal(out[True].input_ids, out[False].input_ids)
     assert len(set(out[True].lengths.tolist())) > 1  # rows ended at different steps: rows were dropped
 

@@ -104,13 +104,27 @@ def test_gradients_do_not_depend_on_the_chunk(policy, rollout):
 
 def test_models_that_postprocess_logits_take_the_full_forward(policy, rollout):
     config = policy.model.get_base_model().config
-    with torch.no_grad():
-        fast = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-        config.final_logit_softcapping = 30.0  # Llama ignores it, so both paths must agree
-        try:
-            slow = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
-        finally:
-            config.final_logit_softcapping = None
+    head_inputs = {}  # per path, the shape of what the output head was called on
+    head = policy.model.get_base_model().get_output_embeddings()
+    calls = []
+    handle = head.register_forward_hook(lambda module, args, out: calls.append(tuple(args[0].shape)))
+    try:
+        with torch.no_grad():
+            fast = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            head_inputs["fast"], calls[:] = list(calls), []
+            config.final_logit_softcapping = 30.0  # Llama ignores it, so both paths must agree
+            try:
+                slow = completion_logprobs(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len)
+            finally:
+                config.final_logit_softcapping = None
+            head_inputs["slow"] = list(calls)
+    finally:
+        handle.remove()
+    n, c = rollout.completion_ids.shape
+    # the plain path feeds the head chunks of completion states; the other runs the model's own
+    # forward, its head over every completion position at once (and the prompt's last)
+    assert head_inputs["fast"] and all(len(shape) == 2 for shape in head_inputs["fast"])
+    assert head_inputs["slow"] == [(n, c + 1, head.in_features)]
     mask = rollout.completion_mask.bool()
     assert torch.allclose(fast[mask], slow[mask], atol=1e-5)
 
