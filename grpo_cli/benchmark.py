@@ -28,7 +28,7 @@ from grpo_cli.scoring import Scorer, refuse_inside_a_starting_worker
 BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class NamedSet:
     hub: HubDataset
     prompt_field: str
@@ -37,12 +37,14 @@ class NamedSet:
 
 
 NAMED_SETS = {
-    "gsm8k": NamedSet(HubDataset(name="openai/gsm8k", config="main", split="test"), "question", 512, 1319),
-    "math500": NamedSet(HubDataset(name="HuggingFaceH4/MATH-500", split="test"), "problem", 1024, 500),
+    "gsm8k": NamedSet(hub=HubDataset(name="openai/gsm8k", config="main", split="test"), prompt_field="question",
+                      max_new_tokens=512, size=1319),
+    "math500": NamedSet(hub=HubDataset(name="HuggingFaceH4/MATH-500", split="test"), prompt_field="problem",
+                        max_new_tokens=1024, size=500),
 }
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class EvalOptions:
     model: str | None = None  # run dir, checkpoint, model dir, hub id, builtin:...
     data: str | None = None  # gsm8k, math500, builtin:..., a file, a hub dataset; None = the run's eval set

@@ -23,7 +23,7 @@ TEST_SEED = 4321
 KIND_WEIGHTS = {"add": 0.6, "mul": 0.3, "quadratic": 0.1}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Problem:
     question: str
     answer: str  # gold answer: "71", or "2, 3" for a quadratic's roots (ascending)
@@ -44,7 +44,8 @@ def addition(rng: random.Random) -> Problem:
     carry_term = "+1" if carry else ""
     steps = f"{a % 10}+{b % 10}={low}, {a // 10}+{b // 10}{carry_term}={high}."
     answer = str(a + b)
-    return Problem(f"What is {a} + {b}?", answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "add")
+    return Problem(question=f"What is {a} + {b}?", answer=answer, worked=f" {steps} {_final(answer)}",
+                   bare=f" {_final(answer)}", kind="add")
 
 
 def multiplication(rng: random.Random) -> Problem:
@@ -57,7 +58,8 @@ def multiplication(rng: random.Random) -> Problem:
     answer = str(a * b)
     # Both orders are asked; the steps always multiply the one-digit factor in.
     question = f"What is {a} * {b}?" if rng.random() < 0.5 else f"What is {b} * {a}?"
-    return Problem(question, answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "mul")
+    return Problem(question=question, answer=answer, worked=f" {steps} {_final(answer)}", bare=f" {_final(answer)}",
+                   kind="mul")
 
 
 def _signed_term(coef: int, var: str) -> str:
@@ -82,7 +84,8 @@ def quadratic(rng: random.Random) -> Problem:
     equation = f"x^2{_signed_term(b, 'x')}{_signed_term(c, '')} = 0"
     answer = f"{r1}, {r2}"
     steps = f"{_factor(r1)}{_factor(r2)}=0, x={r1} or x={r2}."
-    return Problem(f"Solve {equation}.", answer, f" {steps} {_final(answer)}", f" {_final(answer)}", "quadratic")
+    return Problem(question=f"Solve {equation}.", answer=answer, worked=f" {steps} {_final(answer)}",
+                   bare=f" {_final(answer)}", kind="quadratic")
 
 
 MAKERS = {"add": addition, "mul": multiplication, "quadratic": quadratic}

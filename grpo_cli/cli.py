@@ -94,8 +94,10 @@ def _fail(error: UserError) -> None:
 
 @app.command(cls=PlainCommand)
 def train(
-    recipe: Path = typer.Argument(..., help="The YAML recipe, e.g. recipes/quickstart.yaml, or a shipped recipe's name."),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value: --set grpo.kl_beta=0.02 (repeatable)."),
+    recipe: Path = typer.Argument(...,
+                                  help="The YAML recipe, e.g. recipes/quickstart.yaml, or a shipped recipe's name."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="Override a recipe value: --set grpo.kl_beta=0.02 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and the final summary."),
 ) -> None:
@@ -136,23 +138,33 @@ def train(
 
 @app.command("eval", cls=PlainCommand)
 def eval_command(
-    model: str = typer.Option(None, "--model", "-m", metavar="MODEL", help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
-    data: str = typer.Option(None, "--data", "-d", metavar="DATA", help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
-    data_file: str = typer.Option(None, "--data-file", metavar="FILE", help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
-    predictions: str = typer.Option(None, "--predictions", metavar="FILE", help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
-    samples: int = typer.Option(1, "--samples", "-k", metavar="K", help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
+    model: str = typer.Option(None, "--model", "-m", metavar="MODEL",
+                              help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
+    data: str = typer.Option(None, "--data", "-d", metavar="DATA",
+                             help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
+    data_file: str = typer.Option(None, "--data-file", metavar="FILE",
+                                  help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
+    predictions: str = typer.Option(None, "--predictions", metavar="FILE",
+                                    help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
+    samples: int = typer.Option(1, "--samples", "-k", metavar="K",
+                                help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
     limit: int = typer.Option(None, "--limit", metavar="N", help="Only the first N problems."),
-    output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Write results (figures, settings, one record per row) as JSON."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", metavar="N", help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
+    output: Path = typer.Option(None, "--output", "-o", metavar="FILE",
+                                help="Write results (figures, settings, one record per row) as JSON."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", metavar="N",
+                                       help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
     temperature: float = typer.Option(0.6, metavar="T", help="Sampling temperature when --samples > 1."),
     top_p: float = typer.Option(0.95, "--top-p", metavar="P", help="Nucleus sampling when --samples > 1."),
     batch_size: int = typer.Option(32, "--batch-size", metavar="N", help="Prompts per generation batch."),
     seed: int = typer.Option(0, metavar="N", help="Seed for sampling."),
-    template: str = typer.Option(None, metavar="TEMPLATE", help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
+    template: str = typer.Option(None, metavar="TEMPLATE",
+                                 help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
     system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="System message for chat prompts."),
-    chat: bool = typer.Option(None, "--chat/--no-chat", help="Use the tokenizer's chat template (default: when it has one)."),
+    chat: bool = typer.Option(None, "--chat/--no-chat",
+                              help="Use the tokenizer's chat template (default: when it has one)."),
     device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda."),
-    dtype: str = typer.Option(None, metavar="DTYPE", help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
+    dtype: str = typer.Option(None, metavar="DTYPE",
+                              help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
 ) -> None:
     """Measure accuracy on a math set, or grade given completions.
 
@@ -169,8 +181,10 @@ def eval_command(
     from grpo_cli.run_log import write_whole
 
     console = Console()
-    options = EvalOptions(model, data, data_file, predictions, samples, limit, max_new_tokens, temperature, top_p,
-                          batch_size, seed, template, system_prompt, chat, device, dtype)
+    options = EvalOptions(model=model, data=data, data_file=data_file, predictions=predictions, samples=samples,
+                          limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                          batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
+                          device=device, dtype=dtype)
     try:
         with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,
@@ -190,9 +204,12 @@ def eval_command(
 
 @app.command(cls=PlainCommand)
 def score(
-    recipe: Path = typer.Argument(..., help="The recipe whose reward rules and weights to use (a file or a shipped recipe's name)."),
-    completions: Path = typer.Argument(..., help=".jsonl/.json/.csv/.parquet rows: the prompt field (or 'prompt'), the answer field (or 'answer'), and 'completion' or 'completions'."),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
+    recipe: Path = typer.Argument(...,
+                                  help="The recipe whose reward rules and weights to use (a file or a shipped recipe's name)."),
+    completions: Path = typer.Argument(...,
+                                       help=".jsonl/.json/.csv/.parquet rows: the prompt field (or 'prompt'), the answer field (or 'answer'), and 'completion' or 'completions'."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                   help="Override a recipe value, e.g. --set rewards.1.weight=0.5."),
     output: Path = typer.Option(None, "--output", "-o", metavar="FILE", help="Also write the scores as JSON."),
 ) -> None:
     """Score completions with the recipe's reward rules, grouped per prompt, as training would.
@@ -229,9 +246,12 @@ def score(
 def export(
     source: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory to write the model to."),
-    dtype: str = typer.Option(None, metavar="DTYPE", help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
-    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the LoRA adapter, in the standard PEFT layout."),
-    force: bool = typer.Option(False, "--force", help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
+    dtype: str = typer.Option(None, metavar="DTYPE",
+                              help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only",
+                                      help="Write only the LoRA adapter, in the standard PEFT layout."),
+    force: bool = typer.Option(False, "--force",
+                               help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
 ) -> None:
     """Merge the trained adapters into the base and save a model plain transformers loads; verified after writing.
 
@@ -257,7 +277,8 @@ def export(
 @app.command(cls=PlainCommand)
 def plot(
     runs: list[Path] = typer.Argument(..., help="One or more run directories (finished or in progress)."),
-    out: Path = typer.Option(None, "--out", "-o", metavar="PNG", help="PNG to write; default: plot.png in the (first) run directory."),
+    out: Path = typer.Option(None, "--out", "-o", metavar="PNG",
+                             help="PNG to write; default: plot.png in the (first) run directory."),
 ) -> None:
     """Draw reward per rule, accuracy (train and held-out), KL, length, step time and diversity over steps.
 

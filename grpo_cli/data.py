@@ -42,7 +42,7 @@ UNREADABLE_SHARE = 0.5
 UNREADABLE = "a prompt mostly outside the tokenizer's vocabulary"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Example:
     prompt: str  # rendered text, ready to tokenize
     answer: str  # gold answer, bare ("42", "2, 3")
@@ -51,7 +51,7 @@ class Example:
     place: str = field(default="", compare=False)  # where the row stands in its file: "line 7", "row 7"
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Examples:
     items: list[Example]
     name: str
@@ -304,9 +304,10 @@ def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str,
             continue
         prompt = render_prompt(row, spec, tokenizer)
         opened = _OPENED_TAG.search(prompt) if spec.chat else None
-        items.append(Example(prompt, gold_answer(row[spec.answer_field]), opened.group(0).lstrip() if opened else "",
-                             row, place(places, index)))
-    examples = Examples(items, name, len(rows) - len(items), skips)
+        items.append(Example(prompt=prompt, answer=gold_answer(row[spec.answer_field]),
+                             prefill=opened.group(0).lstrip() if opened else "",
+                             row=row, place=place(places, index)))
+    examples = Examples(items=items, name=name, skipped=len(rows) - len(items), skips=skips)
     if not items:
         raise UserError(f"dataset {name}: none of its {len(rows)} rows can be used ({examples.skip_note()}); "
                         f"the answer is read from {spec.answer_field!r}, the prompt from {', '.join(map(repr, fields))}.")
@@ -334,7 +335,8 @@ def readable(examples: Examples, spec: DataSpec, tokenizer) -> Examples:
                         "tokenizer covers the data's language and characters, or check the file's encoding.")
     kept = [e for e, bad in zip(examples.items, unreadable) if not bad]
     skipped = [e.place for e, bad in zip(examples.items, unreadable) if bad]
-    return Examples(kept, examples.name, examples.skipped + len(skipped), {**examples.skips, UNREADABLE: skipped})
+    return Examples(items=kept, name=examples.name, skipped=examples.skipped + len(skipped),
+                    skips={**examples.skips, UNREADABLE: skipped})
 
 
 def load_examples(ref: DatasetRef, spec: DataSpec, tokenizer, base_dir: Path | None = None) -> Examples:

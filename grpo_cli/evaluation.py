@@ -23,7 +23,7 @@ from grpo_cli.scoring import Scorer
 GROUP_FIELDS = ("subject", "level", "kind", "model")  # per-value breakdowns when the rows carry these
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class EvalItem:
     gold: str
     completions: list[str]  # k of them (1 when greedy)
@@ -133,8 +133,10 @@ def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields
     for gold, group, prefill, row in zip(golds, completions, prefills, fields):
         span = slice(at, at + len(group))
         at += len(group)
-        items.append(EvalItem(gold, list(group), [extract_final_answer(prefill + c) for c in group],
-                              [bool(v) for v in values[span]], row, timed_out=[bool(t) for t in late[span]]))
+        items.append(EvalItem(gold=gold, completions=list(group),
+                              extracted=[extract_final_answer(prefill + c) for c in group],
+                              correct=[bool(v) for v in values[span]], fields=row,
+                              timed_out=[bool(t) for t in late[span]]))
     if any(len(g) > 1 for g in completions):
         items = _vote(items, scorer)
     return items

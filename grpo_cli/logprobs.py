@@ -132,7 +132,7 @@ def can_share_prompts(model) -> bool:
     return not checkpointing and not uses_logit_postprocessing(model)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PromptStates:
     """Prompts run once: what their completions continue from."""
 
@@ -151,8 +151,8 @@ def prompt_states(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) ->
                                       position_ids=position_ids(prompt_mask), use_cache=True,
                                       **{cache_argument(model): new_cache(model)})
     cache = returned_cache(out)
-    return PromptStates([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
-                        out.last_hidden_state[:, -1], prompt_mask)
+    return PromptStates(keys=[layer.keys for layer in cache.layers], values=[layer.values for layer in cache.layers],
+                        last=out.last_hidden_state[:, -1], mask=prompt_mask)
 
 
 def step_prompts(model, rollout) -> PromptStates:
@@ -166,8 +166,8 @@ def as_leaves(states: PromptStates) -> PromptStates:
     """The same values cut from the prompt pass's graph, each gathering the gradient the
     micro-batches send it (see `backward_into_prompts`)."""
     leaf = lambda t: t.detach().requires_grad_(t.requires_grad)  # noqa: E731
-    return PromptStates([leaf(k) for k in states.keys], [leaf(v) for v in states.values], leaf(states.last),
-                        states.mask)
+    return PromptStates(keys=[leaf(k) for k in states.keys], values=[leaf(v) for v in states.values],
+                        last=leaf(states.last), mask=states.mask)
 
 
 def backward_into_prompts(states: PromptStates, leaves: PromptStates) -> None:

@@ -34,7 +34,7 @@ from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_laye
 COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this fraction of it has ended
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Rollout:
     input_ids: torch.Tensor  # [N, P+C] prompt left-padded to P, then the completion
     attention_mask: torch.Tensor  # [N, P+C] 0 on padding on either side
@@ -265,9 +265,10 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     """The rows of the given groups (each group_size consecutive rows), in that order."""
     rows = torch.tensor([g * rollout.group_size + j for g in groups for j in range(rollout.group_size)],
                         dtype=torch.long, device=rollout.input_ids.device)
-    return Rollout(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.completion_mask[rows],
-                   rollout.prompt_len, [rollout.texts[i] for i in rows.tolist()], rollout.truncated[rows],
-                   rollout.group_size)
+    return Rollout(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
+                   completion_mask=rollout.completion_mask[rows], prompt_len=rollout.prompt_len,
+                   texts=[rollout.texts[i] for i in rows.tolist()], truncated=rollout.truncated[rows],
+                   group_size=rollout.group_size)
 
 
 def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
@@ -287,6 +288,7 @@ def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
         ids.append(pad(r.input_ids, left, right, pad_id))
         masks.append(pad(r.attention_mask, left, right, 0))
         completion_masks.append(pad(r.completion_mask, 0, right, 0))
-    return Rollout(torch.cat(ids), torch.cat(masks), torch.cat(completion_masks), p,
-                   [t for r in rollouts for t in r.texts], torch.cat([r.truncated for r in rollouts]),
-                   rollouts[0].group_size)
+    return Rollout(input_ids=torch.cat(ids), attention_mask=torch.cat(masks),
+                   completion_mask=torch.cat(completion_masks), prompt_len=p,
+                   texts=[t for r in rollouts for t in r.texts], truncated=torch.cat([r.truncated for r in rollouts]),
+                   group_size=rollouts[0].group_size)

@@ -64,7 +64,7 @@ SETTLED_IN_PROCESS: dict[Rule, Callable[[str, str], float | None]] = {
     correctness: _settled_correctness, equivalence: _settled_equivalence}
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class Scores:
     values: np.ndarray  # [N, R] one column per rule, in the order asked; NaN where a custom rule skipped
     rules: tuple[str, ...]
@@ -267,7 +267,7 @@ class Scorer:
             else:
                 settled[item] = (value, OK, "")
         jobs = self._submit([pooled[i : i + CHUNK] for i in range(0, len(pooled), CHUNK)], used) if pooled else []
-        return Pending(self, jobs, used, rules, keys, settled)
+        return Pending(scorer=self, jobs=jobs, used=used, rules=rules, keys=keys, settled=settled)
 
     def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
               contexts: list[dict] | None = None) -> Scores:
@@ -275,7 +275,7 @@ class Scorer:
         return self.submit(rules, completions, answers, contexts).result()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Pending:
     """Scoring under way in the pool."""
 
@@ -293,4 +293,5 @@ class Pending:
         status = np.array([[results[item][1] for item in row] for row in self.keys], dtype=np.int8).reshape(shape)
         statuses = [code for _, code, _ in results.values()]  # each distinct call once
         messages = tuple(dict.fromkeys(m for _, _, m in results.values() if m))[:3]
-        return Scores(values, self.rules, statuses.count(TIMEOUT), statuses.count(ERROR), messages, status)
+        return Scores(values=values, rules=self.rules, timeouts=statuses.count(TIMEOUT), errors=statuses.count(ERROR),
+                      messages=messages, status=status)

@@ -47,7 +47,7 @@ from grpo_cli.update import UpdateBatch, UpdateStats, apply_optimizer_settings, 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
 
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True, frozen=True)
 class RunSummary:
     run_dir: Path
     step: int
@@ -294,8 +294,9 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
             run.log.close()
 
     evals = [r["eval/accuracy"] for r in read_jsonl(run.run_dir / METRICS) if "eval/accuracy" in r]
-    return RunSummary(run.run_dir, run.step, run.last_saved, evals[0] if evals else None,
-                      evals[-1] if evals else None, time.perf_counter() - run.started)
+    return RunSummary(run_dir=run.run_dir, step=run.step, checkpoint=run.last_saved,
+                      eval_first=evals[0] if evals else None, eval_last=evals[-1] if evals else None,
+                      seconds=time.perf_counter() - run.started)
 
 
 def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,

@@ -34,8 +34,9 @@ def rollout_of(prompts: list[list[int]], completions: list[list[int]], group_siz
         mask.append([0] * (p - len(prompt)) + [1] * len(prompt) + [1] * len(completion) + [0] * (c - len(completion)))
         cmask.append([1] * len(completion) + [0] * (c - len(completion)))
     n = len(completions)
-    return Rollout(torch.tensor(ids), torch.tensor(mask), torch.tensor(cmask), p, [""] * n,
-                   torch.zeros(n, dtype=torch.bool), group_size)
+    return Rollout(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), completion_mask=torch.tensor(cmask),
+                   prompt_len=p, texts=[""] * n,
+                   truncated=torch.zeros(n, dtype=torch.bool), group_size=group_size)
 
 
 def test_split_trims_each_batch_and_maps_prompts():
