@@ -95,9 +95,24 @@ def test_a_used_run_directory_is_refused_without_resume(tmp_path, tiny_model_pat
         run(tmp_path)
 
 
-def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path):
+def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path, monkeypatch):
+    from grpo_cli import train as train_module
+
+    sizes = []  # per step, the rows of each micro-batch
+    split = train_module.split
+
+    def recorded(*args):
+        batches = split(*args)
+        sizes.append([len(b.rows) for b in batches])
+        return batches
+
+    monkeypatch.setattr(train_module, "split", recorded)
     run(tmp_path, "whole", grpo={"micro_batch_size": None})
+    whole_sizes, sizes[:] = list(sizes), []
     run(tmp_path, "micro", grpo={"micro_batch_size": 2})
+    # the step's 8 completions either way: split by length only, or also at most 2 a micro-batch
+    assert len(whole_sizes) == len(sizes) == 3 and all(sum(s) == 8 for s in whole_sizes + sizes)
+    assert all(len(s) >= 4 and max(s) <= 2 for s in sizes) and any(max(s) > 2 for s in whole_sizes)
     whole, micro = metrics(tmp_path / "whole"), metrics(tmp_path / "micro")
     assert [r["step"] for r in whole] == [r["step"] for r in micro]
     for a, b in zip(whole, micro):
@@ -106,19 +121,32 @@ def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
 
 
-def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_path):
+def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_path, monkeypatch):
     sections = {"model": {"name": "builtin:tiny-math", "dtype": "float32", "lora": None},
                 "grpo": {"updates_per_rollout": 2, "micro_batch_size": 4},
                 "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 0, "seed": 0}}
+    from grpo_cli import train as train_module
+
+    applied = []  # optimizer steps taken, per training step
+    update_policy = train_module.update_policy
+
+    def recorded(*args):
+        stats = update_policy(*args)
+        applied.append(stats.applied)
+        return stats
+
+    monkeypatch.setattr(train_module, "update_policy", recorded)
     run(tmp_path, **sections)
+    assert applied == [2, 2]
     ckpt = tmp_path / "run" / "checkpoints" / "step-2"
     assert (ckpt / "model.safetensors").exists() and (ckpt / "config.json").exists()
     rows = [r for r in metrics(tmp_path / "run") if "reward_mean" in r]
     assert all(0 <= r["clip_frac"] <= 1 for r in rows)
-    # the second update sees a moved policy: some ratios leave 1, so the KL to the reference is positive
-    assert rows[-1]["kl"] > 0
+    # within step 1 the second update sees a moved policy: some ratios leave 1, and the KL to the
+    # reference (the policy as loaded) is positive; with one update per rollout it would be 0
+    assert rows[0]["kl"] > 1e-6, rows[0]["kl"]
     summary = run(tmp_path, resume=True, **{**sections, "train": {**sections["train"], "steps": 3}})
-    assert summary.step == 3
+    assert summary.step == 3 and applied == [2, 2, 2]
 
 
 def count_reference_passes(monkeypatch) -> list[bool]:
