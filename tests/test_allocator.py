@@ -4,8 +4,6 @@ import sys
 
 import pytest
 
-from grpo_cli import allocator
-
 
 def glibc():
     try:
