@@ -1,4 +1,4 @@
-"""A lean forward pass for sampling from Llama-family decoders (llama, mistral, qwen2).
+"""A lean forward pass for sampling from Llama-family decoders (llama, mistral, qwen2, qwen3).
 
 transformers' forward is written for every model and every cache: each decode step it
 rebuilds the attention mask, routes the keys and values through cache objects that grow by
@@ -15,7 +15,9 @@ whose decoder layer it knows:
   each become one matmul over W + s*B@A, built once per rollout (the memory the fold
   costs anyway); otherwise every projection is the model's own module (LoRA, 4-bit);
 - norms, the rotary embedding, the activation and the head are the model's own modules (the
-  rotary cos/sin tabulated once per rollout unless its frequencies depend on the length).
+  rotary cos/sin tabulated once per rollout unless its frequencies depend on the length);
+  qwen3's per-head RMSNorms on the queries and keys (`q_norm`, `k_norm`) run where its own
+  attention runs them: on each head's vector, before the rotary embedding.
 
 Sampling draws the same tokens as through transformers' forward (tested); the rollout
 falls back to that forward for anything `supports` refuses.
@@ -40,7 +42,9 @@ import torch.nn.functional as F
 
 from grpo_cli.model_calls import causal_lm, position_ids, uses_logit_postprocessing
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")  # same decoder layer: pre-norm, rotary GQA attention, gated MLP
+# Same decoder layer: pre-norm, rotary GQA attention, gated MLP; qwen3 adds the q/k norms (QK_NORMED).
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+QK_NORMED = ("qwen3",)  # attention normalizes each query and key head before the rotary embedding
 DYNAMIC_ROPE = ("dynamic", "longrope")  # rotary frequencies that change with the sequence's length
 
 
@@ -53,14 +57,19 @@ def supports(model) -> bool:
     if getattr(config, "pretraining_tp", 1) != 1:  # llama's sliced matmuls
         return False
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):  # keys outside a window are dropped
+    # keys outside a window are dropped; qwen2/qwen3 configs clear sliding_window unless use_sliding_window
+    if window and getattr(config, "use_sliding_window", True):
         return False
     inner = getattr(lm, "model", None)
     layers = getattr(inner, "layers", None)
     if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "norm"):
         return False
     needed = ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
-    return all(all(hasattr(layer, name) for name in needed) for layer in layers)
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if config.model_type in QK_NORMED:  # without them _Layer would skip the norms, not fail
+        attention += ("q_norm", "k_norm")
+    return all(all(hasattr(layer, name) for name in needed)
+               and all(hasattr(layer.self_attn, name) for name in attention) for layer in layers)
 
 
 def _folded(module, foldable: set) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -94,6 +103,7 @@ class _Layer:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)  # qwen3's, else None
         self.qkv = _fused([attn.q_proj, attn.k_proj, attn.v_proj], foldable)
         self.o = _folded(attn.o_proj, foldable)
         self.gate_up = _fused([mlp.gate_proj, mlp.up_proj], foldable)
@@ -119,8 +129,11 @@ class _Layer:
         residual = x
         x = self.layer.input_layernorm(x)
         q, k, v = self._project(x)
-        q = q.view(n, t, self.heads, self.head_dim).transpose(1, 2)  # [n, heads, T, d]
-        k = k.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [n, kv_heads, T, d]
+        q = q.view(n, t, self.heads, self.head_dim)  # [n, T, heads, d]
+        k = k.view(n, t, self.kv_heads, self.head_dim)  # [n, T, kv_heads, d]
+        if self.q_norm is not None:  # over each head's d values, before the rotation (as qwen3's attention)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [n, heads, T, d], [n, kv_heads, T, d]
         v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
         if slot is None:

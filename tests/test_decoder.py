@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import trained_lora_policy
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from grpo_cli import decoder
 from grpo_cli.model_calls import position_ids
@@ -11,6 +11,10 @@ from grpo_cli.rollout import foldable_lora_layers, generate
 
 SHAPE = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
+# Qwen3's head_dim comes from its config, not hidden_size / heads (Qwen3-0.6B: 128, not 1024 / 16).
+QWEN3 = dict(SHAPE, head_dim=24)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}  # Llama 3.1-3.3's rotary scaling
 
 
 def random_model(config):
@@ -49,7 +53,10 @@ def check_against_forward(model, foldable=(), mode="eager"):
     Qwen2Config(**SHAPE),  # q/k/v with biases
     MistralConfig(**SHAPE, sliding_window=None),
     LlamaConfig(**{**SHAPE, "num_key_value_heads": 4}),  # no grouped queries
-], ids=["llama", "qwen2", "mistral", "llama-mha"])
+    LlamaConfig(**SHAPE, rope_parameters=LLAMA3_ROPE),
+    Qwen3Config(**QWEN3),  # per-head q/k RMSNorms before the rotary embedding
+    Qwen3Config(**QWEN3, attention_bias=True),
+], ids=["llama", "qwen2", "mistral", "llama-mha", "llama3-rope", "qwen3", "qwen3-bias"])
 @pytest.mark.parametrize("mode", ["eager", "static"])
 def test_same_logits_as_the_model_s_forward(config, mode):
     model = random_model(config)
@@ -84,11 +91,46 @@ def test_unfolded_projections_run_through_their_modules(tiny_model_path, spec):
     check_against_forward(policy.model, layers, mode="static")
 
 
+def random_lora_model(config):
+    """A random model with LoRA on every linear layer (r 8, alpha 16), its adapters not zero."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(random_model(config), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
+@pytest.mark.parametrize("mode", ["eager", "static"])
+def test_qwen3_with_lora_same_logits_as_the_adapters(fold, mode):
+    model = random_lora_model(Qwen3Config(**QWEN3))
+    assert decoder.supports(model)
+    layers = foldable_lora_layers(model) if fold else []
+    lean = decoder.LeanDecoder(model, 20, layers)
+    assert all((layer.qkv is not None and layer.gate_up is not None) == fold for layer in lean.layers)
+    assert all(layer.q_norm is not None and layer.k_norm is not None for layer in lean.layers)
+    check_against_forward(model, layers, mode)
+
+
 def test_architectures_it_does_not_know_use_transformers_forward():
     assert not decoder.supports(random_model(MistralConfig(**SHAPE, sliding_window=4)))  # keys drop out of a window
     from transformers import GPT2Config
 
     assert not decoder.supports(random_model(GPT2Config(vocab_size=50, n_embd=64, n_layer=2, n_head=4)))
+    # a window on the layers from max_window_layers on: per-layer sliding attention
+    windowed = Qwen3Config(**QWEN3, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert windowed.layer_types == ["full_attention", "sliding_attention"]
+    assert not decoder.supports(random_model(windowed))
+
+
+def test_qwen3_without_its_q_k_norms_is_refused():
+    model = random_model(Qwen3Config(**QWEN3))
+    del model.model.layers[1].self_attn.q_norm  # not the attention the lean decoder knows for qwen3
+    assert not decoder.supports(model)
 
 
 def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, monkeypatch):
@@ -178,12 +220,13 @@ class Recording:
         return recording, recording.out
 
 
-def test_graph_mode_replays_the_recorded_step_on_its_inputs(monkeypatch):
+@pytest.mark.parametrize("config", [Qwen2Config(**SHAPE), Qwen3Config(**QWEN3)], ids=["qwen2", "qwen3"])
+def test_graph_mode_replays_the_recorded_step_on_its_inputs(monkeypatch, config):
     # The capture itself needs CUDA; this checks what the decoder does around it: inputs written in
     # place before each replay, one output tensor, a new recording after rows are dropped.
     monkeypatch.setattr(decoder.LeanDecoder, "record", staticmethod(Recording.record))
     Recording.made = 0
-    model = random_model(Qwen2Config(**SHAPE))
+    model = random_model(config)
     prompts, mask = torch.randint(3, 50, (3, 6)), torch.ones(3, 6, dtype=torch.long)
     mask[1, :2] = 0
     steps, outputs = {}, []
@@ -230,8 +273,9 @@ def test_a_step_that_cannot_be_recorded_decodes_without_a_graph(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_cuda_graph_decoding_draws_the_same_tokens_as_eager():
-    model = random_model(Qwen2Config(**SHAPE)).cuda()
+@pytest.mark.parametrize("config", [Qwen2Config(**SHAPE), Qwen3Config(**QWEN3)], ids=["qwen2", "qwen3"])
+def test_cuda_graph_decoding_draws_the_same_tokens_as_eager(config):
+    model = random_model(config).cuda()
     prompts, mask = torch.randint(3, 50, (3, 6), device="cuda"), torch.ones(3, 6, dtype=torch.long, device="cuda")
     logits = {}
     for mode in ("eager", "graph"):
