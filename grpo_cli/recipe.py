@@ -118,7 +118,7 @@ class GrpoSpec(Section):
     )
     cuda_graphs: bool = Field(
         True, description="fast engine on a GPU: each decode step recorded once as a CUDA graph and replayed "
-        "(llama, mistral, qwen2); false = every kernel launched from Python. No effect on CPU"
+        "(llama, mistral, qwen2, qwen3); false = every kernel launched from Python. No effect on CPU"
     )
     loss: LossName = Field(
         "grpo", description=" ".join(f"{name}: {inspect.getdoc(fn).splitlines()[0]}" for name, fn in LOSSES.items())
