@@ -155,6 +155,29 @@ def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, monkeypatch)
     assert len(set(out[True].lengths.tolist())) > 1  # rows ended at different steps: rows were dropped
 
 
+def test_qwen3_samples_the_same_tokens_either_way(tiny_model_path, monkeypatch):
+    """End to end through `generate`: a random Qwen3 with the builtin tokenizer (101 tokens, pad 0, EOS 1)."""
+    from transformers import AutoTokenizer
+
+    made = []
+
+    class Counted(decoder.LeanDecoder):
+        def __init__(self, *args, **kwargs):
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "LeanDecoder", Counted)
+    model = random_lora_model(Qwen3Config(**{**QWEN3, "vocab_size": 101}, pad_token_id=0, eos_token_id=1))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    out = {}
+    for lean in (True, False):
+        torch.manual_seed(7)
+        out[lean] = generate(model, tokenizer, ["What is 2 + 3?", "What is 7 * 38?"], 12, samples_per_prompt=4,
+                             lean=lean)
+    assert len(made) == 1  # the lean decoder ran once, in the first run
+    assert torch.equal(out[True].input_ids, out[False].input_ids)
+
+
 def test_static_step_reads_only_valid_slots():
     """The static step attends over the whole cache: what the unwritten slots hold must not count,
     and they start as zeros (uninitialized memory may hold NaN, and 0 x NaN survives a mask)."""
