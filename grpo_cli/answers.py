@@ -151,14 +151,26 @@ def _unmarked(text: str) -> Final | None:
     return None
 
 
-def _answer_part(text: str) -> str:
-    """The part of the text that can hold the final answer, blanked elsewhere so indices stay: up to
-    the first end-of-turn token that follows some content of its own, and after the thinking when
-    the text thinks ("<think> ... </think>"). Thinking that never closed gave no answer: all blank."""
+def _own_turn(text: str) -> str:
+    """The text up to the first end-of-turn token that follows some content of its own."""
     for token in _END_OF_TURN.finditer(text):
         if text[: token.start()].strip():
-            text = text[: token.start()]
-            break
+            return text[: token.start()]
+    return text
+
+
+def think_tags(text: str) -> tuple[list[re.Match], list[re.Match]]:
+    """The tags that open thinking ("<think>") and those that close it ("</think>") in the model's own
+    turn, in order of position."""
+    turn = _own_turn(text)
+    return list(_THINK_OPEN.finditer(turn)), list(_THINK_CLOSE.finditer(turn))
+
+
+def _answer_part(text: str) -> str:
+    """The part of the text that can hold the final answer, blanked elsewhere so indices stay: the
+    model's own turn (see _own_turn), and after the thinking when the text thinks
+    ("<think> ... </think>"). Thinking that never closed gave no answer: all blank."""
+    text = _own_turn(text)
     closes = list(_THINK_CLOSE.finditer(text))
     if closes:
         return " " * closes[-1].end() + text[closes[-1].end() :]

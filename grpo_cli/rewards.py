@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from grpo_cli.answers import find_final, is_correct
+from grpo_cli.answers import find_final, is_correct, think_tags
 from grpo_cli.errors import UserError
 
 Rule = Callable[[str, str], float]
@@ -159,6 +159,26 @@ def step_format(completion: str, answer: str) -> float:
     if count_steps(work) == 0:
         return -1.0
     return 1.0 if final is not None and final.marked else 0.0
+
+
+@reward_rule()
+def think_format(completion: str, answer: str) -> float:
+    """A reasoning model's form: one think block, then a marked final answer.
+
+    1  the text (the prompt's prefill in front, so a template that opened "<think>" counts) starts
+       with <think>, thinks something, closes it with the only </think>, and marks a final answer
+       after it (####, \\boxed{}, "The answer is", "Answer:": answers.find_final's markers)
+    0  anything else: no think block; thinking that never closed; an empty one ("<think></think>");
+       text before the <think>; a second block or a stray tag; no answer after </think>, an unmarked
+       one, or an answer only inside the thinking
+    """
+    opens, closes = think_tags(completion)
+    if len(opens) != 1 or len(closes) != 1 or completion[: opens[0].start()].strip():
+        return 0.0  # (so the one </think> follows the <think>: only space stands before that)
+    if not completion[opens[0].end() : closes[0].start()].strip():
+        return 0.0
+    final = find_final(completion)  # reads only what follows </think>
+    return 1.0 if final is not None and final.marked and final.text.strip() else 0.0
 
 
 @reward_rule()

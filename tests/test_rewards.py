@@ -66,6 +66,39 @@ def test_format_sees_what_the_template_already_opened():
     assert step_format(prefill + completion, "4") == 1.0
 
 
+@pytest.mark.parametrize("prefill, completion, score", [
+    ("", "<think>\n2+2=4, so 4.\n</think>\nThe answer is 4.", 1.0),      # one block, then a marked answer
+    ("", "<think>2+2=4</think> \\boxed{4}", 1.0),                          # a boxed answer
+    ("", "  <think>2+2=4</think>\n#### 4<|im_end|>", 1.0),               # leading space, end of turn
+    ("<think>\n", "2+2=4.</think> The answer is 4.", 1.0),                # the template opened the block
+    ("<think>\n", "2+2=4. The answer is 4.", 0.0),                        # never closed
+    ("", "<think>2+2=4. The answer is 4.", 0.0),                          # never closed
+    ("", "2+2=4. The answer is 4.", 0.0),                                 # no think block
+    ("", "The answer is 4.", 0.0),                                        # no think block, bare answer
+    ("", "<think>a</think><think>b</think> The answer is 4.", 0.0),       # two blocks
+    ("<think>\n", "<think>a</think> The answer is 4.", 0.0),              # opened twice (prefill and model)
+    ("", "<think>a</think> b</think> The answer is 4.", 0.0),             # a stray closing tag
+    ("", "So: <think>2+2=4</think> The answer is 4.", 0.0),               # text before the block
+    ("", "</think>2+2=4<think> The answer is 4.", 0.0),                   # closed before it opened (text before)
+    ("", "<think>  </think> The answer is 4.", 0.0),                      # empty thinking
+    ("", "<think>2+2=4, the answer is 4.</think>", 0.0),                  # answer only inside the thinking
+    ("", "<think>2+2=4</think> so it comes to 4", 0.0),                   # answer after it, but not marked
+    ("", "<think>2+2=4</think> \\boxed{}", 0.0),                          # an empty box
+    ("", "<think>2+2=4</think>", 0.0),                                    # nothing after the block
+])
+def test_think_format(prefill, completion, score):
+    from grpo_cli.rewards import think_format
+
+    assert think_format(prefill + completion, "4") == score
+
+
+def test_think_format_is_a_recipe_rule():
+    from grpo_cli.recipe import validate
+
+    recipe = validate({"rewards": [{"rule": "correctness"}, {"rule": "think_format", "weight": 0.2}]})
+    assert [r.key for r in recipe.rewards] == ["correctness", "think_format"]
+
+
 def test_length_rule():
     from grpo_cli.rewards import length
 
