@@ -166,6 +166,18 @@ def think_tags(text: str) -> tuple[list[re.Match], list[re.Match]]:
     return list(_THINK_OPEN.finditer(turn)), list(_THINK_CLOSE.finditer(turn))
 
 
+def split_thinking(text: str) -> tuple[str, str] | None:
+    """(thinking, answer) of a completion that closes its thinking: what stands before the last
+    </think> (opening tags left out) and what follows it in the model's own turn, both stripped.
+    None when it closes none; no opening tag is needed, since a chat template may have opened it."""
+    turn = _own_turn(text)
+    closes = list(_THINK_CLOSE.finditer(turn))
+    if not closes:
+        return None
+    thinking = _THINK_OPEN.sub("", turn[: closes[-1].start()])
+    return thinking.strip(), turn[closes[-1].end() :].strip()
+
+
 def _answer_part(text: str) -> str:
     """The part of the text that can hold the final answer, blanked elsewhere so indices stay: the
     model's own turn (see _own_turn), and after the thinking when the text thinks

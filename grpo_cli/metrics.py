@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from grpo_cli.answers import split_thinking
 from grpo_cli.diversity import group_diversity
 
 
@@ -41,6 +42,9 @@ STEP_METRICS = (
     Metric("grad_norm", "gradient norm before clipping, mean over the step's updates"),
     Metric("lr", "learning rate after the step"),
     Metric("completion_len", "mean completion length in tokens, EOS included", label="length", fmt=".1f"),
+    Metric("think_len", "mean characters of thinking (before `</think>`) over the completions that close a think "
+           "block, opened by them or by the chat template; only on steps where one does"),
+    Metric("answer_len", "mean characters after `</think>` over the same completions; only on steps where one does"),
     Metric("truncated_frac", "fraction of completions that hit grpo.max_new_tokens", label="truncated",
            fmt=".0%"),
     Metric("frac_zero_std", "fraction of groups whose rewards were all equal (they teach nothing)",
@@ -144,6 +148,16 @@ def _mean_or_none(values: np.ndarray) -> float | None:
     return None if np.isnan(values).all() else float(np.nanmean(values))
 
 
+def thinking_lengths(texts: list[str]) -> dict[str, float]:
+    """think_len and answer_len, in characters (the texts are at hand, their tokens per part are not), over
+    the texts that close a think block; none of the two when no text does."""
+    split = [parts for parts in map(split_thinking, texts) if parts is not None]
+    if not split:
+        return {}
+    return {"think_len": float(np.mean([len(thinking) for thinking, _ in split])),
+            "answer_len": float(np.mean([len(answer) for _, answer in split]))}
+
+
 def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_size: int, zero_std: torch.Tensor,
              stats, lr: float, sampled, dynamic_sampling: bool, overlong_on: bool, seconds: dict[str, float],
              elapsed: float) -> dict:
@@ -164,6 +178,7 @@ def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_siz
         "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
         "lr": lr,
         "completion_len": figures.lengths.float().mean().item(),
+        **thinking_lengths(figures.texts),
         "tokens_per_second": figures.lengths.sum().item() / seconds["step"],
         "peak_memory_gib": figures.peak_memory_gib,
         **dict(zip(("answer_diversity", "text_diversity"), group_diversity(figures.texts, group_size))),

@@ -56,6 +56,16 @@ def test_a_row_from_hand_made_figures():
     assert "skipped_update" not in row and "reward/overlong" not in row and "dropped_groups" not in row
 
 
+def test_thinking_lengths_only_when_a_completion_thinks():
+    assert "think_len" not in row_of(figures()) and "answer_len" not in row_of(figures())
+    texts = ["<think>abcd</think> #### 4",  # thinks 4 characters, answers 6
+             "ab</think>\n#### 44<|im_end|>junk",  # the template opened the block: 2, then 7 (end of turn)
+             "<think>still thinking",  # never closed: no parts to measure
+             "#### 5"]  # no thinking
+    row = row_of(figures(texts=texts))
+    assert row["think_len"] == 3.0 and row["answer_len"] == 6.5
+
+
 def test_kl_is_null_without_a_reference_pass_and_optional_columns_follow_their_settings():
     row = row_of(figures(kls=torch.empty(0), overlong=torch.full((4,), -0.5, dtype=torch.float64)),
                  overlong_on=True, stats=UpdateStats(grad_norms=[1.0], problems=["loss"]))
