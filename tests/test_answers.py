@@ -26,6 +26,17 @@ def test_no_answer_at_all():
     assert extract_final_answer("The answer is \\boxed{}") is None
 
 
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>Maybe \\boxed{5}? The answer is 5.</think> It comes to 4.", "4"),  # marked drafts in the thinking
+    ("<think>2+3 = 5</think> It comes to 4.", "4"),
+    ("2+3 = 5. The answer is 5.</think>\nIt comes to 4.", "4"),  # the chat template opened the block
+    ("<think>2+2=4, so the answer is 4.", None),  # thinking that never closed states no answer
+    ("<think>The answer is 4.</think>", None),  # nothing after the thinking
+])
+def test_answers_come_after_the_thinking(completion, expected):
+    assert extract_final_answer(completion) == expected
+
+
 def test_marked_and_unmarked_answers_are_told_apart():
     assert find_final("#### 5").marked
     assert not find_final("it is 5").marked
