@@ -158,6 +158,7 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
         "samples": options.samples, "temperature": options.temperature if sampled else 0.0,
         "top_p": options.top_p if sampled else 1.0, "max_new_tokens": max_new, "seed": options.seed,
         "chat": spec.chat, "system_prompt": spec.system_prompt, "template": spec.template,
+        **({"chat_template_kwargs": spec.chat_template_kwargs} if spec.chat and spec.chat_template_kwargs else {}),
         "prompt_field": spec.prompt_field, "limit": options.limit,
     }
     return Evaluation(report, settings)

@@ -254,7 +254,50 @@ def render_prompt(row: dict, spec: DataSpec, tokenizer) -> str:
         return text
     messages = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
     messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return render_chat(tokenizer, messages, spec.chat_template_kwargs)
+
+
+def render_chat(tokenizer, messages: list[dict], template_kwargs: dict) -> str:
+    """The one place a chat prompt is rendered: `messages` through the tokenizer's chat template with the
+    assistant's turn opened, the template's variables (data.chat_template_kwargs) passed to it."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+
+
+# What a Hugging Face chat template is given besides the recipe's variables: not worth listing as its own
+_RENDERER_NAMES = {"messages", "add_generation_prompt", "raise_exception", "strftime_now", "range", "namespace"}
+
+
+def template_variables(template: str) -> list[str]:
+    """The variables a Jinja chat template reads ("enable_thinking", "tools", ...), those every renderer
+    supplies left out; [] for a template Jinja cannot parse."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        environment = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])  # {% break %}, as transformers has
+        names = meta.find_undeclared_variables(environment.parse(template))
+    except jinja2.TemplateError:
+        return []
+    return sorted(names - _RENDERER_NAMES)
+
+
+def check_template_kwargs(tokenizer, template_kwargs: dict) -> None:
+    """Refuse a data.chat_template_kwargs key the chat template ignores (a misspelt enable_thinking would
+    otherwise change nothing, silently): a key is used when a sample prompt renders differently without
+    it, or when the template reads it (Qwen3's enable_thinking: true renders as its default does)."""
+    if not template_kwargs:
+        return
+    sample = [{"role": "user", "content": "1+1?"}]
+    variables = template_variables(tokenizer.chat_template)
+    rendered = render_chat(tokenizer, sample, template_kwargs)
+    for key in template_kwargs:
+        without = {k: v for k, v in template_kwargs.items() if k != key}
+        if key in variables or render_chat(tokenizer, sample, without) != rendered:
+            continue
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        listed = f"its variables are {', '.join(variables)}" if variables else "it reads no variables of its own"
+        raise UserError(f"data.chat_template_kwargs.{key}: the chat template of {model} does not use it; {listed}. "
+                        "Remove the key or correct its name.")
 
 
 def prompt_fields(spec: DataSpec) -> list[str]:
@@ -296,6 +339,8 @@ def build_examples(rows: list[dict], spec: DataSpec, tokenizer, name: str,
         )
     if spec.chat and not getattr(tokenizer, "chat_template", None):
         raise UserError("data.chat is true but the model's tokenizer has no chat template; set data.chat: false.")
+    if spec.chat:
+        check_template_kwargs(tokenizer, spec.chat_template_kwargs)
     items, skips = [], {}
     for index, row in enumerate(rows):
         reason = _unusable(row, spec, fields)

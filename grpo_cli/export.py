@@ -296,12 +296,16 @@ def prompting(recipe: Recipe, tokenizer, adapter_only: bool, base_path: str) -> 
             blocks += f"The system message (data.system_prompt):\n\n{_fence(spec.system_prompt)}\n\n"
         system = ("before it, the system message below (data.system_prompt): the chat template does not add it by "
                   "itself, so pass it" if spec.system_prompt else "no system message (data.system_prompt was empty)")
+        # the template's variables (data.chat_template_kwargs) as keyword arguments: enable_thinking=True
+        arguments = "".join(f", {key}={value!r}" for key, value in spec.chat_template_kwargs.items())
+        variables = (f" and the template's variables set as training set them (`{arguments.removeprefix(', ')}`)"
+                     if arguments else "")
         how = f"""It was trained on chat prompts, built as follows:
 
 - the user message: {written};
 - {system};
 - the messages rendered by the chat template this tokenizer carries (the one training used), with
-  the assistant's turn opened (`add_generation_prompt=True`), then tokenized without adding
+  the assistant's turn opened (`add_generation_prompt=True`){variables}, then tokenized without adding
   special tokens.
 
 {blocks}For example ({origin}), the messages
@@ -312,7 +316,8 @@ render to exactly this prompt, the model's completion following it:
 
 {_fence(prompt)}"""
         make = (f"messages = {pprint.pformat(messages, width=100, sort_dicts=False)}\n"
-                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)\n"
+                "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True"
+                f"{arguments})\n"
                 "inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens=False)")
     else:
         how = f"""It was trained on plain-text prompts, not chat messages, so this tokenizer carries no chat

@@ -75,7 +75,16 @@ class DataSpec(Section):
     )
     chat: bool = Field(False, description="wrap the rendered template in the tokenizer's chat template")
     system_prompt: str | None = Field(None, description="system message when chat is true")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="variables for the chat template when chat is true: {enable_thinking: true}")
     eval_limit: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+    @model_validator(mode="after")
+    def _template_variables_need_chat(self):
+        if self.chat_template_kwargs and not self.chat:
+            raise ValueError("data.chat_template_kwargs are variables of the chat template, which only a chat prompt "
+                             "uses: set data.chat: true, or remove them")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -499,7 +508,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
 # Settings a resumed run cannot change without training something else than what the checkpoint holds.
 RESUME_FIXED = ("model.name", "model.load_in_4bit", "model.lora", "data.train", "data.prompt_field",
                 "data.answer_field", "data.template", "data.chat", "data.system_prompt", "grpo.group_size",
-                "train.seed")
+                "train.seed", "data.chat_template_kwargs")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,9 +6,10 @@ from conftest import TEST_DATA
 from grpo_cli import builtin_task
 from grpo_cli.answers import is_equivalent
 from grpo_cli.builtin_model import build_tokenizer
-from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows
+from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows, template_variables
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import DataSpec, HubDataset
+from thinking_template import QWEN3_STYLE_TEMPLATE, thinking_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,38 @@ def test_a_template_that_opens_think_is_recorded_as_prefill(tokenizer):
     tokenizer.chat_template = tokenizer.chat_template + "{% if add_generation_prompt %}<think>\n{% endif %}"
     example = build_examples([{"question": "q", "answer": "1"}], DataSpec(chat=True), tokenizer, "m").items[0]
     assert example.prompt.endswith("<think>\n") and example.prefill == "<think>\n"
+
+
+THINKING = DataSpec(chat=True, chat_template_kwargs={"enable_thinking": True})
+
+
+def test_chat_template_kwargs_reach_the_template_and_what_it_opens_is_the_prefill():
+    tokenizer = thinking_tokenizer()
+    rows = [{"question": "q", "answer": "1"}]
+    thinking = build_examples(rows, THINKING, tokenizer, "m").items[0]
+    assert thinking.prompt == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert thinking.prefill == "<think>\n"  # graded as the start of the completion
+    plain = build_examples(rows, DataSpec(chat=True), tokenizer, "m").items[0]
+    assert plain.prompt.endswith("assistant\n") and plain.prefill == ""
+
+
+def test_a_chat_template_kwarg_the_template_ignores_is_refused():
+    spec = DataSpec(chat=True, chat_template_kwargs={"enable_thinkng": True})  # misspelt
+    with pytest.raises(UserError, match=r"data.chat_template_kwargs.enable_thinkng: the chat template of the model "
+                                        r"does not use it; its variables are enable_thinking\."):
+        build_examples([{"question": "q", "answer": "1"}], spec, thinking_tokenizer(), "m")
+    with pytest.raises(UserError, match="enable_thinking: the chat template .* it reads no variables of its own"):
+        build_examples([{"question": "q", "answer": "1"}], THINKING, build_tokenizer(), "m")
+
+
+def test_a_kwarg_the_template_reads_is_kept_even_when_it_renders_as_the_default():
+    # Qwen3: enable_thinking true is its default, so the prompt does not change; the template still reads it
+    tokenizer = thinking_tokenizer(QWEN3_STYLE_TEMPLATE)
+    assert build_examples([{"question": "q", "answer": "1"}], THINKING, tokenizer, "m").items[0].prefill == ""
+    off = DataSpec(chat=True, chat_template_kwargs={"enable_thinking": False})
+    assert build_examples([{"question": "q", "answer": "1"}], off, tokenizer, "m").items[0].prompt.endswith(
+        "<think>\n\n</think>\n\n")
+    assert template_variables(tokenizer.chat_template) == ["enable_thinking"]  # messages, add_generation_prompt: ours
 
 
 def test_hub_failure_is_a_user_error():

@@ -431,3 +431,24 @@ def test_a_chat_run_exports_the_template_it_trained_with_and_its_card_shows_the_
     adapter = export(str(run_dir), tmp_path / "chat-adapter", adapter_only=True)
     assert AutoTokenizer.from_pretrained(adapter.out).chat_template == builtin_model.CHAT_TEMPLATE
     assert _run_snippet(_card_snippet(adapter.out)).strip()
+
+
+def test_the_card_of_a_thinking_run_prompts_with_its_chat_template_kwargs():
+    """The card's snippet passes data.chat_template_kwargs to apply_chat_template, so it renders the prompt
+    training used (the opened <think> included); the example prompt shown is that same prompt."""
+    from grpo_cli.data import render_prompt
+    from grpo_cli.export import prompting
+    from thinking_template import thinking_tokenizer
+
+    tokenizer = thinking_tokenizer()
+    recipe = recipe_module.validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}}})
+    section = prompting(recipe, tokenizer, adapter_only=False, base_path="base")
+    trained_prompt = render_prompt({"question": builtin_task.train_split()[0].question}, recipe.data, tokenizer)
+    assert trained_prompt.endswith("<think>\n") and f"```text\n{trained_prompt}\n```" in section
+    assert "(`enable_thinking=True`)" in section
+    snippet = section.split("```python\n")[-1].split("\n```")[0]
+    assert "add_generation_prompt=True, enable_thinking=True)" in snippet
+    making = "\n".join(line for line in snippet.splitlines() if line.startswith(("messages =", "prompt =")))
+    namespace = {"tokenizer": tokenizer}
+    exec(making, namespace)  # the card's own lines, with the tokenizer the export ships
+    assert namespace["prompt"] == trained_prompt

@@ -205,3 +205,22 @@ def test_the_held_out_set_follows_the_training_data_unless_set(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("data: {train: mine.jsonl}\n")
     assert "eval: null" in recipe.dump(load(path))
+
+
+def test_chat_template_kwargs_are_a_mapping_for_chat_prompts_only(tmp_path):
+    recipe = load(write(tmp_path, "data:\n  chat: true\n  chat_template_kwargs: {enable_thinking: true}\n"))
+    assert recipe.data.chat_template_kwargs == {"enable_thinking": True}
+    assert load(write(tmp_path, "data: {chat: true}\n")).data.chat_template_kwargs == {}
+    with pytest.raises(RecipeError, match="recipe.yaml:1: data: data.chat_template_kwargs .* set data.chat: true"):
+        load(write(tmp_path, "data:\n  chat_template_kwargs: {enable_thinking: true}\n"))
+    with pytest.raises(RecipeError, match="chat_template_kwargs"):
+        load(write(tmp_path, "data:\n  chat: true\n  chat_template_kwargs: [enable_thinking]\n"))
+
+
+def test_resume_refuses_new_chat_template_kwargs():
+    from grpo_cli.recipe import changes, validate
+
+    before = validate({"data": {"chat": True}})
+    fixed, _ = changes(before, validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}}}))
+    assert fixed["data.chat_template_kwargs.enable_thinking"] == (None, True)
+    assert all(key.startswith("data.chat_template_kwargs") for key in fixed)

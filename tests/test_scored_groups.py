@@ -51,6 +51,23 @@ def test_a_chat_template_prefill_is_scored_with_the_completion(tmp_path):
     assert group.completions[0].rewards["step_format"] == -1.0  # no template prefill: no steps
 
 
+def test_a_thinking_template_opens_the_block_that_think_format_grades(tmp_path, monkeypatch):
+    from grpo_cli import scored_groups
+    from thinking_template import thinking_tokenizer
+
+    monkeypatch.setattr(scored_groups, "_prompt_tokenizer", lambda recipe: thinking_tokenizer())
+    recipe = validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}},
+                       "rewards": [{"rule": "correctness"}, {"rule": "think_format"}]})
+    path = write(tmp_path, [{"question": "q", "answer": "4", "completions": [
+        "2+2 is 5? No, 4.</think> The answer is 4.", "The answer is 4."]}])
+    [group] = score_completions(recipe, path)
+    assert [c.rewards for c in group.completions] == [{"correctness": 1.0, "think_format": 1.0},
+                                                      {"correctness": 0.0, "think_format": 0.0}]  # never closed
+    monkeypatch.undo()  # the builtin model's own template has no enable_thinking
+    with pytest.raises(UserError, match="data.chat_template_kwargs.enable_thinking: the chat template"):
+        score_completions(recipe, path)
+
+
 def test_bad_rows_are_explained(tmp_path):
     with pytest.raises(UserError, match="needs 'completion'"):
         score_completions(RECIPE, write(tmp_path, [{"question": "q", "answer": "1"}]))
