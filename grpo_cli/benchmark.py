@@ -60,6 +60,7 @@ class EvalOptions:
     template: str | None = None
     system_prompt: str | None = None
     chat: bool | None = None
+    chat_template_kwargs: dict | None = None  # None: the run's data.chat_template_kwargs, or none
     device: str = "auto"
     dtype: str | None = None
 
@@ -101,8 +102,30 @@ def _data_spec(named: NamedSet | None, options: EvalOptions, recipe, tokenizer, 
                         template=None if (chat or builtin) else f"Question: {{{field}}}\nAnswer:")
     if named is not None:
         spec = spec.model_copy(update={"answer_field": "answer"})
-    updates = {"template": options.template, "system_prompt": options.system_prompt, "chat": options.chat}
-    return spec.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    updates = {"template": options.template, "system_prompt": options.system_prompt, "chat": options.chat,
+               "chat_template_kwargs": options.chat_template_kwargs}
+    spec = spec.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    if options.chat_template_kwargs and not spec.chat:
+        raise UserError("--chat-template-kwarg sets a variable of the chat template, but these prompts are plain "
+                        "text: add --chat, or leave it out.")
+    return spec
+
+
+def parse_template_kwargs(pairs: list[str]) -> dict:
+    """--chat-template-kwarg values, KEY=VALUE each, the value read as YAML: ["enable_thinking=true"] ->
+    {"enable_thinking": True}."""
+    import yaml
+
+    variables = {}
+    for pair in pairs:
+        key, equals, raw = pair.partition("=")
+        if not key.strip() or not equals:
+            raise UserError(f"--chat-template-kwarg {pair}: expected KEY=VALUE, e.g. enable_thinking=true")
+        try:
+            variables[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"--chat-template-kwarg {pair}: the value is not valid YAML ({exc})") from None
+    return variables
 
 
 def _load_set(options: EvalOptions, recipe) -> tuple[list[dict], NamedSet | None, str]:

@@ -162,6 +162,9 @@ def eval_command(
     system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="System message for chat prompts."),
     chat: bool = typer.Option(None, "--chat/--no-chat",
                               help="Use the tokenizer's chat template (default: when it has one)."),
+    template_kwargs: list[str] = typer.Option(
+        [], "--chat-template-kwarg", metavar="KEY=VALUE",
+        help="A chat template variable, e.g. enable_thinking=true (repeatable; default: the run's)."),
     device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option(None, metavar="DTYPE",
                               help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
@@ -176,15 +179,19 @@ def eval_command(
 
     from rich.console import Console
 
-    from grpo_cli.benchmark import EvalOptions, run
+    from grpo_cli.benchmark import EvalOptions, parse_template_kwargs, run
     from grpo_cli.console import TaskProgress, print_eval
     from grpo_cli.run_log import write_whole
 
     console = Console()
+    try:
+        variables = parse_template_kwargs(template_kwargs) if template_kwargs else None
+    except UserError as error:
+        _fail(error)
     options = EvalOptions(model=model, data=data, data_file=data_file, predictions=predictions, samples=samples,
                           limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
-                          device=device, dtype=dtype)
+                          chat_template_kwargs=variables, device=device, dtype=dtype)
     try:
         with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,

@@ -182,3 +182,37 @@ def test_the_graded_rows_are_counted_in_the_results(tmp_path):
     path.write_text("".join(json.dumps({"answer": str(i), "completion": f"#### {i}"}) + "\n" for i in range(5)))
     results = run(EvalOptions(predictions=str(path), limit=3)).results()
     assert results["n"] == 3 and results["settings"]["rows"] == 5 and results["settings"]["n"] == 3
+
+
+def test_chat_template_kwargs_for_grpo_eval(tiny_model_path, tmp_path, monkeypatch):
+    """--chat-template-kwarg reaches the chat template of a model evaluated without a recipe; what the template
+    opens is graded with the completion, and a variable the template ignores is refused."""
+    import shutil
+
+    from grpo_cli import benchmark
+    from grpo_cli.benchmark import parse_template_kwargs
+    from thinking_template import THINKING_TEMPLATE
+
+    evaluated = []
+    evaluate = benchmark.evaluate
+    monkeypatch.setattr(benchmark, "evaluate", lambda model, tokenizer, items, *args, **kwargs: (
+        evaluated.extend(items), evaluate(model, tokenizer, items, *args, **kwargs))[1])
+
+    assert parse_template_kwargs(["enable_thinking=true", "budget=3"]) == {"enable_thinking": True, "budget": 3}
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_template_kwargs(["enable_thinking"])
+    thinking = tmp_path / "thinking"
+    shutil.copytree(tiny_model_path, thinking)
+    (thinking / "chat_template.jinja").write_text(THINKING_TEMPLATE)
+    data = str(TEST_DATA / "gsm8k_test_200.jsonl")
+    evaluation = run(EvalOptions(model=str(thinking), data="gsm8k", data_file=data, limit=1, max_new_tokens=2,
+                                 chat_template_kwargs={"enable_thinking": True}))
+    assert evaluation.settings["chat_template_kwargs"] == {"enable_thinking": True}
+    assert evaluated[0].prompt.endswith("<|im_start|>assistant\n<think>\n") and evaluated[0].prefill == "<think>\n"
+    assert evaluation.report.items[0].extracted == [None]  # its 2 characters are thinking that never closed
+    with pytest.raises(UserError, match="enable_thinking: the chat template of .* does not use it"):
+        run(EvalOptions(model=str(tiny_model_path), data="gsm8k", data_file=data, limit=1, max_new_tokens=2,
+                        chat_template_kwargs={"enable_thinking": True}))
+    with pytest.raises(UserError, match="add --chat"):
+        run(EvalOptions(model=str(thinking), data="gsm8k", data_file=data, limit=1, chat=False,
+                        chat_template_kwargs={"enable_thinking": True}))

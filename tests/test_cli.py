@@ -119,6 +119,11 @@ def test_eval_mistakes_exit_2(tmp_path):
     assert result.exit_code == 2 and "--model" in result.output
 
 
+def test_eval_chat_template_kwarg_needs_key_equals_value():
+    result = runner.invoke(app, ["eval", "--model", "builtin:tiny-math", "--chat-template-kwarg", "enable_thinking"])
+    assert result.exit_code == 2 and "--chat-template-kwarg enable_thinking: expected KEY=VALUE" in result.output
+
+
 def test_score_through_the_runner(tmp_path):
     rows = tmp_path / "c.jsonl"
     rows.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4",
