@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,11 @@ from grpo_cli.update import UpdateBatch, UpdateStats, apply_optimizer_settings, 
 
 
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+# A completion cut off at grpo.max_new_tokens rarely holds an answer: it scores nothing and teaches
+# little. A cap that cuts off most completions is the commonest silent failure of GRPO runs, so more
+# than this share of a step's completions hitting it gets a warning.
+TRUNCATION_WARN_FRAC = 0.10
+TRUNCATION_WARN_EVERY = 10  # steps at least between two such warnings while it goes on
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -84,6 +89,31 @@ def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, ad
             f"grpo.max_new_tokens is {max_new_tokens}, but the model's context is {limit} tokens."
         )
     return replace(examples, items=kept), len(examples.items) - len(kept)
+
+
+@dataclass
+class TruncationWatch:
+    """Whether a step's truncation is worth a warning: the first step over TRUNCATION_WARN_FRAC, then at
+    most every TRUNCATION_WARN_EVERY steps while it goes on, counting the steps over it in between."""
+
+    last_warned: int | None = None
+    steps_over: int = 0  # steps over the threshold since the last warning
+
+    def check(self, step: int, truncated: torch.Tensor, max_new_tokens: int) -> str | None:
+        """The warning for `step`, or None. truncated: [N_all] 1.0 where a completion (any process's) hit the cap."""
+        cut, total = int(truncated.sum().item()), truncated.numel()
+        if total == 0 or cut <= TRUNCATION_WARN_FRAC * total:
+            return None
+        self.steps_over += 1
+        if self.last_warned is not None and step - self.last_warned < TRUNCATION_WARN_EVERY:
+            return None
+        since = "" if self.last_warned is None else \
+            f" ({self.steps_over} of the {step - self.last_warned} steps since step {self.last_warned} did)"
+        self.last_warned, self.steps_over = step, 0
+        return (f"warning: step {step}: {cut} of {total} completions ({cut / total:.0%}) hit grpo.max_new_tokens "
+                f"({max_new_tokens}) before ending{since}: a cut-off completion rarely holds an answer, so it scores "
+                "nothing and teaches little. Raise grpo.max_new_tokens, or shorten the completions: the rules that "
+                "reward long answers, or the prompt (data.template, data.system_prompt) that asks for them.")
 
 
 def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,
@@ -194,6 +224,7 @@ class Run:
     step: int  # the last step taken
     last_saved: Path | None
     started: float  # perf_counter() when the process began training
+    truncation: TruncationWatch = field(default_factory=TruncationWatch)
 
     @property
     def policy(self):
@@ -439,7 +470,8 @@ def step_row(run: Run, figures: metrics.StepFigures, batch: StepBatch, scored: S
 
 def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch, scored: Scored,
              stats: UpdateStats) -> None:
-    """metrics.jsonl, the console (with the step's best and worst completion), and samples.jsonl when due."""
+    """metrics.jsonl, the console (with the step's best and worst completion, and warnings: non-finite
+    values, completions cut off at max_new_tokens), and samples.jsonl when due."""
     output = run.recipe.output
     run.log.metrics(row)
     best, worst = int(figures.rewards.argmax()), int(figures.rewards.argmin())
@@ -447,6 +479,9 @@ def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch
                      (figures.texts[worst], figures.rewards[worst].item()))
     if stats.problems:
         run.console.message(f"warning: step {run.step}: non-finite {', '.join(stats.problems)}; update skipped")
+    truncation = run.truncation.check(run.step, figures.truncated, run.recipe.grpo.max_new_tokens)
+    if truncation:
+        run.console.message(truncation)
     if run.step == 1 or run.step % output.samples_every == 0:
         run.log.samples(sample_rows(run.step, batch.examples, batch.rollout, run.rule_keys, scored.scores.values,
                                     scored.rewards, scored.advantages, output.samples_groups,

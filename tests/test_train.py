@@ -310,3 +310,42 @@ def test_same_seed_same_run_bit_for_bit(tmp_path, tiny_model_path):
     weights = [load_file(r / "checkpoints" / "step-6" / "adapter_model.safetensors") for r in runs]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def console_of_a_run(tmp_path, name, max_new_tokens):
+    """What a two-step run on the builtin model printed (as without a terminal), and its metrics."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(record=True, file=io.StringIO(), width=400)
+    recipe = recipe_module.validate(small_recipe(
+        tmp_path / name, data={"eval": None}, grpo={"max_new_tokens": max_new_tokens},
+        train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0}, output={"save_every": 10}))
+    train(recipe, console=TrainConsole(quiet=False, console=console))
+    return console.export_text(), [r for r in metrics(tmp_path / name) if "reward_mean" in r]
+
+
+def test_a_cap_that_cuts_off_completions_is_warned_about_and_an_ample_one_is_not(tmp_path, tiny_model_path):
+    printed, rows = console_of_a_run(tmp_path, "short", max_new_tokens=4)
+    assert all(r["truncated_frac"] > 0.5 for r in rows)
+    warnings = [line for line in printed.splitlines() if "hit grpo.max_new_tokens" in line]
+    # the first step it happens, then not again within TRUNCATION_WARN_EVERY steps
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 1: ")
+    assert "(4)" in warnings[0] and "Raise grpo.max_new_tokens" in warnings[0] and "of 8 completions" in warnings[0]
+    printed, rows = console_of_a_run(tmp_path, "ample", max_new_tokens=40)
+    assert all(r["truncated_frac"] <= 0.1 for r in rows) and "step 1/2" in printed
+    assert "max_new_tokens" not in printed
+
+
+def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_count():
+    from grpo_cli.train import TRUNCATION_WARN_EVERY, TruncationWatch
+
+    watch, cut, fine = TruncationWatch(), torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4)
+    warned = {step: watch.check(step, cut if step not in (5, 6, 30) else fine, 16) for step in range(1, 33)}
+    assert [s for s, w in warned.items() if w] == [1, 1 + TRUNCATION_WARN_EVERY, 1 + 2 * TRUNCATION_WARN_EVERY, 31]
+    assert "2 of 4 completions (50%) hit grpo.max_new_tokens (16)" in warned[1]
+    assert "(8 of the 10 steps since step 1 did)" in warned[11] and "(9 of the 10 steps since step 21 did)" in warned[31]
+    # exactly at the threshold is not over it
+    assert TruncationWatch().check(1, torch.tensor([1.0] + [0.0] * 9), 16) is None
+    assert TruncationWatch().check(1, torch.tensor([1.0, 1.0] + [0.0] * 8), 16) is not None
