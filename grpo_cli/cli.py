@@ -359,7 +359,8 @@ def validate(
     recipe: Path = typer.Argument(..., help="The YAML recipe, or a shipped recipe's name."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a recipe value (repeatable)."),
 ) -> None:
-    """Check a recipe and show what it would train: resolved values, parameters, estimated peak memory.
+    """Check a recipe and its data, and show what it would train: resolved values, the prompts read with the
+    model's tokenizer, parameters, estimated peak memory.
 
     Example: grpo validate recipes/qwen2.5-0.5b-gsm8k-lora.yaml
     """
@@ -370,6 +371,7 @@ def validate(
 
     from grpo_cli import catalog
     from grpo_cli import recipe as recipe_module
+    from grpo_cli.data_check import Skipped, check_data
     from grpo_cli.estimate import count_parameters, estimate, model_config
 
     console = Console()
@@ -379,16 +381,27 @@ def validate(
     except UserError as error:
         _fail(error)
     console.print(Syntax(recipe_module.dump(loaded), "yaml", background_color="default"))
-    console.print(f"{recipe}: valid.", style="green")
+    config = no_config = None
     try:
         config = model_config(loaded)
     except UserError as error:  # a hub model neither cached nor reachable: the recipe is still valid
-        console.print(f"could not read the model's config, which the parameter count and memory estimate need: "
-                      f"{error}", style="yellow", highlight=False)
-        return
+        no_config = (f"could not read the model's config, which the parameter count and memory estimate need: "
+                     f"{error}")
     except Exception as exc:
-        console.print(f"could not read the model's config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                      "the parameter count and memory estimate need it.", style="yellow")
+        no_config = (f"could not read the model's config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                     "the parameter count and memory estimate need it.")
+    try:
+        checked = check_data(loaded, config, recipe.resolve().parent)  # what training would refuse fails here
+    except UserError as error:
+        _fail(error)
+    except Skipped as why:
+        checked = None
+        console.print(f"data check skipped: {why}.", style="yellow", highlight=False)
+    console.print(f"{recipe}: valid.", style="green")
+    if checked is not None:
+        print_data_check(console, checked)
+    if no_config is not None:
+        console.print(no_config, style="yellow", highlight=False)
         return
     total, trainable = count_parameters(loaded, config)
     on_gpu = loaded.model.device == "cuda" or (loaded.model.device == "auto" and torch.cuda.is_available())
@@ -402,6 +415,35 @@ def validate(
         table.add_row(part, f"{gib:.2f} GiB")
     table.add_row("estimated peak", f"{guess.total_gib:.2f} GiB")
     console.print(table)
+
+
+def print_data_check(console, checked) -> None:
+    """The data as training will see it: prompts kept, the longest, and those that leave too little room."""
+    from rich.table import Table
+
+    train = checked.train
+    table = Table(title="the data, read with the model's tokenizer", title_justify="left")
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_row(f"training prompts kept ({train.name})", f"{len(train.items) - checked.too_long:,}")
+    table.add_row("longest training prompt", f"{checked.longest:,} tokens")
+    table.add_row("model context", f"{checked.context:,} tokens" if checked.context else "not stated")
+    table.add_row("grpo.max_new_tokens", f"{checked.max_new_tokens:,}")
+    table.add_row("prompts too long for the context", f"{checked.too_long:,}")
+    if checked.eval is not None:
+        table.add_row(f"held-out prompts ({checked.eval.name})", f"{len(checked.eval.items):,}")
+    console.print(table)
+    if train.skipped:
+        console.print(f"note: {train.skip_note()}", style="yellow", highlight=False)
+    if checked.too_long:
+        console.print(
+            f"note: {checked.too_long} of {len(train.items)} training prompts leave less than grpo.max_new_tokens "
+            f"({checked.max_new_tokens}) tokens of the model's {checked.context}-token context (the longest prompt "
+            f"is {checked.longest} tokens); training skips them. "
+            + (f"Lower grpo.max_new_tokens to at most {room} to keep every prompt, or shorten the prompts."
+               if (room := checked.context - checked.longest) > 0 else "Shorten the prompts, or use a model with a "
+               "longer context."),
+            style="yellow", highlight=False)
 
 
 def quiet_libraries() -> None:

@@ -230,6 +230,14 @@ def _local_path(ref: str, base_dir: Path | None) -> Path | None:
     return None
 
 
+def is_hub(ref: DatasetRef, base_dir: Path | None = None) -> bool:
+    """Whether `ref` names a hub dataset rather than a builtin set or a local file (a UserError for a
+    local-looking path that is not there)."""
+    if isinstance(ref, HubDataset):
+        return True
+    return not ref.startswith("builtin:") and _local_path(ref, base_dir) is None
+
+
 def _hub_rows(ref: HubDataset) -> list[dict]:
     import datasets
 

@@ -117,13 +117,14 @@ def resolve(name: str, progress=None) -> str:
     return name  # a hub id
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, local_files_only: bool = False):
+    """`local_files_only`: a hub model's tokenizer from the local cache only (`grpo validate` downloads nothing)."""
     from transformers import AutoTokenizer
 
-    if not Path(path).exists():
+    if not Path(path).exists() and not local_files_only:
         hub.require(path)  # the first file a hub model needs: offline and not cached, say so at once
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     except Exception as exc:
         raise UserError(_load_failure("tokenizer", path, exc)) from None
     if tokenizer.pad_token is None:

@@ -76,12 +76,20 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def fit_to_context(examples: Examples, tokenizer, model, max_new_tokens: int, add_special_tokens: bool) -> tuple[Examples, int]:
-    """Drop prompts that leave no room for max_new_tokens in the model's context; count them."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+def prompt_lengths(examples: Examples, tokenizer, add_special_tokens: bool) -> list[int]:
+    """Tokens of each prompt, encoded as the rollout encodes it."""
+    encoded = tokenizer([e.prompt for e in examples.items], add_special_tokens=add_special_tokens)
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def fit_to_context(examples: Examples, tokenizer, config, max_new_tokens: int,
+                   add_special_tokens: bool) -> tuple[Examples, int]:
+    """Drop prompts that leave no room for max_new_tokens in the context of the model `config` describes;
+    count them. `grpo validate` runs it too (data_check.py), so the two cannot disagree."""
+    limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         return examples, 0
-    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples.items], add_special_tokens=add_special_tokens)["input_ids"]]
+    lengths = prompt_lengths(examples, tokenizer, add_special_tokens)
     kept = [e for e, n in zip(examples.items, lengths) if n + max_new_tokens <= limit]
     if not kept:
         raise UserError(
@@ -293,7 +301,8 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
-    train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model, grpo.max_new_tokens, not chat)
+    train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model.config, grpo.max_new_tokens,
+                                           not chat)
     eval_set = None
     if recipe.data.eval is not None:
         eval_set = load_examples(recipe.data.eval, recipe.data, policy.tokenizer, recipe_dir)

@@ -231,3 +231,52 @@ def test_no_help_shows_a_type_tag():
     shown = runner.invoke(app, ["eval", "--help"], terminal_width=200).output
     assert re.search(r"--limit\s+N\s", shown) and re.search(r"--output\s+-o\s+FILE\s", shown)
     assert re.search(r"--chat\s+--no-chat\s+Use the", shown)  # a flag shows no placeholder at all
+
+
+def validate_with_data(tmp_path, rows, **grpo):
+    """`grpo validate` of a builtin-model recipe training on `rows` (a local .jsonl); its exit code and
+    output with the lines joined."""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "d.jsonl"}, "grpo": grpo}))  # beside the recipe
+    result = runner.invoke(app, ["validate", str(path)], terminal_width=200)
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_validate_refuses_data_without_the_prompt_field_as_training_would(tmp_path, tiny_model_path):
+    code, output = validate_with_data(tmp_path, [{"q": "What is 2 + 3?", "answer": "5"}], max_new_tokens=16)
+    assert code == 2 and "valid." not in output
+    assert "dataset d.jsonl has no field 'question'" in output and "Its fields are: q, answer" in output
+
+
+def test_validate_reports_prompts_too_long_for_the_context_and_refuses_when_none_fits(tmp_path, tiny_model_path):
+    from grpo_cli.builtin_model import build_config, build_tokenizer
+
+    assert build_config(build_tokenizer()).max_position_embeddings == 256
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "x" * 200, "answer": "1"}]
+    code, output = validate_with_data(tmp_path, rows, max_new_tokens=100)
+    assert code == 0 and "valid." in output and "prompts too long for the context │ 1" in output
+    assert "longest training prompt │ 200 tokens" in output and "model context │ 256 tokens" in output
+    assert "1 of 2 training prompts leave less than grpo.max_new_tokens (100)" in output
+    assert "Lower grpo.max_new_tokens to at most 56" in output
+    code, output = validate_with_data(tmp_path, rows, max_new_tokens=250)
+    assert code == 2 and "valid." not in output
+    assert "every prompt of d.jsonl is too long: the longest is 200 tokens and grpo.max_new_tokens is 250" in output
+
+
+def test_validate_counts_the_prompts_of_good_data(tmp_path, tiny_model_path):
+    rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "What is 10 + 7?", "answer": "17"},
+            {"question": "What is 1 + 1?", "answer": ""}]
+    code, output = validate_with_data(tmp_path, rows, max_new_tokens=40)
+    assert code == 0 and "valid." in output, output
+    assert "training prompts kept (d.jsonl) │ 2" in output and "longest training prompt │ 15 tokens" in output
+    assert "prompts too long for the context │ 0" in output and "1 row skipped: 1 with no answer (line 3)" in output
+
+
+def test_validate_skips_the_data_check_for_a_hub_dataset_not_in_the_cache(tmp_path, tiny_model_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"data": {"train": "some-org/some-data"}, "grpo": {"max_new_tokens": 16}}))
+    result = runner.invoke(app, ["validate", str(path)], terminal_width=200)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0 and "valid." in output and "estimated peak" in output
+    assert "data check skipped: hub dataset some-org/some-data is not in the local cache" in output
