@@ -166,8 +166,9 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
         rows = [{**row, spec.prompt_field: row[named.prompt_field]} for row in rows]
     examples: Examples = build_examples(rows, spec, loaded.tokenizer, data_name)
     items = examples.items[: options.limit] if options.limit else examples.items
+    trained_with = loaded.recipe.grpo.max_new_tokens if loaded.recipe else None  # a run's: auto resolved in it
     max_new = options.max_new_tokens or (named.max_new_tokens if named else None) or (
-        loaded.recipe.grpo.max_new_tokens if loaded.recipe else 512)
+        trained_with if isinstance(trained_with, int) else 512)
     sampled = options.samples > 1
     with Scorer() as scorer:
         report = evaluate(loaded.model, loaded.tokenizer, items, max_new, scorer, samples=options.samples,

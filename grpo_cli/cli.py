@@ -403,6 +403,10 @@ def validate(
     if no_config is not None:
         console.print(no_config, style="yellow", highlight=False)
         return
+    if checked is not None:
+        from grpo_cli.train import with_max_new_tokens
+
+        loaded = with_max_new_tokens(loaded, checked.max_new_tokens)  # auto resolved, for the memory estimate
     total, trainable = count_parameters(loaded, config)
     on_gpu = loaded.model.device == "cuda" or (loaded.model.device == "auto" and torch.cuda.is_available())
     guess = estimate(loaded, config, total, trainable, on_gpu=on_gpu)
@@ -428,7 +432,7 @@ def print_data_check(console, checked) -> None:
     table.add_row(f"training prompts kept ({train.name})", f"{len(train.items) - checked.too_long:,}")
     table.add_row("longest training prompt", f"{checked.longest:,} tokens")
     table.add_row("model context", f"{checked.context:,} tokens" if checked.context else "not stated")
-    table.add_row("grpo.max_new_tokens", f"{checked.max_new_tokens:,}")
+    table.add_row("grpo.max_new_tokens", f"{checked.max_new_tokens:,}" + (" (auto)" if checked.auto else ""))
     table.add_row("prompts too long for the context", f"{checked.too_long:,}")
     if checked.eval is not None:
         table.add_row(f"held-out prompts ({checked.eval.name})", f"{len(checked.eval.items):,}")

@@ -28,7 +28,8 @@ class DataCheck:
     train: Examples  # the training prompts data.py keeps (its skips counted in it)
     longest: int  # tokens of the longest training prompt
     context: int | None  # the model's context in tokens; None when its config does not say
-    max_new_tokens: int
+    max_new_tokens: int  # grpo.max_new_tokens, auto resolved
+    auto: bool  # the recipe said auto
     too_long: int  # training prompts that leave less than max_new_tokens of the context: training skips them
     eval: Examples | None  # the held-out prompts, when the recipe names a set
 
@@ -36,17 +37,17 @@ class DataCheck:
 def check_data(recipe: Recipe, config, recipe_dir: Path | None) -> DataCheck:
     """Read the training (and held-out) set as training would. A UserError for what training would refuse;
     Skipped when the tokenizer or a dataset is not on this machine. `config`: the model's, or None."""
-    from grpo_cli.train import fit_to_context, prompt_lengths
+    from grpo_cli.train import fit_to_context, prompt_lengths, resolve_max_new_tokens
 
     tokenizer = tokenizer_for(recipe.model.name)
     train = _examples(recipe.data.train, recipe, tokenizer, recipe_dir)
     eval_set = _examples(recipe.data.eval, recipe, tokenizer, recipe_dir) if recipe.data.eval is not None else None
     add_special_tokens = not recipe.data.chat
-    max_new_tokens = recipe.grpo.max_new_tokens
+    max_new_tokens = resolve_max_new_tokens(recipe, train, tokenizer, config).grpo.max_new_tokens
     _, too_long = fit_to_context(train, tokenizer, config, max_new_tokens, add_special_tokens)  # none fits: refused
     return DataCheck(train=train, longest=max(prompt_lengths(train, tokenizer, add_special_tokens)),
                      context=getattr(config, "max_position_embeddings", None), max_new_tokens=max_new_tokens,
-                     too_long=too_long, eval=eval_set)
+                     auto=recipe.grpo.max_new_tokens == "auto", too_long=too_long, eval=eval_set)
 
 
 def tokenizer_for(name: str):

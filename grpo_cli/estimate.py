@@ -23,7 +23,7 @@ import torch
 from grpo_cli import hub
 from grpo_cli.batching import AUTO_TOKENS
 from grpo_cli.logprobs import chunk_tokens_for
-from grpo_cli.recipe import Recipe
+from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe
 
 ASSUMED_PROMPT_TOKENS = 256  # the recipe does not know its prompts' length; a GSM8K chat prompt is ~150-250
 GIB = 2**30
@@ -112,6 +112,9 @@ def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = 
     if spec.lora is None and grpo.kl_beta > 0:
         parts["frozen reference copy"] = total * width / GIB
     prompt, completion = ASSUMED_PROMPT_TOKENS, grpo.max_new_tokens
+    if completion == "auto":  # not resolved (the data was not read): as train would for prompts of the assumed length
+        context = getattr(config, "max_position_embeddings", None)
+        completion = min(AUTO_MAX_NEW_TOKENS_CAP, max(context - prompt, 1)) if context else AUTO_MAX_NEW_TOKENS_CAP
     completions = recipe.completions_per_step
     kv_tokens = grpo.prompts_per_step * prompt + completions * completion if grpo.engine == "fast" \
         else completions * (prompt + completion)

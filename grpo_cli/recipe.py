@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, GetPydanticSchema, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, PlainValidator, ValidationError, create_model,
+                      model_validator)
 from pydantic_core import core_schema
 
 from grpo_cli import builtin_task
@@ -105,6 +106,24 @@ def held_out_default(train) -> str | None:
     return None
 
 
+# grpo.max_new_tokens: auto stops here: a long-context model (Qwen's 32k) would otherwise allow completions far
+# longer than a step can afford, while a short one (the builtin model's 256) leaves less than any fixed default.
+AUTO_MAX_NEW_TOKENS_CAP = 1024
+
+
+def _tokens_or_auto(value: Any) -> int | str:
+    """A positive whole number of tokens, or "auto"; one message for anything else (not one per type tried)."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # from --set
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise ValueError("must be a whole number of tokens (1 or more) or auto")
+
+
+TokensOrAuto = Annotated[Union[int, Literal["auto"]], PlainValidator(_tokens_or_auto)]
+
 # A loss: one of LOSSES' names, read when the schema is built.
 LossName = Annotated[str, GetPydanticSchema(lambda _, handler: core_schema.literal_schema(list(LOSSES)))]
 
@@ -115,7 +134,10 @@ class GrpoSpec(Section):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="ratio clipped to [1 - eps, 1 + eps]")
     kl_beta: float = Field(0.04, ge=0, description="weight of the k3 KL to the reference; 0 = no reference pass")
     updates_per_rollout: int = Field(1, ge=1, description="policy updates on each batch of rollouts (mu)")
-    max_new_tokens: int = Field(256, ge=1, description="completion length cap")
+    max_new_tokens: TokensOrAuto = Field(
+        "auto", description="completion length cap; auto = the model's context left after the longest training "
+        f"prompt, at most {AUTO_MAX_NEW_TOKENS_CAP} (resolved when the data loads, recorded in the run's recipe.yaml)"
+    )
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
     micro_batch_size: int | None = Field(
@@ -295,7 +317,7 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         if key in keys[:index]:
             problems.append((("rewards", index, "rule"), f"{key} is listed twice; give each rule one weight "
                              "(or two python rules different names)"))
-    if grpo.overlong_buffer >= grpo.max_new_tokens:
+    if grpo.max_new_tokens != "auto" and grpo.overlong_buffer >= grpo.max_new_tokens:  # auto: checked when resolved
         problems.append((("grpo", "overlong_buffer"), f"{grpo.overlong_buffer} must be shorter than "
                          f"grpo.max_new_tokens ({grpo.max_new_tokens})"))
     return problems
@@ -521,6 +543,8 @@ def changes(before: Recipe, after: Recipe) -> tuple[dict[str, tuple], dict[str, 
     """(changes resume must refuse, changes it can allow), each {dotted key: (before, after)}."""
     old, new = _flatten(before.model_dump(mode="json")), _flatten(after.model_dump(mode="json"))
     changed = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)}
+    if new.get("grpo.max_new_tokens") == "auto":
+        changed.pop("grpo.max_new_tokens", None)  # a resumed run keeps the number auto resolved to when it started
     fixed = {k: v for k, v in changed.items() if any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)}
     return fixed, {k: v for k, v in changed.items() if k not in fixed}
 

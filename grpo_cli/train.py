@@ -32,7 +32,8 @@ from grpo_cli.guard import NAMES, Dropped, Interrupts, NonFiniteGuard, Stopped, 
 from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts
 from grpo_cli.modeling import load_policy
-from grpo_cli.recipe import Recipe, dump
+from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe, dump
+from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
 from grpo_cli.step_batch import StepBatch, sample_step
@@ -122,6 +123,39 @@ class TruncationWatch:
                 f"({max_new_tokens}) before ending{since}: a cut-off completion rarely holds an answer, so it scores "
                 "nothing and teaches little. Raise grpo.max_new_tokens, or shorten the completions: the rules that "
                 "reward long answers, or the prompt (data.template, data.system_prompt) that asks for them.")
+
+
+def auto_max_new_tokens(longest_prompt: int, context: int | None) -> int:
+    """grpo.max_new_tokens: auto: the context left after the longest training prompt, at most
+    AUTO_MAX_NEW_TOKENS_CAP (the cap alone when the model's config states no context)."""
+    if not context:
+        return AUTO_MAX_NEW_TOKENS_CAP
+    room = context - longest_prompt
+    if room < 1:
+        raise UserError(f"grpo.max_new_tokens is auto, the context left after the longest training prompt, but that "
+                        f"prompt is {longest_prompt} tokens and the model's context is {context}: nothing is left. "
+                        "Set grpo.max_new_tokens to a number (prompts that leave no room for it are skipped), or "
+                        "shorten the prompts.")
+    return min(AUTO_MAX_NEW_TOKENS_CAP, room)
+
+
+def resolve_max_new_tokens(recipe: Recipe, examples: Examples, tokenizer, config) -> Recipe:
+    """The recipe with grpo.max_new_tokens: auto replaced by its number for these training prompts and this model
+    (`config`); a recipe with a number is returned as it is. `grpo validate` resolves it the same way."""
+    grpo = recipe.grpo
+    if grpo.max_new_tokens != "auto":
+        return recipe
+    longest = max(prompt_lengths(examples, tokenizer, not recipe.data.chat))
+    tokens = auto_max_new_tokens(longest, getattr(config, "max_position_embeddings", None))
+    return with_max_new_tokens(recipe, tokens)
+
+
+def with_max_new_tokens(recipe: Recipe, tokens: int) -> Recipe:
+    if recipe.grpo.overlong_buffer >= tokens:
+        raise UserError(f"grpo.overlong_buffer ({recipe.grpo.overlong_buffer}) must be shorter than "
+                        f"grpo.max_new_tokens, which auto resolved to {tokens}; lower the buffer or set "
+                        "grpo.max_new_tokens to a number.")
+    return recipe.model_copy(update={"grpo": recipe.grpo.model_copy(update={"max_new_tokens": tokens})})
 
 
 def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,
@@ -301,6 +335,11 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
+    if grpo.max_new_tokens == "auto":
+        recipe = max_new_tokens_of_the_run(recipe, train_set, policy, resume_from, console)
+        grpo = recipe.grpo
+        if world.main:
+            record_recipe(run_dir, recipe, recipe_file)
     train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model.config, grpo.max_new_tokens,
                                            not chat)
     eval_set = None
@@ -348,6 +387,33 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         shared_prompts=fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp",
         step=step, last_saved=resume_from, started=started,
     )
+
+
+def max_new_tokens_of_the_run(recipe: Recipe, train_set: Examples, policy, resume_from: Path | None,
+                              console: TrainConsole) -> Recipe:
+    """grpo.max_new_tokens: auto resolved: for a new run, from the training prompts and the model's context;
+    resuming, the number the run started with (in its checkpoint's recipe), so the run trains as it began."""
+    if resume_from is not None:
+        saved = load_recipe(resume_from / checkpoint.RECIPE_FILE).grpo.max_new_tokens
+        if saved != "auto":
+            console.message(f"grpo.max_new_tokens: auto, {saved} as when the run started")
+            return with_max_new_tokens(recipe, saved)
+    recipe = resolve_max_new_tokens(recipe, train_set, policy.tokenizer, policy.model.config)
+    context = getattr(policy.model.config, "max_position_embeddings", None)
+    why = f"the model's {context}-token context left after the longest training prompt" if context else \
+        "the model's config states no context"
+    console.message(f"grpo.max_new_tokens: auto -> {recipe.grpo.max_new_tokens} ({why}, at most "
+                    f"{AUTO_MAX_NEW_TOKENS_CAP})")
+    return recipe
+
+
+def record_recipe(run_dir: Path, recipe: Recipe, recipe_file: Path | None) -> None:
+    """The run's recipe.yaml, now with what auto resolved to (eval and export read it), unless it is the file
+    the user passed (prepare_run_dir leaves that as written; each checkpoint holds the resolved recipe)."""
+    resolved = run_dir / "recipe.yaml"
+    if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
+        return
+    resolved.write_text(dump(recipe))
 
 
 class StepClock:

@@ -271,6 +271,10 @@ def test_validate_counts_the_prompts_of_good_data(tmp_path, tiny_model_path):
     assert code == 0 and "valid." in output, output
     assert "training prompts kept (d.jsonl) │ 2" in output and "longest training prompt │ 15 tokens" in output
     assert "prompts too long for the context │ 0" in output and "1 row skipped: 1 with no answer (line 3)" in output
+    # grpo.max_new_tokens: auto (the default) is the context left after the longest prompt: 256 - 15
+    code, output = validate_with_data(tmp_path, rows)
+    assert code == 0 and "grpo.max_new_tokens │ 241 (auto)" in output
+    assert "prompts too long for the context │ 0" in output
 
 
 def test_validate_skips_the_data_check_for_a_hub_dataset_not_in_the_cache(tmp_path, tiny_model_path):

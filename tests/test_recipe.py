@@ -169,6 +169,18 @@ def test_overlong_buffer_must_fit(tmp_path):
         load(write(tmp_path, "grpo: {max_new_tokens: 64, overlong_buffer: 64}\n"))
 
 
+def test_max_new_tokens_is_a_number_or_auto_the_default(tmp_path):
+    assert load(write(tmp_path, "model: {name: builtin:tiny-math}\n")).grpo.max_new_tokens == "auto"
+    assert load(write(tmp_path, "grpo: {max_new_tokens: 512}\n")).grpo.max_new_tokens == 512
+    assert load(write(tmp_path, "{}\n"), ["grpo.max_new_tokens=64"]).grpo.max_new_tokens == 64  # --set gives a string
+    assert load(write(tmp_path, "grpo: {overlong_buffer: 64}\n")).grpo.overlong_buffer == 64  # checked once resolved
+    for bad in ("lots", "0", "Auto", "2.5"):
+        with pytest.raises(RecipeError) as error:
+            load(write(tmp_path, f"grpo: {{max_new_tokens: {bad}}}\n"))
+        assert "1 problem" in str(error.value)
+        assert "grpo.max_new_tokens: must be a whole number of tokens (1 or more) or auto" in str(error.value)
+
+
 def test_two_python_rules_need_different_names(tmp_path):
     path = write(tmp_path, "rewards:\n  - {rule: python, function: 'a:f'}\n  - {rule: python, function: 'b:f'}\n")
     with pytest.raises(RecipeError, match="f is listed twice"):

@@ -350,3 +350,44 @@ def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_cou
     # exactly at the threshold is not over it
     assert TruncationWatch().check(1, torch.tensor([1.0] + [0.0] * 9), 16) is None
     assert TruncationWatch().check(1, torch.tensor([1.0, 1.0] + [0.0] * 8), 16) is not None
+
+
+def test_auto_max_new_tokens_is_the_context_left_after_the_longest_prompt_capped():
+    from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP
+    from grpo_cli.train import auto_max_new_tokens
+
+    assert auto_max_new_tokens(25, 256) == 231  # the builtin model: its whole context is 256 tokens
+    assert auto_max_new_tokens(300, 32768) == AUTO_MAX_NEW_TOKENS_CAP == 1024  # a Qwen-class model
+    assert auto_max_new_tokens(300, None) == AUTO_MAX_NEW_TOKENS_CAP
+    with pytest.raises(UserError, match="that prompt is 256 tokens and the model's context is 256: nothing is left"):
+        auto_max_new_tokens(256, 256)
+
+
+def test_auto_max_new_tokens_is_resolved_recorded_and_kept_on_resume(tmp_path, tiny_model_path):
+    # Prompts of 216 characters (the builtin tokenizer's tokens) leave 40 of its 256-token context.
+    question = "What is 2 + 3?" + " " * 202
+    (tmp_path / "d.jsonl").write_text(json.dumps({"question": question, "answer": "5"}) + "\n")
+    sections = dict(data={"train": str(tmp_path / "d.jsonl"), "eval": None}, grpo={"max_new_tokens": "auto"},
+                    output={"save_every": 1})
+    messages = []
+    console = TrainConsole(quiet=True)
+    console.message = messages.append
+    recipe = recipe_module.validate(small_recipe(tmp_path / "run", train={"steps": 1, "lr": 1e-3, "seed": 0,
+                                                                          "warmup_steps": 0}, **sections))
+    train(recipe, console=console)
+    assert any(m.startswith("grpo.max_new_tokens: auto -> 40 (the model's 256-token context") for m in messages)
+    assert recipe_module.load(tmp_path / "run" / "recipe.yaml").grpo.max_new_tokens == 40
+    assert max(s["completion"].count("") - 1 for s in read_jsonl(tmp_path / "run" / "samples.jsonl")) <= 40
+    # A longer prompt now would leave 30; the resumed run keeps the 40 it started with (and skips that prompt).
+    rows = [{"question": question, "answer": "5"}, {"question": question + " " * 10, "answer": "5"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages.clear()
+    recipe = recipe_module.validate(small_recipe(tmp_path / "run", train={"steps": 2, "lr": 1e-3, "seed": 0,
+                                                                          "warmup_steps": 0}, **sections))
+    train(recipe, resume=True, console=console)
+    assert "grpo.max_new_tokens: auto, 40 as when the run started" in messages
+    assert any("1 prompts too long for the context skipped" in m for m in messages)
+    changed = [m for m in messages if m.startswith("resuming with changed settings")]
+    assert changed == ["resuming with changed settings: train.steps: 1 -> 2"]  # auto is no change
+    saved = tmp_path / "run" / "checkpoints" / "step-2" / "recipe.yaml"
+    assert recipe_module.load(saved).grpo.max_new_tokens == 40
