@@ -63,6 +63,7 @@ class EvalOptions:
     chat_template_kwargs: dict | None = None  # None: the run's data.chat_template_kwargs, or none
     device: str = "auto"
     dtype: str | None = None
+    best: bool = False  # a run directory's best checkpoint (checkpoint.locate_best), not its latest
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     random.seed(options.seed)
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
-    loaded = load_for_inference(options.model, options.device, options.dtype, progress=on_message)
+    loaded = load_for_inference(options.model, options.device, options.dtype, progress=on_message, best=options.best)
     rows, named, data_name = _load_set(options, loaded.recipe)
     builtin = options.model.startswith("builtin:") or (
         loaded.recipe is not None and loaded.recipe.model.name.startswith("builtin:"))

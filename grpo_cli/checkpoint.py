@@ -72,6 +72,7 @@ RECIPE_FILE = "recipe.yaml"
 MANIFEST = "manifest.json"  # written last: {file: size} for everything else in the checkpoint
 CHECKSUMS = "SHA256SUMS"  # written just before it: `<sha256>  <file>` lines for every other file
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng.pt")  # read by resume only
+BEST_FILE = "best.json"  # in checkpoints/: which checkpoint scored the highest held-out accuracy (keep_best)
 _CHUNK = 1 << 20  # bytes read per hash update
 
 
@@ -315,13 +316,52 @@ def save(run_dir: Path, step: int, policy, optimizer_state: dict, scheduler, tra
             + (f"The previous checkpoint, {previous.name}, is intact. " if previous else "")
             + "Free some space (or set output.dir elsewhere) and continue with --resume."
         ) from None
-    if keep_last:
-        # The new one and the keep_last - 1 before it. A newer one can only be a damaged checkpoint
-        # that resume skipped: left for a later save of its step to replace, never kept instead of this one.
-        older = [p for p in complete_checkpoints(run_dir) if _step(p) < step]
-        for old in older[: max(0, len(older) - (keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+    prune(run_dir, step, keep_last)
     return final
+
+
+def prune(run_dir: Path, step: int, keep_last: int | None) -> None:
+    """Keep step-`step` and the keep_last - 1 complete checkpoints before it, and the best (never pruned).
+
+    A newer one can only be a damaged checkpoint that resume skipped: left for a later save of its step
+    to replace, never kept instead of this one."""
+    if not keep_last:
+        return
+    marked = read_best(run_dir)
+    best = marked["step"] if marked else None
+    older = [p for p in complete_checkpoints(run_dir) if _step(p) < step and _step(p) != best]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def best_file(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / BEST_FILE
+
+
+def read_best(run_dir: Path) -> dict | None:
+    """The run's best-checkpoint marker, {"step", "checkpoint", "accuracy", "n"}, or None when there is none."""
+    try:
+        marked = json.loads(best_file(run_dir).read_text())
+    except (OSError, ValueError):
+        return None
+    return marked if isinstance(marked, dict) and isinstance(marked.get("step"), int) else None
+
+
+def mark_best(run_dir: Path, step: int, accuracy: float, n: int, keep_last: int | None) -> None:
+    """Record step-`step` (saved already) as the run's best, then prune the previous best if keep_last
+    no longer keeps it. Written whole (a temporary file renamed), so a reader never sees half of it."""
+    marker = best_file(run_dir)
+    partial = marker.with_name(f".{BEST_FILE}.partial")
+    partial.write_text(json.dumps({"step": step, "checkpoint": checkpoint_dir(run_dir, step).name,
+                                   "accuracy": accuracy, "n": n}, indent=1))
+    _fsync(partial)
+    os.replace(partial, marker)
+    _fsync(marker.parent)
+    prune(run_dir, step, keep_last)  # the same set the save of `step` kept, less the previous best
+
+
+def forget_best(run_dir: Path) -> None:
+    best_file(run_dir).unlink(missing_ok=True)
 
 
 def _step(path: Path) -> int | None:
@@ -392,6 +432,29 @@ def locate(path: Path) -> Path | None:
         verify(found, training_state=False)
         return found
     return None
+
+
+def locate_best(path: Path) -> Path:
+    """The run directory's best checkpoint (--best), verified as `locate` does; a UserError that says
+    why when the run has none."""
+    if (path / STATE_FILE).exists() or (path / MANIFEST).exists():
+        raise UserError(f"{path} is a checkpoint; --best takes the run directory it belongs to "
+                        f"({path.parent.parent}), or drop --best to use this checkpoint.")
+    if not ((path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()):
+        raise UserError(f"{path} is not a grpo run directory; --best takes one (the output.dir of a training run).")
+    marked = read_best(path)
+    if marked is None:
+        raise UserError(
+            f"{path} has no best checkpoint: it is marked when output.keep_best is true (the default) and a "
+            "held-out evaluation (data.eval, every output.eval_every steps and at the end) ran after a training "
+            f"step. Drop --best to use the latest checkpoint, or pass a checkpoint such as {path}/checkpoints/step-N.")
+    found = path / "checkpoints" / marked["checkpoint"]
+    if not is_complete(found):
+        raise UserError(f"the best checkpoint of {path}, {marked['checkpoint']}, is missing or incomplete "
+                        f"({_incomplete(found) if found.is_dir() else 'no such directory'}); drop --best to use "
+                        "the latest checkpoint.")
+    verify(found, training_state=False)
+    return found
 
 
 def read_state(path: Path) -> dict:

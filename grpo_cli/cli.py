@@ -130,6 +130,8 @@ def train(
     moved = ""
     if summary.eval_first is not None and summary.eval_last is not None:
         moved = f"; held-out accuracy {summary.eval_first:.1%} -> {summary.eval_last:.1%}"
+    if summary.best is not None:
+        moved += f" (best: {summary.best['checkpoint']}, {summary.best['accuracy']:.1%} held-out)"
     typer.echo(
         f"done: {summary.step} steps in {summary.seconds:.0f}s{moved}; "
         f"checkpoint {summary.checkpoint}; metrics {summary.run_dir / 'metrics.jsonl'}"
@@ -140,6 +142,9 @@ def train(
 def eval_command(
     model: str = typer.Option(None, "--model", "-m", metavar="MODEL",
                               help="Run directory, checkpoint, model directory, hub id or builtin:tiny-math."),
+    best: bool = typer.Option(False, "--best",
+                              help="With a run directory: its best checkpoint (highest held-out accuracy, "
+                                   "output.keep_best), not its latest."),
     data: str = typer.Option(None, "--data", "-d", metavar="DATA",
                              help="gsm8k, math500, builtin:arithmetic-test, a .jsonl/.json/.csv/.parquet file or a hub dataset; default: the run's eval set."),
     data_file: str = typer.Option(None, "--data-file", metavar="FILE",
@@ -191,7 +196,7 @@ def eval_command(
     options = EvalOptions(model=model, data=data, data_file=data_file, predictions=predictions, samples=samples,
                           limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
-                          chat_template_kwargs=variables, device=device, dtype=dtype)
+                          chat_template_kwargs=variables, device=device, dtype=dtype, best=best)
     try:
         with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,
@@ -252,6 +257,9 @@ def score(
 @app.command(cls=PlainCommand)
 def export(
     source: str = typer.Argument(..., help="A run directory (its latest checkpoint) or a checkpoint directory."),
+    best: bool = typer.Option(False, "--best",
+                              help="Export the run directory's best checkpoint (highest held-out accuracy, "
+                                   "output.keep_best), not its latest."),
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory to write the model to."),
     dtype: str = typer.Option(None, metavar="DTYPE",
                               help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
@@ -262,13 +270,13 @@ def export(
 ) -> None:
     """Merge the trained adapters into the base and save a model plain transformers loads; verified after writing.
 
-    Example: grpo export runs/quickstart --out models/quickstart
+    Example: grpo export runs/quickstart --out models/quickstart;  grpo export runs/quickstart --best --out models/best
     """
     from grpo_cli.export import export as run_export
 
     try:
         with terminate_at_once():
-            exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force)
+            exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force, best=best)
     except UserError as error:
         _fail(error)
     except (KeyboardInterrupt, Terminated) as stop:

@@ -382,10 +382,13 @@ variation; allowed {check.tolerance:.1e}), and from the base model's by {check.v
 
 
 def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bool = False,
-           force: bool = False) -> Exported:
-    """Write the checkpoint `ref` (or a run directory's latest) to `out` and verify it."""
+           force: bool = False, best: bool = False) -> Exported:
+    """Write the checkpoint `ref` (or a run directory's latest, or with `best` its best) to `out` and verify it."""
     out = Path(out)
-    found = checkpoint.locate(Path(ref)) if Path(ref).is_dir() else None
+    if best:
+        found = checkpoint.locate_best(Path(ref))
+    else:
+        found = checkpoint.locate(Path(ref)) if Path(ref).is_dir() else None
     if found is None:
         raise UserError(f"{ref} is not a grpo run directory or checkpoint (no checkpoints/step-N/ with "
                         f"{checkpoint.STATE_FILE} in it).")

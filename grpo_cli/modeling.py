@@ -226,14 +226,18 @@ class Inference:
     source: str  # what was loaded, for reports
 
 
-def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None, progress=None) -> Inference:
-    """A model in eval mode from a run directory (its latest checkpoint), a checkpoint, a PEFT
-    adapter directory, a model directory, a hub id or a builtin name."""
+def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None, progress=None,
+                       best: bool = False) -> Inference:
+    """A model in eval mode from a run directory (its latest checkpoint, or with `best` its best), a
+    checkpoint, a PEFT adapter directory, a model directory, a hub id or a builtin name."""
     import json
 
     target = pick_device(device)
     path = Path(ref).expanduser()
-    found = checkpoint.locate(path) if path.is_dir() else None
+    if best:
+        found = checkpoint.locate_best(path)
+    else:
+        found = checkpoint.locate(path) if path.is_dir() else None
     if found is not None:
         recipe_path = found / checkpoint.RECIPE_FILE
         recipe = load_recipe(recipe_path if recipe_path.exists() else found.parent.parent / "recipe.yaml")

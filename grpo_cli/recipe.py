@@ -248,6 +248,8 @@ class OutputSpec(Section):
     samples_every: int = Field(10, ge=1, description="log sample completions every N steps")
     samples_groups: int = Field(2, ge=0, description="how many groups to log each time")
     keep_last: int | None = Field(None, ge=1, description="keep only the newest N checkpoints; null = all")
+    keep_best: bool = Field(True, description="also keep the checkpoint with the highest held-out accuracy "
+                            "(saved when an evaluation beats the earlier ones), never pruned by keep_last")
     tensorboard: bool = Field(False, description="also write scalars and samples for tensorboard --logdir <dir>")
 
 

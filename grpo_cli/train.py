@@ -59,6 +59,7 @@ class RunSummary:
     checkpoint: Path | None
     eval_first: float | None  # held-out accuracy at the first evaluation of the run's history
     eval_last: float | None
+    best: dict | None  # checkpoint.read_best's marker: the checkpoint with the highest held-out accuracy
     seconds: float
 
 
@@ -265,6 +266,7 @@ class Run:
     shared_prompts: bool  # a step's prompts run once for all its micro-batches (logprobs.can_share_prompts)
     step: int  # the last step taken
     last_saved: Path | None
+    best: dict | None  # the best checkpoint's marker (checkpoint.read_best), kept on disk for resume
     started: float  # perf_counter() when the process began training
     truncation: TruncationWatch = field(default_factory=TruncationWatch)
 
@@ -310,7 +312,7 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     evals = [r["eval/accuracy"] for r in read_jsonl(run.run_dir / METRICS) if "eval/accuracy" in r]
     return RunSummary(run_dir=run.run_dir, step=run.step, checkpoint=run.last_saved,
                       eval_first=evals[0] if evals else None, eval_last=evals[-1] if evals else None,
-                      seconds=time.perf_counter() - run.started)
+                      best=run.best, seconds=time.perf_counter() - run.started)
 
 
 def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
@@ -375,6 +377,7 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         step = state["step"]
         order.restore(state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
+    best = known_best(run_dir, recipe, world, step if resume_from is not None else None, console)
     policy.model.train()
     return Run(
         recipe=recipe, run_dir=run_dir, world=world, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
@@ -385,7 +388,7 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
         # only when a micro-batch repeats a prompt, which would differ between processes.
         shared_prompts=fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp",
-        step=step, last_saved=resume_from, started=started,
+        step=step, last_saved=resume_from, best=best, started=started,
     )
 
 
@@ -414,6 +417,20 @@ def record_recipe(run_dir: Path, recipe: Recipe, recipe_file: Path | None) -> No
     if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
         return
     resolved.write_text(dump(recipe))
+
+
+def known_best(run_dir: Path, recipe: Recipe, world: World, resumed_step: int | None, console: TrainConsole):
+    """The best checkpoint a resumed run already has. Forgotten (its marker removed) when the run starts over,
+    when keep_best is off, or when it is newer than the checkpoint resumed from (resume skipped a damaged one):
+    those steps are trained again and their checkpoints replaced, so the marker would name other weights."""
+    best = checkpoint.read_best(run_dir) if world.main else None
+    if best is not None and (resumed_step is None or not recipe.output.keep_best or best["step"] > resumed_step):
+        if resumed_step is not None and recipe.output.keep_best:
+            console.message(f"the best checkpoint, {best['checkpoint']}, is newer than the one resumed from: "
+                            "forgotten; the steps after it are trained again and the best found anew.")
+        checkpoint.forget_best(run_dir)
+        best = None
+    return world.all_gather_objects([best])[0]
 
 
 class StepClock:
@@ -580,14 +597,32 @@ def evaluate_if_due(run: Run, scorer: Scorer, interrupts: Interrupts) -> None:
         return
     try:
         with interrupts.droppable():
-            run_eval(run.step, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
+            accuracy = run_eval(run.step, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
     except Dropped:
-        pass
+        return
+    record_best_if_improved(run, accuracy)
+
+
+def record_best_if_improved(run: Run, accuracy: float) -> None:
+    """keep_best: when this evaluation beats every earlier one after a step (a tie keeps the earlier), the weights
+    it evaluated become the best checkpoint: saved now unless this step already was, then marked on disk."""
+    if not run.recipe.output.keep_best or (run.best is not None and accuracy <= run.best["accuracy"]):
+        return
+    if run.last_saved != checkpoint.checkpoint_dir(run.run_dir, run.step):
+        run.last_saved = save_checkpoint(run.run_dir, run.step, run.parallel, run.optimizer, run.scheduler,
+                                         run.trainer_state(), run.recipe)
+    if run.world.main:
+        checkpoint.mark_best(run.run_dir, run.step, accuracy, len(run.eval_set.items), run.recipe.output.keep_last)
+    run.world.barrier()
+    run.best = {"step": run.step, "checkpoint": run.last_saved.name, "accuracy": accuracy,
+                "n": len(run.eval_set.items)}
 
 
 def save_if_due(run: Run, stop: bool) -> None:
-    """Every save_every steps, at the last, and when stopping."""
+    """Every save_every steps, at the last, and when stopping (unless keep_best saved this step already)."""
     every = run.recipe.output.save_every
+    if run.last_saved == checkpoint.checkpoint_dir(run.run_dir, run.step):
+        return
     if run.step % every == 0 or run.step == run.recipe.train.steps or stop:
         run.last_saved = save_checkpoint(run.run_dir, run.step, run.parallel, run.optimizer, run.scheduler,
                                          run.trainer_state(), run.recipe)
