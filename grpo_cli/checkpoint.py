@@ -14,6 +14,9 @@ the new one (a damaged checkpoint that resume skipped is replaced when the run s
 that step again, not kept in the new one's stead). A save that fails (a full disk)
 removes its partial directory and leaves the previous checkpoint as it was.
 
+The best checkpoint (`output.keep_best`): `checkpoints/best.json` names the checkpoint with the
+highest held-out accuracy (written whole, after that checkpoint); pruning never removes it.
+
 Integrity: just before the manifest, `SHA256SUMS` records the SHA-256 of every other
 file, in the format of coreutils' `sha256sum` (so `sha256sum -c SHA256SUMS` checks a
 copy by hand); the manifest lists it with its size like any other file. Keeping the

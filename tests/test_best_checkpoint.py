@@ -1,0 +1,134 @@
+"""output.keep_best: the checkpoint with the highest held-out accuracy is kept beside the last ones,
+survives keep_last and resume, and is what `grpo export --best` and `grpo eval --best` load."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import small_recipe
+from grpo_cli import checkpoint, train as train_module
+from grpo_cli import recipe as recipe_module
+from grpo_cli.benchmark import EvalOptions, run as run_benchmark
+from grpo_cli.console import TrainConsole
+from grpo_cli.errors import UserError
+from grpo_cli.export import export
+from grpo_cli.run_log import read_jsonl
+from grpo_cli.train import train
+
+
+def recipe_for(run_dir, steps, max_new_tokens=8, **output):
+    """Evaluated every step; short completions where the accuracy is scripted (a real run: 40)."""
+    return recipe_module.validate(small_recipe(
+        run_dir, train={"steps": steps, "lr": 5e-3, "warmup_steps": 1, "seed": 0},
+        grpo={"group_size": 4, "prompts_per_step": 2, "max_new_tokens": max_new_tokens, "kl_beta": 0.04},
+        output={"dir": str(run_dir), "samples_every": 10, "eval_every": 1, **output}))
+
+
+def go(run_dir, steps, resume=False, **output):
+    return train(recipe_for(run_dir, steps, **output), resume=resume, console=TrainConsole(quiet=True))
+
+
+def kept(run_dir) -> list[int]:
+    return [int(p.name.removeprefix("step-")) for p in checkpoint.complete_checkpoints(run_dir)]
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """Held-out accuracy as the test says, per step, without generating: logged as run_eval logs it."""
+    accuracies = {}
+
+    def run_eval(step, parallel, eval_set, recipe, scorer, log, console):
+        log.metrics({"step": step, "eval/accuracy": accuracies[step], "eval/n": len(eval_set.items)})
+        return accuracies[step]
+
+    monkeypatch.setattr(train_module, "run_eval", run_eval)
+    return accuracies
+
+
+def test_the_best_survives_keep_last_and_resume(tmp_path, tiny_model_path, scripted):
+    """Step 3 is best (a tie at step 4 keeps the earlier) though checkpoints are due at even steps only:
+    it is saved when evaluated, kept by keep_last 1 beside the last, and still known after resume."""
+    run_dir = tmp_path / "run"
+    scripted.update({0: 0.9, 1: 0.2, 2: 0.1, 3: 0.6, 4: 0.6, 5: 0.3})  # step 0 (the base) is no candidate
+    summary = go(run_dir, 5, save_every=2, keep_last=1)
+    assert kept(run_dir) == [3, 5]
+    marker = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    assert marker == {"step": 3, "checkpoint": "step-3", "accuracy": 0.6, "n": 16} == summary.best
+
+    # Resumed, a worse step 6 is no new best: the best (read from disk) is kept beside step 6.
+    scripted.update({6: 0.5, 7: 0.9})
+    summary = go(run_dir, 6, resume=True, save_every=2, keep_last=1)
+    assert kept(run_dir) == [3, 6] and summary.best["step"] == 3
+    # A better one replaces it, and keep_last no longer keeps the old best.
+    summary = go(run_dir, 7, resume=True, save_every=2, keep_last=1)
+    assert kept(run_dir) == [7] and summary.best["step"] == 7 and checkpoint.read_best(run_dir)["step"] == 7
+
+
+def test_keep_best_off_marks_nothing_and_best_is_refused(tmp_path, tiny_model_path, scripted):
+    run_dir = tmp_path / "run"
+    scripted.update({0: 0.1, 1: 0.5, 2: 0.2})
+    summary = go(run_dir, 2, save_every=2, keep_best=False, keep_last=1)
+    assert summary.best is None and not (run_dir / "checkpoints" / "best.json").exists() and kept(run_dir) == [2]
+    for attempt in (lambda: export(str(run_dir), tmp_path / "out", best=True),
+                    lambda: run_benchmark(EvalOptions(model=str(run_dir), best=True, limit=2))):
+        with pytest.raises(UserError, match="has no best checkpoint.*keep_best.*Drop --best"):
+            attempt()
+    with pytest.raises(UserError, match="is a checkpoint; --best takes the run directory"):
+        export(str(run_dir / "checkpoints" / "step-2"), tmp_path / "out", best=True)
+
+
+def test_a_resume_from_before_the_best_forgets_it(tmp_path, tiny_model_path, scripted):
+    """Resume skipped a damaged newer checkpoint: the steps after it are trained again, so a best among them
+    would name weights about to be replaced."""
+    run_dir = tmp_path / "run"
+    scripted.update({0: 0.1, 1: 0.2, 2: 0.5, 3: 0.3, 4: 0.4})
+    go(run_dir, 2, save_every=1)
+    assert checkpoint.read_best(run_dir)["step"] == 2
+    adapter = run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    data[-1] ^= 0x40  # damaged: resume goes back to step 1
+    adapter.write_bytes(bytes(data))
+    scripted[2] = 0.25  # step 2 trained again evaluates otherwise: the old 0.5 names weights no longer there
+    summary = go(run_dir, 4, resume=True, save_every=1)
+    assert summary.best["step"] == 4 and checkpoint.read_best(run_dir)["step"] == 4  # not step 2 at the forgotten 0.5
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory, tiny_model_path):
+    """A real run evaluated every step, checkpoints due only at the end, keep_last 1."""
+    run_dir = tmp_path_factory.mktemp("best") / "run"
+    summary = go(run_dir, 4, max_new_tokens=40, save_every=10, keep_last=1)
+    return run_dir, summary
+
+
+def test_export_and_eval_best_load_the_weights_that_were_evaluated(peaked, tmp_path):
+    run_dir, summary = peaked
+    evals = {r["step"]: r["eval/accuracy"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval/accuracy" in r}
+    top = max(accuracy for step, accuracy in evals.items() if step >= 1)
+    best_step = min(step for step, accuracy in evals.items() if step >= 1 and accuracy == top)  # ties: the earlier
+    assert summary.best["step"] == best_step and kept(run_dir) == sorted({best_step, 4})
+    evaluation = run_benchmark(EvalOptions(model=str(run_dir), best=True, limit=16))
+    assert f"step-{best_step}" in evaluation.settings["model"]
+    assert evaluation.report.accuracy == evals[best_step]  # the same weights as that step's evaluation in training
+    assert export(str(run_dir), tmp_path / "out", best=True).step == best_step
+
+
+def test_pruning_spares_the_marked_checkpoint(tmp_path):
+    class Saved:
+        def save_pretrained(self, path, **_):
+            (path / "weights.bin").write_bytes(b"w")
+
+        def state_dict(self):
+            return {}
+
+    run_dir, policy = tmp_path / "run", SimpleNamespace(model=Saved(), tokenizer=Saved())
+    for n in (1, 2):
+        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n")
+    checkpoint.mark_best(run_dir, 2, 0.5, 8, keep_last=1)
+    for n in (3, 4):
+        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n", keep_last=1)
+    assert kept(run_dir) == [2, 4]
+    checkpoint.mark_best(run_dir, 4, 0.7, 8, keep_last=1)  # the old best goes at once
+    assert kept(run_dir) == [4]
+    assert checkpoint.locate_best(run_dir) == run_dir / "checkpoints" / "step-4"
