@@ -83,7 +83,8 @@ def count_parameters(recipe: Recipe, config) -> tuple[int, int]:
 
         lora = recipe.model.lora
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+                                                 target_modules=lora.target_modules, use_rslora=lora.use_rslora,
+                                                 use_dora=lora.use_dora, task_type="CAUSAL_LM"))
         return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

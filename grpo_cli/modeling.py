@@ -207,6 +207,8 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.de
             lora_alpha=spec.lora.alpha,
             lora_dropout=spec.lora.dropout,
             target_modules=spec.lora.target_modules,
+            use_rslora=spec.lora.use_rslora,
+            use_dora=spec.lora.use_dora,
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)

@@ -41,6 +41,10 @@ class LoraSpec(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' (every linear layer but the output head) or module names"
     )
+    use_rslora: bool = Field(False, description="rank-stabilized LoRA: scale the update by alpha / sqrt(r), not "
+                             "alpha / r, so a higher rank does not shrink it")
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude vector per output row on top of the "
+                           "low-rank direction update (slower: its forward is PEFT's, never the fast engine's folds)")
 
 
 class ModelSpec(Section):
