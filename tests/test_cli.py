@@ -58,6 +58,7 @@ def test_train_through_the_runner_with_overrides(tmp_path, tiny_model_path):
     result = runner.invoke(app, ["train", str(path), "--set", "train.steps=1", "--set", "output.eval_every=1"])
     assert result.exit_code == 0, result.output
     assert "done: 1 steps" in result.output and "held-out accuracy" in result.output
+    assert "(best: step-1, " in result.output  # output.keep_best: the only evaluation after a step
     # running again into the same directory needs --resume
     again = runner.invoke(app, ["train", str(path), "--set", "train.steps=2"])
     assert again.exit_code == 2 and "--resume" in again.output
@@ -149,6 +150,8 @@ def test_export_through_the_runner_and_as_a_subprocess(tmp_path, tiny_model_path
     assert "exported step 2 as a float32 model" in result.output and "verified" in result.output
     again = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "model")])
     assert again.exit_code == 2 and "--force" in again.output
+    best = runner.invoke(app, ["export", str(tmp_path / "run"), "--best", "--out", str(tmp_path / "best")])
+    assert best.exit_code == 0 and "exported step 2 " in best.output, best.output  # evaluated at the end only
     proc = subprocess.run([sys.executable, "-m", "grpo_cli", "export", str(tmp_path / "run"), "--out",
                            str(tmp_path / "adapter"), "--adapter-only"], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
