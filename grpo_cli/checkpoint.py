@@ -416,15 +416,24 @@ def latest_intact(run_dir: Path, warn: Callable[[str], None]) -> Path | None:
     return None
 
 
+def is_grpo_checkpoint(path: Path) -> bool:
+    """Whether `path` is one of our checkpoints (complete or torn), by what only grpo writes into one:
+    its manifest, or (a copy torn before the manifest arrived) its recipe beside its trainer state.
+
+    trainer_state.json alone does not tell: a Hugging Face Trainer's checkpoint (TRL's) has one too,
+    and is read as the adapter or model it holds (`modeling.load_for_inference`, `export`)."""
+    return (path / MANIFEST).exists() or ((path / STATE_FILE).exists() and (path / RECIPE_FILE).exists())
+
+
 def locate(path: Path) -> Path | None:
     """The checkpoint a user means by `path`: a checkpoint itself, or a run directory's latest,
     verified for grpo eval and export (all but TRAINING_STATE, which they do not read). A damaged one
     is refused, not replaced by an earlier one: the user asked for this one.
 
-    None when `path` is neither (a merged model or anything else); an error for a run
-    directory that holds no complete checkpoint yet.
+    None when `path` is neither (a merged model, a PEFT adapter, a Trainer checkpoint or anything
+    else); an error for a run directory that holds no complete checkpoint yet.
     """
-    if (path / STATE_FILE).exists() or (path / MANIFEST).exists():
+    if is_grpo_checkpoint(path):
         verify(path, training_state=False)
         return path
     if (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists():

@@ -284,7 +284,7 @@ def export(
     check = exported.check
     what = "LoRA adapter" if exported.adapter_only else f"{exported.dtype} model"
     typer.echo(
-        f"exported step {exported.step} as a {what} to {exported.out}; verified: next-token distributions within "
+        f"exported {'the adapter' if exported.step is None else f'step {exported.step}'} as a {what} to {exported.out}; verified: next-token distributions within "
         f"{check.vs_adapter:.1e} of the adapter model (allowed {check.tolerance:.1e}), {check.vs_base:.2e} from the base"
     )
 

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import __version__, checkpoint
+from grpo_cli import __version__, adapters, checkpoint
 from grpo_cli.data import load_rows, prompt_fields, render_prompt
 from grpo_cli.errors import UserError, os_error
 from grpo_cli.modeling import DTYPES, load_base, load_tokenizer, resolve
-from grpo_cli.recipe import Recipe, dump, load as load_recipe
+from grpo_cli.recipe import ModelSpec, Recipe, dump, load as load_recipe
 from grpo_cli.run_log import METRICS, read_jsonl
 
 RECIPE_FILE = "grpo_recipe.yaml"  # the training recipe, so grpo eval prompts the export as it was trained
@@ -72,15 +72,15 @@ class ExportCheck:
 @dataclass(frozen=True)
 class Exported:
     out: Path
-    step: int
+    step: int | None  # None for an adapter made elsewhere that records no step
     dtype: str
     adapter_only: bool
     check: ExportCheck
 
 
-def _output_dtype(requested: str | None, recipe: Recipe) -> str:
-    """--dtype, else the recipe's dtype; a recipe's 'auto' exports bfloat16, as hub models ship."""
-    choice = requested or recipe.model.dtype
+def _output_dtype(requested: str | None, recipe: Recipe | None) -> str:
+    """--dtype, else the recipe's dtype; a recipe's 'auto' (or no recipe) exports bfloat16, as hub models ship."""
+    choice = requested or (recipe.model.dtype if recipe is not None else "auto")
     if choice == "auto":
         return "bfloat16"
     if choice not in DTYPES:
@@ -179,7 +179,7 @@ def _start(target: Path) -> Path:
     return partial
 
 
-def _finish(partial: Path, target: Path, source: Path, step: int) -> None:
+def _finish(partial: Path, target: Path, source: Path, step: int | None) -> None:
     files = sorted(f.relative_to(partial).as_posix() for f in partial.rglob("*") if f.is_file() and f.name != MARKER)
     (partial / MARKER).write_text(json.dumps({"written_by": "grpo export", "grpo_version": __version__,
                                               "source": str(source), "step": step, "files": files}, indent=1))
@@ -389,18 +389,23 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
         found = checkpoint.locate_best(Path(ref))
     else:
         found = checkpoint.locate(Path(ref)) if Path(ref).is_dir() else None
-    if found is None:
+    foreign = adapters.foreign(Path(ref)) if found is None and not best and Path(ref).is_dir() else None
+    if found is None and foreign is None:
         raise UserError(f"{ref} is not a grpo run directory or checkpoint (no checkpoints/step-N/ with "
-                        f"{checkpoint.STATE_FILE} in it).")
-    recipe_path = found / checkpoint.RECIPE_FILE
-    run_dir = found.parent.parent
-    recipe = load_recipe(recipe_path if recipe_path.exists() else run_dir / "recipe.yaml")
-    state = checkpoint.read_state(found)
+                        f"{checkpoint.MANIFEST} in it), nor a PEFT adapter or Trainer checkpoint ({adapters.CONFIG}).")
+    if foreign is not None:  # made elsewhere (TRL, peft): no recipe, no run
+        found, recipe, state, run_dir = Path(ref), None, {"step": foreign.step}, None
+    else:
+        recipe_path = found / checkpoint.RECIPE_FILE
+        run_dir = found.parent.parent
+        recipe = load_recipe(recipe_path if recipe_path.exists() else run_dir / "recipe.yaml")
+        state = checkpoint.read_state(found)
     out_dtype = _output_dtype(dtype, recipe)
-    if adapter_only and recipe.model.lora is None:
+    if adapter_only and recipe is not None and recipe.model.lora is None:
         raise UserError("--adapter-only needs a LoRA run; this checkpoint holds fully fine-tuned weights.")
     target = out.resolve()  # where the checks and renames act, whatever symlinks or '.' --out goes through
-    in_run = run_dir.resolve() if found.parent.name == "checkpoints" else None  # a checkpoint copied alone has none
+    # a checkpoint copied alone, or an adapter made elsewhere, has no run around it
+    in_run = run_dir.resolve() if recipe is not None and found.parent.name == "checkpoints" else None
     _refuse_overlap(target, Path(ref).resolve(), in_run)
     try:
         _clear_leftovers(target)
@@ -412,7 +417,8 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
         "nothing was left there"
     try:
         partial = _start(target)  # first: an --out that cannot be written fails before minutes of loading
-        check = _write(found, recipe, state, out_dtype, adapter_only, partial, run_dir)
+        check = (_write(found, recipe, state, out_dtype, adapter_only, partial, run_dir) if foreign is None else
+                 _write_foreign(foreign, out_dtype, adapter_only, partial))
         _finish(partial, target, found, state["step"])
     except BaseException as exc:  # Ctrl-C and SIGTERM too: nothing half-written or hidden may stay
         _discard(target)
@@ -438,32 +444,75 @@ def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_onl
         from peft import PeftModel
 
         adapted = PeftModel.from_pretrained(base, str(found)).eval()
-        reference = _distributions(adapted, tokenizer)
-        if adapter_only:
-            adapted.save_pretrained(partial)
-            config_path = partial / "adapter_config.json"
-            config = json.loads(config_path.read_text())
-            config["base_model_name_or_path"] = base_path
-            config_path.write_text(json.dumps(config, indent=2))
-            merged = None
-        else:
-            merged = adapted.merge_and_unload(safe_merge=True)
-    else:
-        merged = load_base(str(found), full_precision, cpu, torch.float32).eval()
-        reference = _distributions(merged, tokenizer)
-    if merged is not None:
-        merged.to(DTYPES[out_dtype]).save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    if adapter_only:  # adapters keep their training precision; check them as peft users load them
-        reloaded = PeftModel.from_pretrained(load_base(base_path, full_precision, cpu, torch.float32), str(partial))
-        check = _verify(reloaded, partial, reference, base_dist, "float32", TOLERANCE_FLOOR)
+        check = _save_adapted(adapted, base_path, full_precision, tokenizer, base_dist, out_dtype, adapter_only,
+                              partial)
     else:
         from transformers import AutoModelForCausalLM
 
+        merged = load_base(str(found), full_precision, cpu, torch.float32).eval()
+        reference = _distributions(merged, tokenizer)
+        merged.to(DTYPES[out_dtype]).save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
         reloaded = AutoModelForCausalLM.from_pretrained(partial, dtype=DTYPES[out_dtype])
         tolerance = _tolerance(base_path, full_precision, out_dtype, base_dist, tokenizer)
         check = _verify(reloaded, partial, reference, base_dist, out_dtype, tolerance)
     (partial / RECIPE_FILE).write_text(dump(recipe))
     (partial / "README.md").write_text(_model_card(recipe, state, found, out_dtype, adapter_only, check, run_dir,
                                                    tokenizer, base_path))
+    return check
+
+
+def _save_adapted(adapted, base_path: str, full_precision, tokenizer, base_dist: torch.Tensor, out_dtype: str,
+                  adapter_only: bool, partial: Path) -> ExportCheck:
+    """Save the float32 adapter model (a PeftModel on the CPU) into `partial`, merged or as the adapter alone
+    pointing at `base_path`, with the tokenizer; reload it and verify it against the adapter model."""
+    from peft import PeftModel
+
+    reference = _distributions(adapted, tokenizer)
+    if adapter_only:
+        adapted.save_pretrained(partial)
+        config_path = partial / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_path
+        config_path.write_text(json.dumps(config, indent=2))
+    else:
+        adapted.merge_and_unload(safe_merge=True).to(DTYPES[out_dtype]).save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if adapter_only:  # adapters keep their training precision; check them as peft users load them
+        cpu = torch.device("cpu")
+        reloaded = PeftModel.from_pretrained(load_base(base_path, full_precision, cpu, torch.float32), str(partial))
+        return _verify(reloaded, partial, reference, base_dist, "float32", TOLERANCE_FLOOR)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(partial, dtype=DTYPES[out_dtype])
+    tolerance = _tolerance(base_path, full_precision, out_dtype, base_dist, tokenizer)
+    return _verify(reloaded, partial, reference, base_dist, out_dtype, tolerance)
+
+
+def _write_foreign(adapter: adapters.Adapter, out_dtype: str, adapter_only: bool, partial: Path) -> ExportCheck:
+    """An adapter made elsewhere (a PEFT directory, a Trainer checkpoint) merged into its base, or copied,
+    verified as a grpo checkpoint's is. Its tokenizer (chat template included) is kept as it is: how it
+    was prompted in training is not recorded, so the card says so rather than guess."""
+    cpu = torch.device("cpu")
+    base_path = resolve(adapter.base)
+    full_precision = ModelSpec(name=adapter.base, dtype="float32", lora=None)
+    base = load_base(base_path, full_precision, cpu, torch.float32).eval()
+    own_tokenizer = (Path(adapter.location) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(adapter.location if own_tokenizer else base_path)
+    base_dist = _distributions(base, tokenizer)
+    adapted = adapters.attach(base, adapter, trainable=False).eval()
+    check = _save_adapted(adapted, base_path, full_precision, tokenizer, base_dist, out_dtype, adapter_only, partial)
+    what = ("the LoRA adapter (PEFT layout) in its own dtype" if adapter_only else
+            f"the LoRA adapter merged in float32 into the base, saved as {out_dtype}")
+    tokenizer_of = "the adapter's own" if own_tokenizer else "the base model's"
+    (partial / "README.md").write_text(f"""# {Path(adapter.location).name}: a LoRA adapter on {adapter.base}
+
+Exported with grpo {__version__} on {time.strftime('%Y-%m-%d')} from {adapter.what}: {what}.
+The tokenizer is {tokenizer_of}, chat template included. Prompt the model as it was trained:
+grpo did not train this adapter and does not know its prompt format.
+
+Verified after writing: on {len(CHECK_PROMPTS)} fixed prompts the next-token distributions of this
+export differ from the unmerged float32 adapter model's by at most {check.vs_adapter:.2e} (total
+variation; allowed {check.tolerance:.1e}), and from the base model's by {check.vs_base:.2e}.
+""")
     return check

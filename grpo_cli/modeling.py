@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import builtin_model, checkpoint, hub
+from grpo_cli import adapters, builtin_model, checkpoint, hub
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.recipe import load as load_recipe
@@ -231,9 +231,8 @@ class Inference:
 def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None, progress=None,
                        best: bool = False) -> Inference:
     """A model in eval mode from a run directory (its latest checkpoint, or with `best` its best), a
-    checkpoint, a PEFT adapter directory, a model directory, a hub id or a builtin name."""
-    import json
-
+    checkpoint, a PEFT adapter directory (or a Trainer's checkpoint holding one), a model directory, a hub
+    id or a builtin name."""
     target = pick_device(device)
     path = Path(ref).expanduser()
     if best:
@@ -254,11 +253,13 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
     # a grpo export carries its training recipe: prompt it the way it was trained
     exported_recipe = path / "grpo_recipe.yaml"
     recipe = load_recipe(exported_recipe) if exported_recipe.exists() else None
-    if (path / "adapter_config.json").exists():
-        base_name = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = _with_adapter(base_name, path, spec, target, progress)
-        tokenizer_from = str(path) if (path / "tokenizer_config.json").exists() else resolve(base_name, progress)
-        return Inference(model=model.eval(), tokenizer=load_tokenizer(tokenizer_from), recipe=recipe, source=str(path))
+    adapter = adapters.foreign(path) if path.is_dir() else None  # a PEFT adapter, a Trainer (TRL) checkpoint
+    if adapter is not None:
+        base = load_base(resolve(adapter.base, progress), spec, target, pick_dtype(spec.dtype, target))
+        model = adapters.attach(base, adapter, trainable=False)
+        tokenizer_from = str(path) if (path / "tokenizer_config.json").exists() else resolve(adapter.base, progress)
+        return Inference(model=model.eval(), tokenizer=load_tokenizer(tokenizer_from), recipe=recipe,
+                         source=str(path) + (f" (step {adapter.step})" if adapter.step is not None else ""))
     resolved = resolve(ref, progress)
     model = load_base(resolved, spec, target, pick_dtype(spec.dtype, target))
     return Inference(model=model.eval(), tokenizer=load_tokenizer(resolved), recipe=recipe, source=ref)
