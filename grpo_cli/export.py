@@ -39,7 +39,7 @@ import torch
 from grpo_cli import __version__, adapters, checkpoint
 from grpo_cli.data import load_rows, prompt_fields, render_prompt
 from grpo_cli.errors import UserError, os_error
-from grpo_cli.modeling import DTYPES, load_base, load_tokenizer, resolve
+from grpo_cli.modeling import DTYPES, load_base, load_start, load_tokenizer, resolve
 from grpo_cli.recipe import ModelSpec, Recipe, dump, load as load_recipe
 from grpo_cli.run_log import METRICS, read_jsonl
 
@@ -403,6 +403,11 @@ def export(ref: str, out: str | Path, dtype: str | None = None, adapter_only: bo
     out_dtype = _output_dtype(dtype, recipe)
     if adapter_only and recipe is not None and recipe.model.lora is None:
         raise UserError("--adapter-only needs a LoRA run; this checkpoint holds fully fine-tuned weights.")
+    merged_start = recipe is not None and recipe.model.adapter is not None and recipe.model.adapter_mode == "merge"
+    if adapter_only and merged_start:
+        raise UserError(f"--adapter-only: this run trained its LoRA on {recipe.model.name} with model.adapter "
+                        f"({recipe.model.adapter}) merged into it (adapter_mode merge), a base that exists nowhere "
+                        "as a model; export it merged (without --adapter-only).")
     target = out.resolve()  # where the checks and renames act, whatever symlinks or '.' --out goes through
     # a checkpoint copied alone, or an adapter made elsewhere, has no run around it
     in_run = run_dir.resolve() if recipe is not None and found.parent.name == "checkpoints" else None
@@ -436,7 +441,7 @@ def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_onl
     base_path = resolve(recipe.model.name)
     full_precision = recipe.model.model_copy(update={"load_in_4bit": False, "lora": None})
     # The merge and the reference run in float32 on the CPU: the delta is not rounded before it is added.
-    base = load_base(base_path, full_precision, cpu, torch.float32).eval()
+    base = load_start(base_path, full_precision, cpu, torch.float32).eval()  # model.adapter merged, if it was
     tokenizer = load_tokenizer(str(found))
     tokenizer.chat_template = trained_chat_template(recipe, tokenizer)  # none when training prompted in plain text
     base_dist = _distributions(base, tokenizer)

@@ -3,6 +3,15 @@
 The reference policy for the KL term costs nothing with LoRA: it is the same
 network with the adapters disabled. A full fine-tune keeps a frozen copy, and
 with kl_beta = 0 there is no reference at all.
+
+A run may start from an adapter (model.adapter, say from supervised fine-tuning); the
+reference is then the policy it starts from, base plus that adapter, never the bare base:
+- adapter_mode continue trains the adapter itself (its own r, alpha, dropout, targets). The
+  reference pass swaps a frozen copy of the adapter's starting weights into each LoRA layer
+  (`starting_adapter`): the size of the adapter, not of the model, and the layers stay plain
+  PEFT LoRA layers for the rollout's fold and `lora_linear`.
+- adapter_mode merge merges it into the base weights (`load_start`), and a fresh LoRA (or a
+  full fine-tune) trains on top: the base with the adapters disabled is the starting policy.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class Policy:
     dtype: torch.dtype
     path: str  # where the base weights were loaded from
     frozen_reference: torch.nn.Module | None  # full fine-tune with KL only
+    starting_adapter: list | None = None  # adapter_mode continue with KL: (layer, lora_A, lora_B) frozen as loaded
 
     @property
     def is_lora(self) -> bool:
@@ -40,6 +50,9 @@ class Policy:
         """The reference model to run under no_grad: adapters off, or the frozen copy."""
         if self.frozen_reference is not None:
             yield self.frozen_reference
+        elif self.starting_adapter is not None:
+            with adapters_swapped(self.starting_adapter):
+                yield self.model
         elif self.is_lora:
             with adapters_disabled(lora_layers(self.model)):
                 yield self.model
@@ -84,6 +97,35 @@ def adapters_disabled(layers: list):
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def frozen_adapter_copies(layers: list) -> list:
+    """(layer, lora_A, lora_B): a frozen copy of each LoRA layer's active adapter as it is now."""
+    copies = []
+    for layer in layers:
+        name = layer.active_adapters[0]
+        if name not in layer.lora_A or layer.use_dora.get(name, False):
+            raise UserError("model.adapter has LoRA on embeddings, or DoRA, which adapter_mode continue cannot keep a "
+                            "starting copy of for the KL reference; use adapter_mode: merge, or grpo.kl_beta: 0.")
+        copies.append((layer, copy.deepcopy(layer.lora_A[name]).requires_grad_(False),
+                       copy.deepcopy(layer.lora_B[name]).requires_grad_(False)))
+    return copies
+
+
+@contextlib.contextmanager
+def adapters_swapped(copies: list):
+    """Each layer runs its frozen copy (`frozen_adapter_copies`) in place of its trained adapter until exit.
+    Modules are swapped, not tensors: the trained parameters, their gradients and optimizer state are untouched."""
+    trained = []
+    for layer, lora_a, lora_b in copies:
+        name = layer.active_adapters[0]
+        trained.append((layer, name, layer.lora_A[name], layer.lora_B[name]))
+        layer.lora_A[name], layer.lora_B[name] = lora_a, lora_b
+    try:
+        yield
+    finally:
+        for layer, name, lora_a, lora_b in trained:
+            layer.lora_A[name], layer.lora_B[name] = lora_a, lora_b
 
 
 def pick_device(choice: str) -> torch.device:
@@ -181,13 +223,44 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def load_start(path: str, spec: ModelSpec, device: torch.device, dtype: torch.dtype, progress=None):
+    """The weights a run's LoRA (or full fine-tune) trains on: the base, with model.adapter merged into it
+    under adapter_mode merge. What training, eval and export of such a run load."""
+    model = load_base(path, spec, device, dtype)
+    if spec.adapter is None or spec.adapter_mode != "merge":
+        return model
+    adapter = adapters.find(spec.adapter)
+    adapters.check_base(adapter, spec.name)
+    if progress:
+        progress(f"merging {adapter.what} into the base weights (model.adapter_mode merge)")
+    return adapters.attach(model, adapter, trainable=False).merge_and_unload(safe_merge=True)
+
+
+def _lora_differences(lora, adapter: adapters.Adapter) -> list[str]:
+    """The model.lora values the recipe sets that differ from the adapter's own, for the warning."""
+    theirs = {"r": adapter.config.get("r"), "alpha": adapter.config.get("lora_alpha"),
+              "dropout": adapter.config.get("lora_dropout"), "use_rslora": adapter.config.get("use_rslora"),
+              "use_dora": adapter.config.get("use_dora")}
+    differ = [f"{key} {getattr(lora, key)} (the adapter's: {value})" for key, value in theirs.items()
+              if key in lora.model_fields_set and value is not None and getattr(lora, key) != value]
+    targets = adapter.config.get("target_modules")
+    if "target_modules" in lora.model_fields_set and isinstance(lora.target_modules, list) and \
+            isinstance(targets, (list, set, tuple)) and set(lora.target_modules) != set(targets):
+        differ.append(f"target_modules {lora.target_modules} (the adapter's: {sorted(targets)})")
+    return differ
+
+
 def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.device | None = None) -> Policy:
     """The policy as the recipe describes it, on `device` (default: model.device's choice)."""
     device = device or pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
     path = resolve(spec.name, progress)
     tokenizer = load_tokenizer(path)
-    model = load_base(path, spec, device, dtype)
+    continued = None  # the adapter adapter_mode continue trains
+    if spec.adapter is not None and spec.adapter_mode == "continue":
+        continued = adapters.find(spec.adapter)
+        adapters.check_base(continued, spec.name)
+    model = load_start(path, spec, device, dtype, progress)
     model.config.use_cache = False  # training forwards; generation turns the cache on itself
     if spec.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
@@ -202,20 +275,30 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.de
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
-        config = LoraConfig(
-            r=spec.lora.r,
-            lora_alpha=spec.lora.alpha,
-            lora_dropout=spec.lora.dropout,
-            target_modules=spec.lora.target_modules,
-            use_rslora=spec.lora.use_rslora,
-            use_dora=spec.lora.use_dora,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
+        if continued is not None:
+            differences = _lora_differences(spec.lora, continued)
+            if progress and differences:
+                progress(f"warning: model.lora sets {'; '.join(differences)}: adapter_mode continue trains "
+                         f"{continued.what} as it is, with its own settings, so these are not used. Remove them, or "
+                         "use adapter_mode: merge to train a fresh LoRA with them on top of the adapter.")
+            model = adapters.attach(model, continued, trainable=True)
+        else:
+            config = LoraConfig(
+                r=spec.lora.r,
+                lora_alpha=spec.lora.alpha,
+                lora_dropout=spec.lora.dropout,
+                target_modules=spec.lora.target_modules,
+                use_rslora=spec.lora.use_rslora,
+                use_dora=spec.lora.use_dora,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, config)
     elif kl_beta > 0:
         frozen_reference = copy.deepcopy(model).eval().requires_grad_(False)
+    # continue: the reference is the adapter as loaded (restore_weights, on resume, changes only the trained one)
+    starting_adapter = frozen_adapter_copies(lora_layers(model)) if continued is not None and kl_beta > 0 else None
     return Policy(model=model, tokenizer=tokenizer, device=device, dtype=dtype, path=path,
-                  frozen_reference=frozen_reference)
+                  frozen_reference=frozen_reference, starting_adapter=starting_adapter)
 
 
 @dataclass(kw_only=True)
@@ -268,5 +351,5 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
 def _with_adapter(base_name: str, adapter_dir: Path, spec: ModelSpec, device: torch.device, progress):
     from peft import PeftModel
 
-    base = load_base(resolve(base_name, progress), spec, device, pick_dtype(spec.dtype, device))
+    base = load_start(resolve(base_name, progress), spec, device, pick_dtype(spec.dtype, device), progress)
     return PeftModel.from_pretrained(base, str(adapter_dir))

@@ -54,6 +54,12 @@ class ModelSpec(Section):
     )
     load_in_4bit: bool = Field(False, description="nf4 base through bitsandbytes (QLoRA); needs lora")
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="null = full fine-tuning")
+    adapter: str | None = Field(
+        None, description="start from this LoRA adapter on model.name: a PEFT directory, a grpo or Trainer (TRL) "
+        "checkpoint, an --adapter-only export, or a hub id; the KL reference is the base with it")
+    adapter_mode: Literal["continue", "merge"] = Field(
+        "continue", description="continue: train model.adapter itself (its own r, alpha, targets); merge: merge it "
+        "into the base and train a fresh model.lora (or, with lora null, every weight) on top")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
 
@@ -318,6 +324,18 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             ("model", "load_in_4bit"),
             "a 4-bit base cannot be trained directly; set model.lora (QLoRA) or load_in_4bit: false",
         ))
+    if recipe.model.adapter is not None and recipe.model.adapter_mode == "continue" and recipe.model.lora is None:
+        problems.append((
+            ("model", "adapter_mode"),
+            "continue trains model.adapter itself, a LoRA, so model.lora cannot be null; use adapter_mode: merge "
+            "to merge the adapter into the base and fine-tune every weight",
+        ))
+    if recipe.model.adapter is not None and recipe.model.adapter_mode == "merge" and recipe.model.load_in_4bit:
+        problems.append((
+            ("model", "adapter_mode"),
+            "merge into a 4-bit base would round the adapter away; use adapter_mode: continue (QLoRA on the "
+            "adapter) or load_in_4bit: false",
+        ))
     keys = [r.key for r in recipe.rewards]
     for index, key in enumerate(keys):
         if key in keys[:index]:
@@ -536,7 +554,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
 # Settings a resumed run cannot change without training something else than what the checkpoint holds.
 RESUME_FIXED = ("model.name", "model.load_in_4bit", "model.lora", "data.train", "data.prompt_field",
                 "data.answer_field", "data.template", "data.chat", "data.system_prompt", "grpo.group_size",
-                "train.seed", "data.chat_template_kwargs")
+                "train.seed", "data.chat_template_kwargs", "model.adapter", "model.adapter_mode")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:

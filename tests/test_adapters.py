@@ -145,3 +145,186 @@ def test_a_directory_without_an_adapter_is_refused_by_export(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="adapter_config.json"):
         export(str(tmp_path / "empty"), tmp_path / "out")
+
+
+# ---------------------------------------------------------------- starting a run from an adapter (model.adapter)
+
+TWO_STEPS = {"steps": 2, "lr": 5e-3, "warmup_steps": 0, "seed": 0}
+NO_EVAL = {"eval": None}
+
+
+def train_run(run_dir, resume=False, **sections):
+    from conftest import small_recipe
+    from grpo_cli import recipe as recipe_module
+    from grpo_cli.console import TrainConsole
+    from grpo_cli.train import train
+
+    sections = {"train": TWO_STEPS, "data": NO_EVAL, "output": {"save_every": 1}, **sections}
+    train(recipe_module.validate(small_recipe(run_dir, **sections)), resume=resume, console=TrainConsole(quiet=True))
+    return run_dir
+
+
+def kls(run_dir) -> dict[int, float]:
+    from grpo_cli.run_log import METRICS, read_jsonl
+
+    return {row["step"]: row["kl"] for row in read_jsonl(run_dir / METRICS) if row.get("kl") is not None}
+
+
+def step_dir(run_dir, n):
+    return run_dir / "checkpoints" / f"step-{n}"
+
+
+def peft_logits(adapter_dirs) -> torch.Tensor:
+    """Logits of the builtin model with each adapter in turn merged in (float32), the last one left unmerged."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-math"), dtype=torch.float32)
+    for index, directory in enumerate(adapter_dirs):
+        model = PeftModel.from_pretrained(model, str(directory))
+        if index < len(adapter_dirs) - 1:
+            model = model.merge_and_unload(safe_merge=True)
+    return logits_of(model.eval(), AutoTokenizer.from_pretrained(resolve("builtin:tiny-math")))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_model_path):
+    """Stands for the supervised stage: a short grpo run whose checkpoint moved away from the base."""
+    return train_run(tmp_path_factory.mktemp("sft") / "run", output={"save_every": 2})
+
+
+@pytest.fixture(scope="module")
+def continued(sft_run, tmp_path_factory):
+    return train_run(tmp_path_factory.mktemp("continued") / "run", model={"adapter": str(step_dir(sft_run, 2))})
+
+
+def test_continue_measures_the_kl_to_the_starting_adapter_not_to_the_bare_base(sft_run, continued, tmp_path,
+                                                                             monkeypatch):
+    from safetensors.torch import load_file
+
+    from grpo_cli import modeling
+
+    assert kls(continued)[1] < 1e-5  # step 1: the policy is the reference, base plus the starting adapter
+    begin = load_file(str(step_dir(sft_run, 2) / "adapter_model.safetensors"))
+    end = load_file(str(step_dir(continued, 2) / "adapter_model.safetensors"))
+    assert begin.keys() == end.keys() and any(not torch.equal(begin[k], end[k]) for k in begin)  # trained on
+    # The same run with the reference a fresh LoRA has (adapters off: the bare base) is far from 0 at step 1.
+    monkeypatch.setattr(modeling, "frozen_adapter_copies", lambda layers: None)
+    wrong = train_run(tmp_path / "wrong", model={"adapter": str(step_dir(sft_run, 2))}, train={**TWO_STEPS, "steps": 1})
+    assert kls(wrong)[1] > 1e-4 and kls(wrong)[1] > 100 * kls(continued)[1]
+
+
+def test_a_resumed_continue_run_keeps_the_starting_adapter_as_reference(sft_run, continued, tmp_path):
+    import shutil
+
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import load as load_recipe
+
+    recipe = load_recipe(continued / "recipe.yaml")
+    policy = load_policy(recipe.model.model_copy(update={"device": "cpu"}), recipe.grpo.kl_beta)
+    checkpoint.restore_weights(step_dir(continued, 1), policy)
+    with torch.no_grad(), policy.reference() as reference:
+        ref_logits = logits_of(reference.eval(), policy.tokenizer)
+    assert torch.allclose(ref_logits, peft_logits([step_dir(sft_run, 2)]), atol=1e-5)
+    assert torch.allclose(logits_of(policy.model.eval(), policy.tokenizer), peft_logits([step_dir(continued, 1)]),
+                          atol=1e-5)
+    # and a real resume carries on from step 1 to the end
+    copy = tmp_path / "copy"
+    shutil.copytree(continued, copy)
+    shutil.rmtree(step_dir(copy, 2))
+    train_run(copy, resume=True, model={"adapter": str(step_dir(sft_run, 2))})
+    assert kls(copy) == pytest.approx(kls(continued), rel=1e-4, abs=1e-7)
+
+
+def test_a_continued_run_evaluates_and_exports(continued, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_for_inference(str(continued), device="cpu", dtype="float32")
+    assert torch.allclose(logits_of(loaded.model, loaded.tokenizer), peft_logits([step_dir(continued, 2)]), atol=1e-5)
+    merged = export(str(continued), tmp_path / "merged", dtype="float32")
+    assert merged.check.vs_adapter <= merged.check.tolerance < merged.check.vs_base
+    only = export(str(continued), tmp_path / "adapter", adapter_only=True)
+    config = json.loads((only.out / "adapter_config.json").read_text())
+    assert config["r"] == 8  # the starting adapter's own rank
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
+                                      str(only.out))
+    assert torch.allclose(logits_of(model.eval(), loaded.tokenizer), peft_logits([step_dir(continued, 2)]), atol=1e-5)
+
+
+def test_merge_trains_a_fresh_lora_over_the_merged_adapter(sft_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run_dir = train_run(tmp_path / "merged-run", model={"adapter": str(sft_run), "adapter_mode": "merge",
+                                                        "lora": {"r": 4, "alpha": 8}})
+    assert kls(run_dir)[1] < 1e-5  # the reference (adapters off) is the merged base: the starting policy
+    assert json.loads((step_dir(run_dir, 2) / "adapter_config.json").read_text())["r"] == 4
+    expected = peft_logits([step_dir(sft_run, 2), step_dir(run_dir, 2)])
+    loaded = load_for_inference(str(run_dir), device="cpu", dtype="float32")
+    assert torch.allclose(logits_of(loaded.model, loaded.tokenizer), expected, atol=1e-4)
+    exported = export(str(run_dir), tmp_path / "export", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(exported.out).eval()
+    assert torch.allclose(logits_of(model, loaded.tokenizer), expected, atol=1e-4)
+    with pytest.raises(UserError, match="merged"):
+        export(str(run_dir), tmp_path / "adapter", adapter_only=True)
+
+
+def test_recipe_lora_values_that_continue_does_not_use_are_told(sft_run):
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    start = str(step_dir(sft_run, 2))
+    messages = []
+    policy = load_policy(ModelSpec(adapter=start, dtype="float32", device="cpu", lora={"r": 4, "alpha": 16}),
+                         kl_beta=0.04, progress=messages.append)
+    warning = [m for m in messages if m.startswith("warning: model.lora")]
+    assert len(warning) == 1 and "r 4 (the adapter's: 8)" in warning[0] and "alpha" not in warning[0]
+    assert {p.shape[0] for n, p in policy.model.named_parameters() if "lora_A" in n} == {8}
+    messages.clear()
+    load_policy(ModelSpec(adapter=start, dtype="float32", device="cpu"), kl_beta=0.04, progress=messages.append)
+    assert not [m for m in messages if m.startswith("warning")]  # defaults the recipe did not set are not compared
+
+
+def test_an_adapter_for_another_base_is_refused(peft_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    other = tmp_path / "other-base"
+    other.mkdir()
+    config = json.loads((peft_adapter / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-model"}))
+    shutil_copy(peft_adapter / "adapter_model.safetensors", other / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="org/other-model.*model.name"):
+        load_policy(ModelSpec(adapter=str(other), device="cpu"), kl_beta=0.04)
+    misshapen = tmp_path / "misshapen"
+    misshapen.mkdir()
+    (misshapen / "adapter_config.json").write_text(json.dumps(config))
+    weights = {k: torch.zeros(v.shape[0], v.shape[1] + 3) if "lora_A" in k else v
+               for k, v in load_file(str(peft_adapter / "adapter_model.safetensors")).items()}
+    save_file(weights, str(misshapen / "adapter_model.safetensors"))
+    with pytest.raises(UserError, match="does not fit"):
+        load_policy(ModelSpec(adapter=str(misshapen), device="cpu"), kl_beta=0.04)
+    with pytest.raises(UserError, match="no LoRA adapter"):
+        load_policy(ModelSpec(adapter=str(tmp_path), device="cpu"), kl_beta=0.04)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        load_policy(ModelSpec(adapter="org/not-cached-adapter", device="cpu"), kl_beta=0.04)
+
+
+def shutil_copy(source, target):
+    import shutil
+
+    shutil.copyfile(source, target)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"adapter": "a", "lora": None}, "model.lora cannot be null"),
+    ({"adapter": "a", "adapter_mode": "merge", "load_in_4bit": True}, "round the adapter away"),
+])
+def test_settings_that_do_not_fit_an_adapter_are_refused(model, message, tmp_path):
+    from conftest import small_recipe
+    from grpo_cli import recipe as recipe_module
+
+    with pytest.raises(UserError, match=message):
+        recipe_module.validate(small_recipe(tmp_path, model={"name": "builtin:tiny-math", **model}))
