@@ -328,3 +328,18 @@ def test_settings_that_do_not_fit_an_adapter_are_refused(model, message, tmp_pat
 
     with pytest.raises(UserError, match=message):
         recipe_module.validate(small_recipe(tmp_path, model={"name": "builtin:tiny-math", **model}))
+
+
+def test_a_continued_adapter_stays_plain_peft_lora_for_the_fast_engine(sft_run):
+    from grpo_cli import lora_linear
+    from grpo_cli.modeling import load_policy, lora_layers
+    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.rollout import foldable_lora_layers
+
+    policy = load_policy(ModelSpec(adapter=str(step_dir(sft_run, 2)), dtype="float32", device="cpu"), kl_beta=0.04)
+    layers = lora_layers(policy.model)
+    assert layers and len(foldable_lora_layers(policy.model)) == len(layers)  # the rollout folds every one
+    assert lora_linear.install(policy.model) == len(layers)  # and the update trains every one in fewer passes
+    with torch.no_grad(), policy.reference() as reference:
+        assert torch.allclose(logits_of(reference.eval(), policy.tokenizer), peft_logits([step_dir(sft_run, 2)]),
+                              atol=1e-5)
