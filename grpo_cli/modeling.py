@@ -276,6 +276,9 @@ def load_policy(spec: ModelSpec, kl_beta: float, progress=None, device: torch.de
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
         if continued is not None:
+            if progress:
+                progress(f"starting from {continued.what}, trained on as it is (model.adapter_mode continue); "
+                         "the KL is measured to it as loaded")
             differences = _lora_differences(spec.lora, continued)
             if progress and differences:
                 progress(f"warning: model.lora sets {'; '.join(differences)}: adapter_mode continue trains "

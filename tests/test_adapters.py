@@ -279,6 +279,7 @@ def test_recipe_lora_values_that_continue_does_not_use_are_told(sft_run):
                          kl_beta=0.04, progress=messages.append)
     warning = [m for m in messages if m.startswith("warning: model.lora")]
     assert len(warning) == 1 and "r 4 (the adapter's: 8)" in warning[0] and "alpha" not in warning[0]
+    assert any(m.startswith(f"starting from the grpo checkpoint {start} (step 2)") for m in messages)
     assert {p.shape[0] for n, p in policy.model.named_parameters() if "lora_A" in n} == {8}
     messages.clear()
     load_policy(ModelSpec(adapter=start, dtype="float32", device="cpu"), kl_beta=0.04, progress=messages.append)
