@@ -344,3 +344,26 @@ def test_a_continued_adapter_stays_plain_peft_lora_for_the_fast_engine(sft_run):
     with torch.no_grad(), policy.reference() as reference:
         assert torch.allclose(logits_of(reference.eval(), policy.tokenizer), peft_logits([step_dir(sft_run, 2)]),
                               atol=1e-5)
+
+
+def test_continue_under_fsdp_measures_the_kl_to_the_starting_adapter(peft_adapter, tmp_path):
+    """Under FSDP2 the frozen starting copies are swapped into gathered layers: step 1's KL is 0 (not measured to
+    the bare base) and step 2's is not (not measured to the policy itself)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import ROOT, small_recipe
+
+    recipe = {**small_recipe(tmp_path / "run", model={"adapter": str(peft_adapter)}, train=TWO_STEPS, data=NO_EVAL,
+                             output={"save_every": 2}), "distributed": {"strategy": "fsdp"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "grpo_cli", "train", str(tmp_path / "recipe.yaml"), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    kl = kls(tmp_path / "run")
+    assert kl[1] < 1e-5 and kl[2] > 1e-5
