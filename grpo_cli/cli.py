@@ -412,7 +412,7 @@ def validate(
         console.print(no_config, style="yellow", highlight=False)
         return
     if checked is not None:
-        from grpo_cli.train import with_max_new_tokens
+        from grpo_cli.prompt_room import with_max_new_tokens
 
         loaded = with_max_new_tokens(loaded, checked.max_new_tokens)  # auto resolved, for the memory estimate
     total, trainable = count_parameters(loaded, config)

@@ -1,7 +1,7 @@
 """`grpo validate`'s look at the data: what training would refuse (a field the recipe names that the
 rows lack, no prompt that fits the model's context) and what it would skip, read with the model's
 tokenizer and config but no weights. The checks are the training set-up's own (data.load_examples,
-train.fit_to_context), so validate and train cannot disagree.
+prompt_room.fit_to_context), so validate and train cannot disagree.
 
 Nothing is downloaded for it: a hub model whose tokenizer, or a hub dataset, is not in the local
 cache skips the check (`Skipped`, saying why); training downloads them as usual.
@@ -16,6 +16,7 @@ from pathlib import Path
 from grpo_cli import data, hub
 from grpo_cli.data import Examples
 from grpo_cli.errors import UserError
+from grpo_cli.prompt_room import fit_to_context, prompt_lengths, resolve_max_new_tokens
 from grpo_cli.recipe import DatasetRef, Recipe
 
 
@@ -37,8 +38,6 @@ class DataCheck:
 def check_data(recipe: Recipe, config, recipe_dir: Path | None) -> DataCheck:
     """Read the training (and held-out) set as training would. A UserError for what training would refuse;
     Skipped when the tokenizer or a dataset is not on this machine. `config`: the model's, or None."""
-    from grpo_cli.train import fit_to_context, prompt_lengths, resolve_max_new_tokens
-
     tokenizer = tokenizer_for(recipe.model.name)
     train = _examples(recipe.data.train, recipe, tokenizer, recipe_dir)
     eval_set = _examples(recipe.data.eval, recipe, tokenizer, recipe_dir) if recipe.data.eval is not None else None

@@ -27,11 +27,11 @@ from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
 from grpo_cli.console import TrainConsole
 from grpo_cli.data import Example, Examples, PromptOrder, load_examples
 from grpo_cli.distributed import Parallel, World, check_recipe, connect, disconnect
-from grpo_cli.errors import UserError
 from grpo_cli.guard import NAMES, Dropped, Interrupts, NonFiniteGuard, Stopped, out_of_memory, terminate_at_once
 from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts
 from grpo_cli.modeling import load_policy
+from grpo_cli.prompt_room import fit_to_context, resolve_max_new_tokens, with_max_new_tokens
 from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe, dump
 from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
@@ -78,29 +78,6 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def prompt_lengths(examples: Examples, tokenizer, add_special_tokens: bool) -> list[int]:
-    """Tokens of each prompt, encoded as the rollout encodes it."""
-    encoded = tokenizer([e.prompt for e in examples.items], add_special_tokens=add_special_tokens)
-    return [len(ids) for ids in encoded["input_ids"]]
-
-
-def fit_to_context(examples: Examples, tokenizer, config, max_new_tokens: int,
-                   add_special_tokens: bool) -> tuple[Examples, int]:
-    """Drop prompts that leave no room for max_new_tokens in the context of the model `config` describes;
-    count them. `grpo validate` runs it too (data_check.py), so the two cannot disagree."""
-    limit = getattr(config, "max_position_embeddings", None)
-    if not limit:
-        return examples, 0
-    lengths = prompt_lengths(examples, tokenizer, add_special_tokens)
-    kept = [e for e, n in zip(examples.items, lengths) if n + max_new_tokens <= limit]
-    if not kept:
-        raise UserError(
-            f"every prompt of {examples.name} is too long: the longest is {max(lengths)} tokens and "
-            f"grpo.max_new_tokens is {max_new_tokens}, but the model's context is {limit} tokens."
-        )
-    return replace(examples, items=kept), len(examples.items) - len(kept)
-
-
 @dataclass
 class TruncationWatch:
     """Whether a step's truncation is worth a warning: the first step over TRUNCATION_WARN_FRAC, then at
@@ -124,39 +101,6 @@ class TruncationWatch:
                 f"({max_new_tokens}) before ending{since}: a cut-off completion rarely holds an answer, so it scores "
                 "nothing and teaches little. Raise grpo.max_new_tokens, or shorten the completions: the rules that "
                 "reward long answers, or the prompt (data.template, data.system_prompt) that asks for them.")
-
-
-def auto_max_new_tokens(longest_prompt: int, context: int | None) -> int:
-    """grpo.max_new_tokens: auto: the context left after the longest training prompt, at most
-    AUTO_MAX_NEW_TOKENS_CAP (the cap alone when the model's config states no context)."""
-    if not context:
-        return AUTO_MAX_NEW_TOKENS_CAP
-    room = context - longest_prompt
-    if room < 1:
-        raise UserError(f"grpo.max_new_tokens is auto, the context left after the longest training prompt, but that "
-                        f"prompt is {longest_prompt} tokens and the model's context is {context}: nothing is left. "
-                        "Set grpo.max_new_tokens to a number (prompts that leave no room for it are skipped), or "
-                        "shorten the prompts.")
-    return min(AUTO_MAX_NEW_TOKENS_CAP, room)
-
-
-def resolve_max_new_tokens(recipe: Recipe, examples: Examples, tokenizer, config) -> Recipe:
-    """The recipe with grpo.max_new_tokens: auto replaced by its number for these training prompts and this model
-    (`config`); a recipe with a number is returned as it is. `grpo validate` resolves it the same way."""
-    grpo = recipe.grpo
-    if grpo.max_new_tokens != "auto":
-        return recipe
-    longest = max(prompt_lengths(examples, tokenizer, not recipe.data.chat))
-    tokens = auto_max_new_tokens(longest, getattr(config, "max_position_embeddings", None))
-    return with_max_new_tokens(recipe, tokens)
-
-
-def with_max_new_tokens(recipe: Recipe, tokens: int) -> Recipe:
-    if recipe.grpo.overlong_buffer >= tokens:
-        raise UserError(f"grpo.overlong_buffer ({recipe.grpo.overlong_buffer}) must be shorter than "
-                        f"grpo.max_new_tokens, which auto resolved to {tokens}; lower the buffer or set "
-                        "grpo.max_new_tokens to a number.")
-    return recipe.model_copy(update={"grpo": recipe.grpo.model_copy(update={"max_new_tokens": tokens})})
 
 
 def logprobs_no_grad(parallel: Parallel, rollout: Rollout, batches: list[MicroBatch], temperature: float,

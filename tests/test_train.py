@@ -354,7 +354,7 @@ def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_cou
 
 def test_auto_max_new_tokens_is_the_context_left_after_the_longest_prompt_capped():
     from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP
-    from grpo_cli.train import auto_max_new_tokens
+    from grpo_cli.prompt_room import auto_max_new_tokens
 
     assert auto_max_new_tokens(25, 256) == 231  # the builtin model: its whole context is 256 tokens
     assert auto_max_new_tokens(300, 32768) == AUTO_MAX_NEW_TOKENS_CAP == 1024  # a Qwen-class model
