@@ -133,15 +133,21 @@ def test_qwen3_without_its_q_k_norms_is_refused():
     assert not decoder.supports(model)
 
 
-def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, monkeypatch):
-    made = []
+@pytest.fixture
+def made(monkeypatch):
+    """One entry per LeanDecoder built: which way a rollout went."""
+    built = []
 
     class Counted(decoder.LeanDecoder):
         def __init__(self, *args, **kwargs):
-            made.append(1)
+            built.append(1)
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(decoder, "LeanDecoder", Counted)
+    return built
+
+
+def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, made):
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
     prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 38?"]
     out, decoders = {}, {}
@@ -155,18 +161,10 @@ def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, monkeypatch)
     assert len(set(out[True].lengths.tolist())) > 1  # rows ended at different steps: rows were dropped
 
 
-def test_qwen3_samples_the_same_tokens_either_way(tiny_model_path, monkeypatch):
+def test_qwen3_samples_the_same_tokens_either_way(tiny_model_path, made):
     """End to end through `generate`: a random Qwen3 with the builtin tokenizer (101 tokens, pad 0, EOS 1)."""
     from transformers import AutoTokenizer
 
-    made = []
-
-    class Counted(decoder.LeanDecoder):
-        def __init__(self, *args, **kwargs):
-            made.append(1)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(decoder, "LeanDecoder", Counted)
     model = random_lora_model(Qwen3Config(**{**QWEN3, "vocab_size": 101}, pad_token_id=0, eos_token_id=1))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     out = {}
