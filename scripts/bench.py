@@ -133,7 +133,8 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
                  "kl_beta": args.kl_beta, "clip_eps": 0.2, "temperature": 1.0,
                  "micro_batch_size": args.micro_batch_size, "cuda_graphs": not args.no_cuda_graphs},
         "rewards": [{"rule": "correctness", "weight": 1.0}],
-        "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0},
+        "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0,
+                  "deterministic": not args.nondeterministic},
         "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
     })
     class StepMemory(TrainConsole):
@@ -281,6 +282,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="grpo only")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="grpo only: decode steps launched from Python")
+    parser.add_argument("--nondeterministic", action="store_true",
+                        help="grpo only: train.deterministic false (what deterministic kernels cost)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per process")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both tools")
