@@ -61,12 +61,9 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_
         if found is None:  # starting from step 0: logs of an attempt that saved nothing are not this run's
             for name in (METRICS, SAMPLES):
                 (run_dir / name).unlink(missing_ok=True)
-        resolved = run_dir / "recipe.yaml"
-        if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
-            notify(f"{resolved} is the recipe you passed: left as you wrote it (each checkpoint holds the "
-                   "resolved recipe).")
-        else:
-            resolved.write_text(dump(recipe))
+        if not write_recipe(run_dir, recipe, recipe_file):
+            notify(f"{run_dir / 'recipe.yaml'} is the recipe you passed: left as you wrote it (each checkpoint "
+                   "holds the resolved recipe).")
         if found is not None:
             with open(run_dir / "resumes.jsonl", "a") as handle:
                 handle.write(json.dumps({"from_step": checkpoint.read_state(found)["step"],
@@ -75,3 +72,13 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_
     except OSError as exc:
         raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror}. Set output.dir to a writable place.") from None
     return found
+
+
+def write_recipe(run_dir: Path, recipe: Recipe, recipe_file: Path | None) -> bool:
+    """Write the resolved recipe to <run dir>/recipe.yaml, unless that file is the one the user passed
+    (`recipe_file`), which is never overwritten; whether it was written."""
+    resolved = run_dir / "recipe.yaml"
+    if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
+        return False
+    resolved.write_text(dump(recipe))
+    return True

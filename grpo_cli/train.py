@@ -37,7 +37,7 @@ from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
 from grpo_cli.step_batch import StepBatch, sample_step
-from grpo_cli.run_dir import prepare_run_dir
+from grpo_cli.run_dir import prepare_run_dir, write_recipe
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
 from grpo_cli.scoring import GRADERS, Scorer, Scores, refuse_inside_a_starting_worker
 from grpo_cli.run_lock import RunLock
@@ -285,7 +285,7 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         recipe = max_new_tokens_of_the_run(recipe, train_set, policy, resume_from, console)
         grpo = recipe.grpo
         if world.main:
-            record_recipe(run_dir, recipe, recipe_file)
+            write_recipe(run_dir, recipe, recipe_file)  # now with what auto resolved to (eval, export read it)
     train_set, too_long = fit_to_context(train_set, policy.tokenizer, policy.model.config, grpo.max_new_tokens,
                                            not chat)
     eval_set = None
@@ -352,15 +352,6 @@ def max_new_tokens_of_the_run(recipe: Recipe, train_set: Examples, policy, resum
     console.message(f"grpo.max_new_tokens: auto -> {recipe.grpo.max_new_tokens} ({why}, at most "
                     f"{AUTO_MAX_NEW_TOKENS_CAP})")
     return recipe
-
-
-def record_recipe(run_dir: Path, recipe: Recipe, recipe_file: Path | None) -> None:
-    """The run's recipe.yaml, now with what auto resolved to (eval and export read it), unless it is the file
-    the user passed (prepare_run_dir leaves that as written; each checkpoint holds the resolved recipe)."""
-    resolved = run_dir / "recipe.yaml"
-    if recipe_file is not None and resolved.exists() and resolved.samefile(recipe_file):
-        return
-    resolved.write_text(dump(recipe))
 
 
 def known_best(run_dir: Path, recipe: Recipe, world: World, resumed_step: int | None, console: TrainConsole):
