@@ -24,6 +24,8 @@ import logging
 import re
 from dataclasses import dataclass
 
+from grpo_cli.tool_calls import after_last_output
+
 # A marker introducing the final answer; the answer runs to the end of its sentence.
 _LINE_MARKERS = re.compile(
     r"(?:####|(?:the\s+)?final\s+answer\s*(?:is\s*:?|:)|the\s+answer\s+is\s*:?|^\s*answer\s*:|^\s*a\s*:"
@@ -180,9 +182,12 @@ def split_thinking(text: str) -> tuple[str, str] | None:
 
 def _answer_part(text: str) -> str:
     """The part of the text that can hold the final answer, blanked elsewhere so indices stay: the
-    model's own turn (see _own_turn), and after the thinking when the text thinks
+    model's own turn (see _own_turn), after its last tool output block (what the code printed is not
+    the model's answer; tool_calls.py), and after the thinking when the text thinks
     ("<think> ... </think>"). Thinking that never closed gave no answer: all blank."""
     text = _own_turn(text)
+    after_tools = after_last_output(text)
+    text = " " * after_tools + text[after_tools:]
     closes = list(_THINK_CLOSE.finditer(text))
     if closes:
         return " " * closes[-1].end() + text[closes[-1].end() :]

@@ -32,7 +32,8 @@ class MicroBatch:
     prompt_index: torch.Tensor  # [n] which of the u prompts each row continues
     groups: torch.Tensor  # [n] which of the step's prompts each row continues (its group)
     completion_ids: torch.Tensor  # [n, c] trimmed to the longest completion here
-    completion_mask: torch.Tensor  # [n, c]
+    completion_mask: torch.Tensor  # [n, c] the completion's tokens, tool output included (attended)
+    action_mask: torch.Tensor  # [n, c] those the model chose: the loss's and the entropy's (Rollout.action_mask)
 
     @property
     def prompt_len(self) -> int:
@@ -90,5 +91,6 @@ def split(rollout: Rollout, max_rows: int | None = None, max_tokens: int | None 
             groups=rows // rollout.group_size,
             completion_ids=rollout.completion_ids[rows, :c],
             completion_mask=rollout.completion_mask[rows, :c],
+            action_mask=rollout.action_mask[rows, :c],
         ))
     return batches

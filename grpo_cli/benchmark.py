@@ -23,7 +23,10 @@ from grpo_cli.errors import UserError
 from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.modeling import load_for_inference
 from grpo_cli.recipe import DataSpec, HubDataset
+from grpo_cli.rollout import generate
 from grpo_cli.scoring import Scorer, refuse_inside_a_starting_worker
+from grpo_cli.tool_calls import TOOLS, count_calls
+from grpo_cli.tool_rollout import open_session
 
 BOXED_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -64,6 +67,9 @@ class EvalOptions:
     device: str = "auto"
     dtype: str | None = None
     best: bool = False  # a run directory's best checkpoint (checkpoint.locate_best), not its latest
+    tools: list[str] | None = None  # ["python"]: the model may run code (tool_calls.py); None: the run's grpo.tools
+    max_tool_calls: int | None = None  # None: the run's, else 4
+    tool_timeout_s: float | None = None  # None: the run's, else 5 s
 
 
 @dataclass(frozen=True)
@@ -87,8 +93,13 @@ class Evaluation:
             if item.vote_timeouts:
                 record["vote_timeouts"] = item.vote_timeouts
             items.append(record)
-        return {**self.report.summary(), "seconds": round(self.report.seconds, 2), "settings": self.settings,
-                "items": items}
+        tool_use = {}
+        if self.settings.get("tools"):  # counted from the transcripts: each call left an output block
+            calls = [count_calls(c) for item in self.report.items for c in item.completions]
+            tool_use = {"tool_calls": round(sum(calls) / max(len(calls), 1), 3),
+                        "tool_use_frac": round(sum(c > 0 for c in calls) / max(len(calls), 1), 4)}
+        return {**self.report.summary(), **tool_use, "seconds": round(self.report.seconds, 2),
+                "settings": self.settings, "items": items}
 
 
 def _data_spec(named: NamedSet | None, options: EvalOptions, recipe, tokenizer, builtin: bool) -> DataSpec:
@@ -171,10 +182,12 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     max_new = options.max_new_tokens or (named.max_new_tokens if named else None) or (
         trained_with if isinstance(trained_with, int) else 512)
     sampled = options.samples > 1
-    with Scorer() as scorer:
+    tools = _tool_settings(options, loaded.recipe)
+    with Scorer() as scorer, open_session(**tools) as session:
         report = evaluate(loaded.model, loaded.tokenizer, items, max_new, scorer, samples=options.samples,
                           temperature=options.temperature, top_p=options.top_p, batch_size=options.batch_size,
-                          add_special_tokens=not spec.chat, on_progress=on_progress)
+                          add_special_tokens=not spec.chat, on_progress=on_progress,
+                          sampler=lambda **kwargs: generate(loaded.model, **kwargs, tools=session))
     settings = {
         "model": loaded.source, "data": data_name, "rows": len(rows), "n": len(items), "skipped_rows": examples.skipped,
         "skipped_note": examples.skip_note(),  # each reason with its count and first rows
@@ -185,8 +198,23 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
         "chat": spec.chat, "system_prompt": spec.system_prompt, "template": spec.template,
         **({"chat_template_kwargs": spec.chat_template_kwargs} if spec.chat and spec.chat_template_kwargs else {}),
         "prompt_field": spec.prompt_field, "limit": options.limit,
+        **({"tools": tools["tools"], "max_tool_calls": tools["max_calls"], "tool_timeout_s": tools["timeout_s"]}
+           if tools["tools"] else {}),
     }
     return Evaluation(report, settings)
+
+
+def _tool_settings(options: EvalOptions, recipe) -> dict:
+    """open_session's arguments: the options', else the run's recipe's, else no tool."""
+    grpo = recipe.grpo if recipe is not None else None
+    tools = options.tools if options.tools is not None else (list(grpo.tools) if grpo else [])
+    unknown = [t for t in tools if t not in TOOLS]
+    if unknown:
+        raise UserError(f"--tools {', '.join(unknown)}: the tools are {', '.join(TOOLS)} (or none).")
+    return {"tools": tools,
+            "max_calls": options.max_tool_calls or (grpo.max_tool_calls if grpo else 4),
+            "timeout_s": options.tool_timeout_s or (grpo.tool_timeout_s if grpo else 5.0),
+            "memory_mb": grpo.tool_memory_mb if grpo else 1024}
 
 
 def _grade_file(options: EvalOptions) -> Evaluation:

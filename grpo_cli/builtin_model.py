@@ -6,9 +6,16 @@ generated arithmetic (`builtin_task`), and saved as an ordinary transformers
 directory in the cache. Every later load goes through `from_pretrained` on that
 directory, exactly like a real model.
 
-The warm start mixes worked solutions with bare answers (see WORKED_FRACTION), so
-the model starts out answering most questions without working, and wrong more
-often than not; the reward rules then have something real to teach.
+The warm start mixes worked solutions with bare answers (see VARIANTS), so the
+model starts out answering most questions without working, and wrong more often
+than not; the reward rules then have something real to teach.
+
+`builtin:tiny-math-tools` is the same model warm-started on a different mix: some
+of its worked answers compute with the code tool (a short python block, its output
+block, the answer; tool_calls.py's format), the output blocks being context the
+warm start does not train on, as GRPO does not. Its quickstart
+(recipes/quickstart-tools.yaml) lets GRPO find out that computed answers are right
+more often.
 """
 
 from __future__ import annotations
@@ -24,10 +31,17 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import builtin_task
+from grpo_cli import builtin_task, tool_calls
 
 NAME = "tiny-math"
-VERSION = 1  # bump when anything below changes, so stale caches are rebuilt
+TOOLS_NAME = "tiny-math-tools"
+# name -> (version, warm-start mix): bump a version when anything that builds that model changes, so stale
+# caches are rebuilt. The rest of each mix is bare answers.
+VARIANTS = {
+    NAME: {"version": 1, "worked": 0.5, "tool": 0.0},
+    TOOLS_NAME: {"version": 1, "worked": 0.4, "tool": 0.2},
+}
+VERSION = VARIANTS[NAME]["version"]
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
@@ -40,7 +54,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WORKED_FRACTION = 0.5
+WORKED_FRACTION = VARIANTS[NAME]["worked"]
 WARM_START = {"steps": 500, "batch": 64, "lr": 3e-3, "seed": 0}
 PROGRESS_EVERY_S = 10.0  # the build takes minutes: a line per stage, and one this often during the warm start
 
@@ -97,8 +111,9 @@ def build_config(tokenizer):
     )
 
 
-def warm_start_texts(seed: int, n: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs, never a test question: WORKED_FRACTION worked, the rest bare."""
+def warm_start_texts(seed: int, n: int, worked: float = WORKED_FRACTION, tool: float = 0.0) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs, never a test question: a `tool` share computed with the code tool,
+    a `worked` share worked, the rest bare."""
     test_questions = {p.question for p in builtin_task.test_split()}
     rng = random.Random(seed)
     pairs = []
@@ -106,15 +121,28 @@ def warm_start_texts(seed: int, n: int) -> list[tuple[str, str]]:
         problem = builtin_task.sample(rng)
         if problem.question in test_questions:
             continue
-        completion = problem.worked if rng.random() < WORKED_FRACTION else problem.bare
+        draw = rng.random()  # one draw per problem, so tool = 0 gives the very texts of the plain mix
+        completion = problem.tool if draw < tool else problem.worked if draw < tool + worked else problem.bare
         pairs.append((problem.question, completion + EOS))
     return pairs
 
 
-def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, on_step=None) -> list[float]:
-    """Supervised pass on completions only (prompt tokens masked); returns the loss curve.
-    `on_step(step, steps, loss)` is called after each step, step counting from 1."""
-    pairs = warm_start_texts(seed, steps * batch)
+def _output_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the output blocks as the rollout appends them (newline before, fence after)."""
+    spans, at = [], 0
+    while (start := text.find("\n" + tool_calls.OUTPUT_OPEN, at)) >= 0:
+        end = text.find(tool_calls.OUTPUT_CLOSE, start + len(tool_calls.OUTPUT_OPEN) + 1)
+        end = len(text) if end < 0 else end + len(tool_calls.OUTPUT_CLOSE)
+        spans.append((start, end))
+        at = end
+    return spans
+
+
+def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, on_step=None, worked: float = WORKED_FRACTION,
+               tool: float = 0.0) -> list[float]:
+    """Supervised pass on completions only (prompt tokens and tool output masked); returns the loss
+    curve. `on_step(step, steps, loss)` is called after each step, step counting from 1."""
+    pairs = warm_start_texts(seed, steps * batch, worked, tool)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -126,11 +154,17 @@ def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, o
     for step in range(steps):
         chunk = pairs[step * batch : (step + 1) * batch]
         prompts = tokenizer([p for p, _ in chunk], add_special_tokens=False)["input_ids"]
-        enc = tokenizer([p + c for p, c in chunk], add_special_tokens=False, padding=True, return_tensors="pt")
+        texts = [p + c for p, c in chunk]
+        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
+                        return_offsets_mapping=bool(tool))
+        offsets = enc.pop("offset_mapping", None)  # [B, T, 2] character span of each token
         labels = enc["input_ids"].clone()
         labels[enc["attention_mask"] == 0] = -100
         for row, prompt in enumerate(prompts):
             labels[row, : len(prompt)] = -100
+            for start, end in _output_spans(texts[row]) if offsets is not None else ():
+                labels[row, (offsets[row, :, 0] >= start) & (offsets[row, :, 1] <= end)
+                       & (enc["attention_mask"][row] == 1)] = -100
         loss = model(**enc, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -152,8 +186,9 @@ class BuildReport:
 
     STAGES = 3
 
-    def __init__(self, say=None, clock=time.monotonic):
+    def __init__(self, say=None, name: str = NAME, clock=time.monotonic):
         self.say = say or (lambda text: None)
+        self.name = name
         self.clock = clock
         self.started = self.last = clock()
         self.first_step = None  # (step, time) of the first step seen: the time left is estimated from there on
@@ -179,22 +214,23 @@ class BuildReport:
         self.say(f"      warm start step {step}/{steps} ({step / steps:.0%}), {took:.0f}s elapsed{left}, loss {loss:.3f}")
 
     def done(self) -> None:
-        self.say(f"  built builtin:{NAME} in {self._elapsed():.0f}s; later runs load it from the cache")
+        self.say(f"  built builtin:{self.name} in {self._elapsed():.0f}s; later runs load it from the cache")
 
 
-def build(target: Path, progress=None) -> None:
-    """Create, warm-start and save the model into `target` (a fresh directory), saying how far it got
-    through `progress` (a function of one line; see BuildReport)."""
+def build(target: Path, progress=None, name: str = NAME) -> None:
+    """Create, warm-start and save the model `name` (one of VARIANTS) into `target` (a fresh directory),
+    saying how far it got through `progress` (a function of one line; see BuildReport)."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    report = BuildReport(progress)
+    mix = VARIANTS[name]
+    report = BuildReport(progress, name)
     torch.manual_seed(WARM_START["seed"])
     tokenizer = build_tokenizer()
     model = LlamaForCausalLM(build_config(tokenizer))
     started = time.perf_counter()
     report.stage(1, f"warm start: {WARM_START['steps']} supervised steps of {WARM_START['batch']} generated "
                     "arithmetic problems")
-    losses = warm_start(model, tokenizer, **WARM_START, on_step=report.step)
+    losses = warm_start(model, tokenizer, **WARM_START, on_step=report.step, worked=mix["worked"], tool=mix["tool"])
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=48
     )
@@ -204,10 +240,11 @@ def build(target: Path, progress=None) -> None:
     report.stage(3, "checking that the saved tokenizer loads and tokenizes as built")
     check_roundtrip(target, tokenizer)
     info = {
-        "name": f"builtin:{NAME}",
-        "version": VERSION,
+        "name": f"builtin:{name}",
+        "version": mix["version"],
         "warm_start": WARM_START,
-        "worked_fraction": WORKED_FRACTION,
+        "worked_fraction": mix["worked"],
+        "tool_fraction": mix["tool"],
         "final_loss": sum(losses[-20:]) / 20,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -235,21 +272,22 @@ def ensure(name: str = NAME, progress=None) -> Path:
     directory renamed into place only when complete, so a crash never leaves a
     half-written model that later runs would load.
     """
-    if name != NAME:
+    if name not in VARIANTS:
         raise KeyError(name)
     root = cache_root() / "builtin"
-    target = root / f"{NAME}-v{VERSION}"
+    version = VARIANTS[name]["version"]
+    target = root / f"{name}-v{version}"
     if (target / "builtin.json").exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{NAME}.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / "builtin.json").exists():
             return target
         if progress:
-            progress(f"building builtin:{NAME} (first use only, about two minutes on 2 CPU cores) in {target}")
-        partial = root / f".{NAME}-v{VERSION}.partial-{os.getpid()}"
+            progress(f"building builtin:{name} (first use only, about two minutes on 2 CPU cores) in {target}")
+        partial = root / f".{name}-v{version}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
-        build(partial, progress)
+        build(partial, progress, name)
         os.replace(partial, target)
     return target

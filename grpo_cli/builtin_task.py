@@ -4,11 +4,13 @@ Three kinds, all small enough for the builtin tiny model to learn on a CPU:
 two-digit additions, a one-digit times a two-digit number, and monic quadratics
 with two distinct integer roots (the product brief's x^2 - 5x + 6 = 0 is one).
 
-Each problem also carries two reference solutions used only to warm-start the
-builtin model: a *worked* one that writes the digit-by-digit steps before the
-marked final answer, and a *bare* one that writes only the final answer. The
-worked form is easier for a small model to get right, which is what GRPO has
-to discover in the quickstart.
+Each problem also carries three reference solutions used only to warm-start the
+builtin models: a *worked* one that writes the digit-by-digit steps before the
+marked final answer, a *bare* one that writes only the final answer, and a *tool*
+one that computes the answer in a python block, reads it from the output block
+and marks it (tool_calls.py's format; builtin:tiny-math-tools sees these). The
+worked form is easier for a small model to get right than the bare one, and the
+tool form easier still, which is what GRPO has to discover in the quickstarts.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ class Problem:
     worked: str  # steps, then the marked final answer
     bare: str  # the marked final answer alone
     kind: str
+    code: str  # python that prints the answer
+    printed: str  # what `code` prints (tests run it in the sandbox to check)
+
+    @property
+    def tool(self) -> str:
+        """The tool-using solution: the code block, its output block as the rollout appends it, the answer."""
+        return f"\n```python\n{self.code}\n```\n```output\n{self.printed}\n```\n{_final(self.answer)}"
 
 
 def _final(answer: str) -> str:
@@ -45,7 +54,7 @@ def addition(rng: random.Random) -> Problem:
     steps = f"{a % 10}+{b % 10}={low}, {a // 10}+{b // 10}{carry_term}={high}."
     answer = str(a + b)
     return Problem(question=f"What is {a} + {b}?", answer=answer, worked=f" {steps} {_final(answer)}",
-                   bare=f" {_final(answer)}", kind="add")
+                   bare=f" {_final(answer)}", kind="add", code=f"print({a} + {b})", printed=answer)
 
 
 def multiplication(rng: random.Random) -> Problem:
@@ -57,9 +66,9 @@ def multiplication(rng: random.Random) -> Problem:
     steps = f"{a}*{b % 10}={low}, {a}*{b // 10}{carry_term}={high}."
     answer = str(a * b)
     # Both orders are asked; the steps always multiply the one-digit factor in.
-    question = f"What is {a} * {b}?" if rng.random() < 0.5 else f"What is {b} * {a}?"
-    return Problem(question=question, answer=answer, worked=f" {steps} {_final(answer)}", bare=f" {_final(answer)}",
-                   kind="mul")
+    first, second = (a, b) if rng.random() < 0.5 else (b, a)
+    return Problem(question=f"What is {first} * {second}?", answer=answer, worked=f" {steps} {_final(answer)}",
+                   bare=f" {_final(answer)}", kind="mul", code=f"print({first} * {second})", printed=answer)
 
 
 def _signed_term(coef: int, var: str) -> str:
@@ -84,8 +93,11 @@ def quadratic(rng: random.Random) -> Problem:
     equation = f"x^2{_signed_term(b, 'x')}{_signed_term(c, '')} = 0"
     answer = f"{r1}, {r2}"
     steps = f"{_factor(r1)}{_factor(r2)}=0, x={r1} or x={r2}."
+    polynomial = f"x*x{_signed_term(b, '*x')}{_signed_term(c, '')}".replace(" ", "").replace("+1*x", "+x") \
+        .replace("-1*x", "-x")
+    code = f"print([x for x in range(-9, 10) if {polynomial} == 0])"
     return Problem(question=f"Solve {equation}.", answer=answer, worked=f" {steps} {_final(answer)}",
-                   bare=f" {_final(answer)}", kind="quadratic")
+                   bare=f" {_final(answer)}", kind="quadratic", code=code, printed=f"[{r1}, {r2}]")
 
 
 MAKERS = {"add": addition, "mul": multiplication, "quadratic": quadratic}

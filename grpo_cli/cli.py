@@ -173,6 +173,11 @@ def eval_command(
     device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option(None, metavar="DTYPE",
                               help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
+    tools: str = typer.Option(None, "--tools", metavar="TOOL",
+                              help="python: the model may run code in a sandbox (Qwen2.5-Math's tool-integrated "
+                                   "format); none: no tool. Default: the run's grpo.tools, else none."),
+    max_tool_calls: int = typer.Option(None, "--max-tool-calls", metavar="N",
+                                       help="With --tools: calls per completion (default: the run's, else 4)."),
 ) -> None:
     """Measure accuracy on a math set, or grade given completions.
 
@@ -196,7 +201,9 @@ def eval_command(
     options = EvalOptions(model=model, data=data, data_file=data_file, predictions=predictions, samples=samples,
                           limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
-                          chat_template_kwargs=variables, device=device, dtype=dtype, best=best)
+                          chat_template_kwargs=variables, device=device, dtype=dtype, best=best,
+                          tools=None if tools is None else [t.strip() for t in tools.split(",") if t.strip() != "none"],
+                          max_tool_calls=max_tool_calls)
     try:
         with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,

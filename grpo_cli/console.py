@@ -11,14 +11,33 @@ from rich.table import Table
 from rich.text import Text
 
 from grpo_cli.metrics import DASHBOARD
+from grpo_cli.tool_calls import split_transcript
 
 PLAIN_EVERY = 10  # steps between lines when the output is not a terminal
 SHOWN_CHARS = 160  # of the best and worst completion
 
 
+TRANSCRIPT_STYLES = {"text": "", "code": "cyan", "output": "green"}  # a tool call's code and output told apart
+
+
 def _short(text: str, limit: int = SHOWN_CHARS) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _transcript(text: str, limit: int = SHOWN_CHARS) -> Text:
+    """A completion on one line, its tool calls' code and output in their own colours (their fences kept,
+    so they stay apart without colour too), cut at `limit` characters."""
+    shown = Text()
+    for kind, piece in split_transcript(text):
+        piece = " ".join(piece.split())
+        if piece:
+            shown.append(" " if shown.plain else "")
+            shown.append(piece, style=TRANSCRIPT_STYLES[kind])
+    if len(shown.plain) > limit:
+        shown.truncate(limit - 3)
+        shown.append("...")
+    return shown
 
 
 def _figure(value, fmt: str) -> str:
@@ -41,8 +60,8 @@ def dashboard(row: dict, best: tuple[str, float] | None, worst: tuple[str, float
         samples = Table.grid(padding=(0, 1))
         samples.add_column(style="dim")
         samples.add_column()
-        samples.add_row(f"best {best[1]:+.2f}", _short(best[0]))
-        samples.add_row(f"worst {worst[1]:+.2f}", _short(worst[0]))
+        samples.add_row(f"best {best[1]:+.2f}", _transcript(best[0]))
+        samples.add_row(f"worst {worst[1]:+.2f}", _transcript(worst[0]))
         parts.append(Panel(samples, title="completions", title_align="left"))
     return Group(*parts)
 
@@ -179,6 +198,6 @@ def print_scores(console: Console, groups, rules: list[str], title: str = "group
         table.add_column("total", justify="right")
         table.add_column("advantage", justify="right")
         for scored in group.completions:
-            table.add_row(_short(scored.completion, 120), *[_figure(scored.rewards.get(r), "+.2f") for r in rules],
+            table.add_row(_transcript(scored.completion, 120), *[_figure(scored.rewards.get(r), "+.2f") for r in rules],
                           f"{scored.total:+.3f}", f"{scored.advantage:+.3f}")
         console.print(table)

@@ -244,10 +244,12 @@ class LeanDecoder:
             self.next_position = self.next_position[rows]
         self.inputs = self.graph = self.graph_logits = None  # new batch and cache: a new static step
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
         """The rows' next tokens [n] -> the logits after them [n, V]. In graph mode the logits are the
-        graph's output tensor, valid until the next step."""
-        self.valid[:, self.length] = True
+        graph's output tensor, valid until the next step. `live` [n] bool: rows whose token this is; the
+        others (paused for a tool call) are fed a token whose slot stays invalid, and do not advance."""
+        self._ensure_room(1)
+        self.valid[:, self.length] = True if live is None else live
         if self.mode == "eager":
             logits = self._forward(tokens[:, None], self.next_position[:, None])
         else:
@@ -260,8 +262,38 @@ class LeanDecoder:
             slot.fill_(self.length)
             logits = self._replay() if self.mode == "graph" else self._forward(token, position, slot)
         self.length += 1
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + (1 if live is None else live.long())
         return logits
+
+    def append(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Several tokens at once for some rows (a tool's output), one short prefill: tokens [n, K]
+        right-aligned, `valid` [n, K] marks each row's; rows with none keep their state. The logits
+        after each row's last token [n, V] (meaningless for rows given none)."""
+        k = tokens.shape[1]
+        self._ensure_room(k)
+        positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)  # [n, K]
+        self.valid[:, self.length : self.length + k] = valid
+        logits = self._forward(tokens, positions)
+        self.length += k
+        self.next_position = self.next_position + valid.long().sum(1)
+        return logits
+
+    def _ensure_room(self, slots: int) -> None:
+        """Grow the cache when `slots` more would not fit: a tool's output and paused rows use slots beyond
+        prompt + max_new_tokens. Positions never pass that bound, so the rotary table stays."""
+        if self.length + slots <= self.capacity:
+            return
+        self.capacity = max(2 * self.capacity, self.length + slots)
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = self._new_cache(old.shape[0], old.shape[1], self.capacity, old.shape[3], like=old)
+                new[:, :, : self.length] = old[:, :, : self.length]
+                setattr(layer, name, new)
+        valid = self.valid.new_zeros(self.valid.shape[0], self.capacity)
+        valid[:, : self.length] = self.valid[:, : self.length]
+        self.valid = valid
+        self.inputs = self.graph = self.graph_logits = None  # the step reads the new tensors: a new capture
 
     def _replay(self) -> torch.Tensor:
         if self.graph is None:

@@ -41,7 +41,8 @@ STEP_METRICS = (
     Metric("loss", "the surrogate loss, mean over the step's updates"),
     Metric("grad_norm", "gradient norm before clipping, mean over the step's updates"),
     Metric("lr", "learning rate after the step"),
-    Metric("completion_len", "mean completion length in tokens, EOS included", label="length", fmt=".1f"),
+    Metric("completion_len", "mean completion length in tokens the model wrote, EOS included (tool output apart)",
+           label="length", fmt=".1f"),
     Metric("think_len", "mean characters of thinking (before `</think>`) over the completions that close a think "
            "block, opened by them or by the chat template; only on steps where one does"),
     Metric("answer_len", "mean characters after `</think>` over the same completions; only on steps where one does"),
@@ -57,6 +58,17 @@ STEP_METRICS = (
     Metric("sampled_accuracy", "accuracy over everything sampled, dropped groups included, with "
            "grpo.dynamic_sampling"),
     Metric("skipped_update", "only on a step whose update was not applied: what was not finite"),
+    Metric("tool_calls", "with grpo.tools: code blocks run per completion", label="tool calls", fmt=".2f"),
+    Metric("tool_use_frac", "with grpo.tools: fraction of completions that ran code at least once",
+           label="tool use", fmt=".0%"),
+    Metric("tool_errors", "with grpo.tools: fraction of calls that raised, exited non-zero or were killed "
+           "(timeouts apart)"),
+    Metric("tool_timeouts", "with grpo.tools: calls cut off at grpo.tool_timeout_s"),
+    Metric("tool_refused", "with grpo.tools: blocks closed after grpo.max_tool_calls, not run"),
+    Metric("tool_tokens", "with grpo.tools: mean tokens of tool output per completion (context, not trained on)"),
+    Metric("tool_seconds", "with grpo.tools: time the step's calls ran in the sandbox, summed over calls",
+           machine=True),
+    Metric("tool_wait_seconds", "with grpo.tools: time the decode loop stood waiting for a call", machine=True),
     Metric("score_errors", "reward calls that failed (scored 0)"),
     Metric("score_timeouts", "reward calls cut off at the time limit (scored 0)"),
     Metric("tokens_per_second", "generated tokens over the step time", machine=True, label="tokens/s", fmt=".0f"),
@@ -103,7 +115,9 @@ class StepFigures:
     scores: np.ndarray  # [N_all, R'] per rule, columns named by `rules`
     rules: list[str]
     texts: list[str]  # [N_all]
-    lengths: torch.Tensor  # [N_all] completion tokens
+    lengths: torch.Tensor  # [N_all] completion tokens the model wrote
+    tool_use: torch.Tensor | None  # [N_all, 6] with tools: ToolUse.stacked() and the tool-output tokens
+    tool_wait_seconds: float  # the longest of the processes'
     truncated: torch.Tensor  # [N_all] 1.0 where the completion hit max_new_tokens
     overlong: torch.Tensor  # [N_all]
     kls: torch.Tensor  # [K_all], empty without a reference pass
@@ -125,7 +139,9 @@ def gather(world, *, rewards_all: torch.Tensor, scores, rollout, overlong: torch
         scores=world.all_gather(torch.from_numpy(scores.values)).numpy(),
         rules=list(scores.rules),
         texts=world.all_gather_objects(rollout.texts),
-        lengths=world.all_gather(rollout.lengths.cpu()),
+        lengths=world.all_gather(rollout.action_lengths.cpu()),
+        tool_use=_tool_use(world, rollout),
+        tool_wait_seconds=world.reduce(rollout.tool_use.waited_seconds if rollout.tool_use else 0.0, "max"),
         truncated=world.all_gather(rollout.truncated.cpu().float()),
         overlong=world.all_gather(overlong),
         kls=world.all_gather(_cat(stats.kls)),
@@ -137,6 +153,17 @@ def gather(world, *, rewards_all: torch.Tensor, scores, rollout, overlong: torch
         score_timeouts=int(world.reduce(scores.timeouts)),
         peak_memory_gib=world.reduce(peak_memory_gib, "max"),
     )
+
+
+def _tool_use(world, rollout) -> torch.Tensor | None:
+    """[N_all, 6] tool figures (ToolUse.stacked, then tool-output tokens), gathered with or without a tool (zeros
+    then), so that the collectives never depend on the recipe; None without a tool."""
+    n = rollout.lengths.shape[0]
+    local = torch.zeros(n, 6, dtype=torch.float64)
+    if rollout.tool_use is not None:
+        local = torch.cat([rollout.tool_use.stacked(), (rollout.lengths - rollout.action_lengths).cpu().double()[:, None]], 1)
+    gathered = world.all_gather(local)
+    return None if rollout.tool_use is None else gathered
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -156,6 +183,17 @@ def thinking_lengths(texts: list[str]) -> dict[str, float]:
         return {}
     return {"think_len": float(np.mean([len(thinking) for thinking, _ in split])),
             "answer_len": float(np.mean([len(answer) for _, answer in split]))}
+
+
+def tool_figures(figures: StepFigures) -> dict[str, float]:
+    """The tool_* columns, with grpo.tools (see ToolUse.stacked for the columns gathered)."""
+    if figures.tool_use is None:
+        return {}
+    calls, errors, timeouts, refused, seconds, tokens = figures.tool_use.unbind(1)
+    return {"tool_calls": calls.mean().item(), "tool_use_frac": (calls > 0).double().mean().item(),
+            "tool_errors": errors.sum().item() / max(calls.sum().item(), 1.0), "tool_timeouts": int(timeouts.sum()),
+            "tool_refused": int(refused.sum()), "tool_tokens": tokens.mean().item(),
+            "tool_seconds": seconds.sum().item(), "tool_wait_seconds": figures.tool_wait_seconds}
 
 
 def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_size: int, zero_std: torch.Tensor,
@@ -179,6 +217,7 @@ def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_siz
         "lr": lr,
         "completion_len": figures.lengths.float().mean().item(),
         **thinking_lengths(figures.texts),
+        **tool_figures(figures),
         "tokens_per_second": figures.lengths.sum().item() / seconds["step"],
         "peak_memory_gib": figures.peak_memory_gib,
         **dict(zip(("answer_diversity", "text_diversity"), group_diversity(figures.texts, group_size))),

@@ -4,7 +4,8 @@ the sampler (`rollout`), the lean decoder (`decoder`) and the FSDP2 sharding (`d
 - `causal_lm`: the *ForCausalLM inside a PEFT wrapper;
 - `position_ids`: positions that skip left padding;
 - `uses_logit_postprocessing`: whether the forward changes the logits after the head;
-- `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases.
+- `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases;
+- `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`, `tool_rollout`) share.
 
 A leaf: it imports nothing from grpo_cli, so every module that calls the model imports it at
 the top without a cycle.
@@ -19,6 +20,7 @@ import torch
 # Configs whose CausalLM forward changes the logits after the head (Gemma's soft-capping,
 # Cohere's and Granite's scaling): for these the plain forward is used so nothing is skipped.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+COMPACT_FRACTION = 0.25  # the samplers drop finished rows from the decode batch once this fraction of it has ended
 
 
 def causal_lm(model):
@@ -51,3 +53,14 @@ def new_cache(model):
 
 def returned_cache(output):
     return getattr(output, "cache", None) if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+def next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The same warpers, in the same order, as transformers' sampler applies. [n, V] -> [n, V]"""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    if temperature != 1.0:
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return logits

@@ -148,7 +148,8 @@ def resolve(name: str, progress=None) -> str:
         try:
             return str(builtin_model.ensure(name.removeprefix("builtin:"), progress=progress))
         except KeyError:
-            raise UserError(f"unknown builtin model {name!r}; the builtin model is builtin:{builtin_model.NAME}.") from None
+            raise UserError(f"unknown builtin model {name!r}; the builtin models are "
+                            f"{', '.join('builtin:' + n for n in builtin_model.VARIANTS)}.") from None
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -187,6 +187,14 @@ class GrpoSpec(Section):
         False, description="completions cut off at max_new_tokens take no part in the loss (DAPO's overlong filtering)"
     )
     entropy_bonus: float = Field(0.0, ge=0, description="weight of the token entropy added to the objective")
+    tools: list[Literal["python"]] = Field(
+        default_factory=list, description="tools the model may call: [python] runs each closed ```python block in "
+        "a sandbox and appends its output (Qwen2.5-Math's tool-integrated format; docs/tools.md); [] = none"
+    )
+    max_tool_calls: int = Field(4, ge=1, description="with tools: calls per completion; a block closed after "
+                                "that is not run, and its output block says so")
+    tool_timeout_s: float = Field(5.0, gt=0, le=600, description="with tools: wall-clock limit of one call")
+    tool_memory_mb: int = Field(1024, ge=64, description="with tools: address-space limit of one call")
 
     @property
     def upper_clip(self) -> float:
@@ -336,6 +344,9 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
             "merge into a 4-bit base would round the adapter away; use adapter_mode: continue (QLoRA on the "
             "adapter) or load_in_4bit: false",
         ))
+    if grpo.tools and grpo.engine != "fast":
+        problems.append((("grpo", "engine"), "grpo.tools needs the fast engine: transformers' generate (plain) "
+                         "cannot pause a completion while its code runs; use engine: fast"))
     keys = [r.key for r in recipe.rewards]
     for index, key in enumerate(keys):
         if key in keys[:index]:

@@ -28,10 +28,11 @@ import torch
 
 from grpo_cli import decoder
 from grpo_cli.guard import drop_point
-from grpo_cli.model_calls import cache_argument, new_cache, position_ids, returned_cache
+from grpo_cli.model_calls import (COMPACT_FRACTION, cache_argument, new_cache, next_token_scores, position_ids,
+                                  returned_cache)
+from grpo_cli.tool_rollout import ToolSession, ToolUse, decode_with_tools
 from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_layers
 
-COMPACT_FRACTION = 0.25  # drop finished rows from the decode batch once this fraction of it has ended
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -43,14 +44,26 @@ class Rollout:
     texts: list[str]  # decoded completions, special tokens dropped
     truncated: torch.Tensor  # [N] bool: reached max_new_tokens without an EOS
     group_size: int = 1  # consecutive rows sharing a prompt
+    tool_mask: torch.Tensor | None = None  # [N, C] True on tool-output tokens (context, not actions); None: no tool
+    tool_use: ToolUse | None = None  # the tool calls per completion, with grpo.tools
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
         return self.input_ids[:, self.prompt_len :]
 
     @property
-    def lengths(self) -> torch.Tensor:  # [N]
+    def lengths(self) -> torch.Tensor:  # [N] tokens in the completion, tool output included (the budget's count)
         return self.completion_mask.sum(1)
+
+    @property
+    def action_mask(self) -> torch.Tensor:  # [N, C] the tokens the model chose: what the loss, KL and entropy see
+        if self.tool_mask is None:
+            return self.completion_mask
+        return self.completion_mask * (~self.tool_mask).long()
+
+    @property
+    def action_lengths(self) -> torch.Tensor:  # [N]
+        return self.action_mask.sum(1)
 
 
 def foldable_lora_layers(model) -> list:
@@ -92,8 +105,9 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -> Rollout:
-    """Prompt [N, P] and raw completion tokens [N, C] -> a Rollout with masks and texts."""
+def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size, tool_mask=None, tool_use=None) -> Rollout:
+    """Prompt [N, P] and raw completion tokens [N, C] -> a Rollout with masks and texts. `tool_mask` [N, C]:
+    the tool-output tokens (which are never EOS: they are encoded with special tokens split)."""
     is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # [N, C]
     # Keep tokens up to and including the first EOS: cumsum counts EOS seen strictly before t.
     before = is_eos.long().cumsum(1) - is_eos.long()  # [N, C]
@@ -107,43 +121,53 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size) -
         texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
         truncated=~is_eos.any(1),
         group_size=group_size,
+        tool_mask=None if tool_mask is None else tool_mask & completion_mask.bool(),
+        tool_use=tool_use,
     )
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
              temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
              engine: str = "fast", world=None, fold_lora: bool = True, lean: bool = True,
-             cuda_graphs: bool = True) -> Rollout:
+             cuda_graphs: bool = True, tools: ToolSession | None = None) -> Rollout:
     """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
     `world` (a distributed.World): `prompts` are this rank's part of the step (see _decode_shared).
     `fold_lora`: the fast engine may fold LoRA into the weights it samples with (see `folded_lora`).
     `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`.
-    `cuda_graphs`: on a GPU, that decoder replays its decode steps as CUDA graphs."""
+    `cuda_graphs`: on a GPU, that decoder replays its decode steps as CUDA graphs.
+    `tools`: completions may call the code tool (tool_rollout.py); the fast engine only."""
+    if tools is not None and engine != "fast":
+        raise ValueError("tool calls need the fast engine: transformers' generate cannot pause a row for a call")
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
+    tool_mask = tool_use = None
     with torch.no_grad():
-        if engine == "fast" and lean and decoder.supports(model):
-            capacity = enc["input_ids"].shape[1] + max_new_tokens
-            mode = "graph" if cuda_graphs and device.type == "cuda" else "eager"
-            stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [], mode)
-            completion = _decode_shared(stepper, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                        samples_per_prompt, temperature, top_p, greedy, eos_ids, world)  # [N, C]
-        elif engine == "fast":
-            with folded_lora(model, fold_lora):
-                completion = _decode_shared(_TransformersStepper(model), tokenizer, enc["input_ids"],
-                                            enc["attention_mask"], max_new_tokens, samples_per_prompt, temperature,
-                                            top_p, greedy, eos_ids, world)  # [N, C]
+        if engine == "fast":
+            lean_here = lean and decoder.supports(model)
+            if lean_here:
+                capacity = enc["input_ids"].shape[1] + max_new_tokens
+                mode = "graph" if cuda_graphs and device.type == "cuda" else "eager"
+                stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [], mode)
+            else:
+                stepper = _TransformersStepper(model)
+            with contextlib.nullcontext() if lean_here else folded_lora(model, fold_lora):
+                arguments = (stepper, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
+                             samples_per_prompt, temperature, top_p, greedy, eos_ids)
+                if tools is None:
+                    completion = _decode_shared(*arguments, world)  # [N, C]
+                else:
+                    completion, tool_mask, tool_use = decode_with_tools(*arguments, tools, world)  # [N, C] x2
         else:
             completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
                                           samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
     model.train(was_training)
     prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
-    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples_per_prompt)
+    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples_per_prompt, tool_mask, tool_use)
 
 
 def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
@@ -166,17 +190,6 @@ def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens
     return sequences[:, input_ids.shape[1] :]
 
 
-def _next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """The same warpers, in the same order, as transformers' sampler applies. [n, V] -> [n, V]"""
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    if temperature != 1.0:
-        logits = TemperatureLogitsWarper(temperature)(None, logits)
-    if top_p < 1.0:
-        logits = TopPLogitsWarper(top_p)(None, logits)
-    return logits
-
-
 class _TransformersStepper:
     """The model's own forward with a DynamicCache, for architectures `decoder` does not know."""
 
@@ -197,12 +210,24 @@ class _TransformersStepper:
         self.cache.batch_select_indices(rows)
         self.mask, self.next_position = self.mask[rows], self.next_position[rows]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:  # [n] -> [n, V]
-        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+    def step(self, tokens: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:  # [n] -> [n, V]
+        """`live` [n] bool: as decoder.LeanDecoder.step's."""
+        column = torch.ones_like(self.mask[:, :1]) if live is None else live.long()[:, None]
+        self.mask = torch.cat([self.mask, column], dim=1)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.next_position[:, None],
                          use_cache=True, logits_to_keep=1, **{self.kwarg: self.cache})
         self.cache = returned_cache(out)
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + column[:, 0]
+        return out.logits[:, -1].float()
+
+    def append(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # [n, K] each -> [n, V]
+        """As decoder.LeanDecoder.append: right-aligned tokens for some rows, the others unchanged."""
+        positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)  # [n, K]
+        self.mask = torch.cat([self.mask, valid.long()], dim=1)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.kwarg: self.cache})
+        self.cache = returned_cache(out)
+        self.next_position = self.next_position + valid.long().sum(1)
         return out.logits[:, -1].float()
 
 
@@ -236,7 +261,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
             probs = torch.zeros(n_rows * ranks, vocab, device=device)
             probs[:, tokenizer.pad_token_id] = 1.0
             if len(active):
-                probs[offset + active] = _next_token_scores(logits, temperature, top_p).softmax(-1)
+                probs[offset + active] = next_token_scores(logits, temperature, top_p).softmax(-1)
             chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
         tokens[active, step] = chosen
         steps = step + 1
@@ -268,7 +293,9 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     return Rollout(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
                    completion_mask=rollout.completion_mask[rows], prompt_len=rollout.prompt_len,
                    texts=[rollout.texts[i] for i in rows.tolist()], truncated=rollout.truncated[rows],
-                   group_size=rollout.group_size)
+                   group_size=rollout.group_size,
+                   tool_mask=None if rollout.tool_mask is None else rollout.tool_mask[rows],
+                   tool_use=ToolUse.select(rollout.tool_use, rows.cpu()))
 
 
 def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
@@ -282,13 +309,17 @@ def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
     def pad(tensor, left, right, value):
         return torch.nn.functional.pad(tensor, (left, right), value=value)
 
-    ids, masks, completion_masks = [], [], []
+    ids, masks, completion_masks, tool_masks = [], [], [], []
+    tools = all(r.tool_mask is not None for r in rollouts)
     for r in rollouts:
         left, right = p - r.prompt_len, c - r.completion_mask.shape[1]
         ids.append(pad(r.input_ids, left, right, pad_id))
         masks.append(pad(r.attention_mask, left, right, 0))
         completion_masks.append(pad(r.completion_mask, 0, right, 0))
+        if tools:
+            tool_masks.append(pad(r.tool_mask, 0, right, False))
     return Rollout(input_ids=torch.cat(ids), attention_mask=torch.cat(masks),
                    completion_mask=torch.cat(completion_masks), prompt_len=p,
                    texts=[t for r in rollouts for t in r.texts], truncated=torch.cat([r.truncated for r in rollouts]),
-                   group_size=rollouts[0].group_size)
+                   group_size=rollouts[0].group_size, tool_mask=torch.cat(tool_masks) if tools else None,
+                   tool_use=ToolUse.concat([r.tool_use for r in rollouts]))

@@ -20,6 +20,7 @@ from grpo_cli.distributed import Parallel
 from grpo_cli.recipe import Recipe
 from grpo_cli.rollout import Rollout, concat, select_groups
 from grpo_cli.scoring import Pending, Scorer, Scores
+from grpo_cli.tool_rollout import ToolSession
 
 
 @dataclass
@@ -45,9 +46,10 @@ class StepBatch:
 
 
 def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
-                rules: list[str], weights: torch.Tensor) -> StepBatch:
+                rules: list[str], weights: torch.Tensor, tools: ToolSession | None = None) -> StepBatch:
     """Rollouts and their scoring for one step (see the module's docstring). With several processes,
-    each takes its own slice of the step's prompts (see distributed.py)."""
+    each takes its own slice of the step's prompts (see distributed.py). `tools`: the run's sandbox,
+    with grpo.tools."""
     grpo = recipe.grpo
     policy, world = parallel.policy, parallel.world
 
@@ -56,7 +58,7 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
                                     max_new_tokens=grpo.max_new_tokens, samples_per_prompt=grpo.group_size,
                                     temperature=grpo.temperature, top_p=grpo.top_p,
                                     add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world,
-                                    cuda_graphs=grpo.cuda_graphs)
+                                    cuda_graphs=grpo.cuda_graphs, tools=tools)
         rows = [e for e in batch for _ in range(grpo.group_size)]
         pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
                                 [{"prompt": e.prompt, **e.row} for e in rows])

@@ -36,6 +36,7 @@ from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe, dump
 from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
+from grpo_cli.tool_rollout import ToolSession, isolation_note, open_session
 from grpo_cli.step_batch import StepBatch, sample_step
 from grpo_cli.run_dir import prepare_run_dir, write_recipe
 from grpo_cli.run_log import METRICS, RunLog, read_jsonl, tensorboard_writer
@@ -139,14 +140,15 @@ def sample_rows(step: int, batch: list[Example], rollout: Rollout, rule_names: l
 
 
 def run_eval(step: int, parallel: Parallel, eval_set: Examples, recipe: Recipe, scorer: Scorer, log: RunLog,
-             console: TrainConsole) -> float:
-    """Greedy accuracy on the held-out set; several processes each take every size-th item of it."""
+             console: TrainConsole, tools: ToolSession | None = None) -> float:
+    """Greedy accuracy on the held-out set (with the run's tool, if it has one); several processes each
+    take every size-th item of it."""
     world, policy = parallel.world, parallel.policy
     rank_items = eval_set.items[world.rank :: world.size]
     with parallel.gathered():
         report = evaluate(policy.model, policy.tokenizer, rank_items, recipe.grpo.max_new_tokens, scorer,
                           add_special_tokens=not recipe.data.chat,
-                          sampler=lambda **kwargs: parallel.generate(**kwargs))
+                          sampler=lambda **kwargs: parallel.generate(**kwargs, tools=tools))
     correct = world.all_gather_objects([c for item in report.items for c in item.correct])
     accuracy, seconds = sum(correct) / len(correct), world.reduce(report.seconds, "max")
     timeouts = int(world.reduce(report.timeouts))
@@ -213,6 +215,7 @@ class Run:
     best: dict | None  # the best checkpoint's marker (checkpoint.read_best), kept on disk for resume
     started: float  # perf_counter() when the process began training
     truncation: TruncationWatch = field(default_factory=TruncationWatch)
+    tools: ToolSession | None = None  # with grpo.tools: the sandbox, open while the loop runs
 
     @property
     def policy(self):
@@ -227,7 +230,11 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     """The loop: a handful of named phases per step, each a function below with a typed result."""
     run = set_up(recipe, resume, recipe_dir, console, world, recipe_file)
     guard = NonFiniteGuard(recipe.train.max_bad_steps)
-    with Scorer({**GRADERS, **run.rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts:
+    grpo = recipe.grpo
+    with Scorer({**GRADERS, **run.rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts, \
+            open_session(grpo.tools, grpo.max_tool_calls, grpo.tool_timeout_s, grpo.tool_memory_mb) as run.tools:
+        if run.tools is not None:
+            console.message(f"tool python: each call sandboxed ({isolation_note(run.tools)})")
         if run.eval_set is not None and run.step == 0:
             first_evaluation(run, scorer, interrupts)
         console.start(recipe.train.steps, run.step)
@@ -411,7 +418,7 @@ def take_step(run: Run, scorer: Scorer, interrupts: Interrupts) -> tuple[StepBat
         # A SIGTERM drops the rollout (the model is as the step found it) rather than wait for its end.
         with clock.timing("rollout"), interrupts.droppable():
             batch = sample_step(run.parallel, run.train_set, run.order, scorer, run.recipe, run.scored_rules,
-                                run.weights)  # the worker processes start scoring it at once
+                                run.weights, run.tools)  # the worker processes start scoring it at once
         micro_batches = micro_batches_of(run, batch.rollout)
         ref_logp, old_logp = fixed_logprobs(run, batch.rollout, micro_batches, clock)
         with clock.timing("scoring"):
@@ -518,7 +525,7 @@ def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch
 def first_evaluation(run: Run, scorer: Scorer, interrupts: Interrupts) -> None:
     try:
         with interrupts.droppable():
-            run_eval(0, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
+            run_eval(0, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console, run.tools)
     except Dropped:
         raise Stopped("stopped by SIGTERM during the first evaluation, before any training step; nothing to "
                       "save. Run the same command again to start.", signal.SIGTERM) from None
@@ -532,7 +539,8 @@ def evaluate_if_due(run: Run, scorer: Scorer, interrupts: Interrupts) -> None:
         return
     try:
         with interrupts.droppable():
-            accuracy = run_eval(run.step, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console)
+            accuracy = run_eval(run.step, run.parallel, run.eval_set, run.recipe, scorer, run.log, run.console,
+                                run.tools)
     except Dropped:
         return
     record_best_if_improved(run, accuracy)

@@ -101,8 +101,9 @@ def update_policy(parallel: Parallel, optimizer, scheduler, recipe: Recipe, batc
     world = parallel.world
     grpo = recipe.grpo
     rollout = batch.rollout
-    loss_mask = rollout.completion_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
-        else rollout.completion_mask  # [N, C]
+    # tool output is context, not actions: out of the loss, the KL and the token counts (Rollout.action_mask)
+    loss_mask = rollout.action_mask * (~rollout.truncated).unsqueeze(1) if grpo.mask_truncated \
+        else rollout.action_mask  # [N, C]
     completions = int(world.reduce(rollout.input_ids.shape[0]))
     tokens = max(1, int(world.reduce(int(loss_mask.sum()))))
     settings = LossSettings(clip_low=grpo.clip_eps, clip_high=grpo.upper_clip, kl_beta=grpo.kl_beta,
@@ -161,7 +162,7 @@ def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: U
         step_loss += loss.item()
         if terms.kl is not None:
             stats.kls.append(terms.kl)
-        stats.entropies.append(token_mean(entropy.detach(), micro.completion_mask))
+        stats.entropies.append(token_mean(entropy.detach(), micro.action_mask))
         stats.clipped += terms.clipped_tokens.item()
         stats.tokens += terms.tokens.item()
     if states is not None:

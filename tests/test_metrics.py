@@ -28,6 +28,8 @@ def figures(**overrides) -> StepFigures:
         score_errors=0,
         score_timeouts=1,
         peak_memory_gib=1.25,
+        tool_use=None,
+        tool_wait_seconds=0.0,
     )
     return StepFigures(**{**values, **overrides})
 
@@ -74,8 +76,21 @@ def test_kl_is_null_without_a_reference_pass_and_optional_columns_follow_their_s
     assert row["skipped_update"] == "loss"
 
 
+def test_tool_columns_from_hand_made_calls():
+    # per completion: calls, errors, timeouts, refused, seconds, tool-output tokens
+    use = torch.tensor([[2, 1, 0, 0, 0.5, 12], [0, 0, 0, 0, 0.0, 0], [1, 0, 1, 1, 5.0, 9], [1, 0, 0, 0, 0.1, 5]],
+                       dtype=torch.float64)
+    row = row_of(figures(tool_use=use, tool_wait_seconds=0.25))
+    assert row["tool_calls"] == 1.0 and row["tool_use_frac"] == 0.75
+    assert row["tool_errors"] == 0.25  # 1 error of 4 calls; the timeout is counted apart
+    assert row["tool_timeouts"] == 1 and row["tool_refused"] == 1
+    assert row["tool_tokens"] == pytest.approx(6.5) and row["tool_seconds"] == pytest.approx(5.6)
+    assert row["tool_wait_seconds"] == 0.25
+    assert not any(key.startswith("tool_") for key in row_of(figures()))
+
+
 def test_every_written_column_is_catalogued():
-    row = row_of(figures(), dynamic_sampling=True, overlong_on=True,
+    row = row_of(figures(tool_use=torch.ones(4, 6, dtype=torch.float64)), dynamic_sampling=True, overlong_on=True,
                  sampled=type("Sampled", (), {"dropped_groups": 1, "rounds": 2, "sampled_accuracy": 0.5})(),
                  stats=UpdateStats(grad_norms=[1.0], problems=["gradients"]))
     assert all(metrics.known(key) for key in row)
@@ -129,6 +144,7 @@ class FakeScores:
 class FakeRollout:
     def __init__(self, n):
         self.texts, self.lengths, self.truncated = ["x"] * n, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.bool)
+        self.action_lengths, self.tool_use = self.lengths, None
 
 
 @pytest.mark.parametrize("with_kl", [True, False])

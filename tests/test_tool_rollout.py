@@ -1,0 +1,213 @@
+"""Decoding with the code tool (tool_rollout.py): the loop's rules on scripted rows, then the real model's
+caches: every token the model chose is what a plain forward over the finished transcript predicts."""
+
+import pytest
+import torch
+
+from grpo_cli import builtin_model, builtin_task
+from grpo_cli.answers import is_correct
+from grpo_cli.model_calls import position_ids
+from grpo_cli.rollout import generate
+from grpo_cli.tool_calls import limit_note
+from grpo_cli.tool_rollout import decode_with_tools
+from tool_fakes import InProcessTools
+
+
+class ScriptedStepper:
+    """Each row writes its script, token by token, whatever it is fed; rows that finish or pause are followed
+    by their row numbers through `keep`. Records what it was fed, to check the loop's bookkeeping."""
+
+    def __init__(self, scripts: list[list[int]], vocab: int):
+        self.scripts, self.vocab = scripts, vocab
+        self.rows = list(range(len(scripts)))
+        self.at = [0] * len(scripts)  # model tokens each row has written
+        self.appended: dict[int, list[list[int]]] = {r: [] for r in self.rows}
+
+    def _logits(self, rows) -> torch.Tensor:
+        logits = torch.full((len(rows), self.vocab), -1e9)
+        for i, row in enumerate(rows):
+            script = self.scripts[row]
+            logits[i, script[min(self.at[row], len(script) - 1)]] = 0.0
+        return logits
+
+    def prefill(self, input_ids, attention_mask, samples):
+        assert samples == 1
+        return self._logits(self.rows)
+
+    def keep(self, rows):
+        self.rows = [self.rows[i] for i in rows.tolist()]
+
+    def step(self, tokens, live):
+        for i, row in enumerate(self.rows):
+            if live[i]:
+                assert tokens[i].item() == self.scripts[row][self.at[row]], "fed a token the row did not choose"
+                self.at[row] += 1
+        return self._logits(self.rows)
+
+    def append(self, tokens, valid):
+        for i, row in enumerate(self.rows):
+            if valid[i].any():
+                self.appended[row].append(tokens[i][valid[i]].tolist())
+        return self._logits(self.rows)
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer():
+    return builtin_model.build_tokenizer()
+
+
+def scripted(tokenizer, texts: list[str], max_new_tokens: int = 120, max_calls: int = 4):
+    eos = tokenizer.eos_token_id
+    scripts = [tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+    stepper = ScriptedStepper(scripts, len(tokenizer))
+    prompt = torch.ones(len(texts), 2, dtype=torch.long)
+    tools = InProcessTools(max_calls=max_calls)
+    tokens, tool_mask, use = decode_with_tools(stepper, tokenizer, prompt, torch.ones_like(prompt), max_new_tokens, 1,
+                                               1.0, 1.0, True, [eos], tools)
+    texts_out = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+    return texts_out, tokens, tool_mask, use, stepper
+
+
+def test_a_closed_block_runs_and_its_output_joins_the_transcript_while_other_rows_go_on(char_tokenizer):
+    code = "\n```python\nprint(6 * 7)\n```"
+    texts, tokens, tool_mask, use, stepper = scripted(char_tokenizer, [code + "#### 42", " 6*7=42. #### 42"])
+    assert texts[0] == "\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n#### 42"
+    assert texts[1] == " 6*7=42. #### 42"
+    assert use.calls.tolist() == [1, 0] and use.errors.tolist() == [0, 0]
+    # the output block, and nothing else, is marked as tool output, and went to the cache in one piece
+    shown = char_tokenizer.decode(tokens[0][tool_mask[0]])
+    assert shown == "\n```output\n42\n```\n"
+    assert [char_tokenizer.decode(a) for a in stepper.appended[0]] == [shown] and stepper.appended[1] == []
+    # the script's own "#### 42" followed the output: the model's tokens are all there, in order
+    assert char_tokenizer.decode(tokens[0][~tool_mask[0]], skip_special_tokens=True) == code + "#### 42"
+
+
+def test_errors_are_shown_to_the_model_and_counted(char_tokenizer):
+    texts, *_, use, _ = scripted(char_tokenizer, ["\n```python\nprint(x)\n```\n#### 1"])
+    assert "```output\nNameError: name 'x' is not defined\n```" in texts[0]
+    assert use.calls.tolist() == [1] and use.errors.tolist() == [1]
+
+
+def test_a_block_past_max_tool_calls_is_not_run_and_says_so(char_tokenizer):
+    block = "\n```python\nprint(1)\n```"
+    texts, *_, use, _ = scripted(char_tokenizer, [block + block + "#### 1"], max_calls=1, max_new_tokens=240)
+    assert texts[0].count("```output\n1\n```") == 1
+    assert f"```output\n{limit_note(1)}\n```" in texts[0]
+    assert use.calls.tolist() == [1] and use.refused.tolist() == [1]
+
+
+def test_tool_output_counts_against_the_budget_and_is_cut_there(char_tokenizer):
+    code = "\n```python\nprint('x' * 50)\n```"
+    texts, tokens, tool_mask, use, _ = scripted(char_tokenizer, [code + "\n#### 1"], max_new_tokens=len(code) + 20)
+    assert tokens.shape[1] == len(code) + 20
+    assert tool_mask[0, len(code):].all() and not tool_mask[0, : len(code)].any()
+    assert texts[0].startswith(code + "\n```output\nxxx") and "####" not in texts[0]
+
+
+def test_a_block_of_another_language_or_still_open_is_not_run(char_tokenizer):
+    texts, *_, use, _ = scripted(char_tokenizer, ["\n```\nprint(1)\n```\n#### 1", "\n```python\nprint(1)\n#### 1"])
+    assert use.calls.tolist() == [0, 0] and "```output" not in texts[0] + texts[1]
+
+
+@pytest.fixture(scope="module")
+def tools_model(grpo_cache):
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    policy = load_policy(ModelSpec(name=f"builtin:{builtin_model.TOOLS_NAME}", dtype="float32",
+                                   lora={"r": 8, "alpha": 16}), kl_beta=0.0)
+    return policy.model, policy.tokenizer
+
+
+class RecordingStepper:
+    """Wraps the real stepper: for every token fed back to it, the logits it was sampled from, per row."""
+
+    def __init__(self, inner):
+        self.inner, self.rows, self.latest = inner, [], None
+        self.fed: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, input_ids, attention_mask, samples):
+        logits = self.inner.prefill(input_ids, attention_mask, samples)
+        self.rows, self.latest = list(range(logits.shape[0])), logits.clone()
+        self.fed = {row: [] for row in self.rows}
+        return logits
+
+    def keep(self, rows):
+        self.inner.keep(rows)
+        self.rows, self.latest = [self.rows[i] for i in rows.tolist()], self.latest[rows]
+
+    def step(self, tokens, live):
+        for i, row in enumerate(self.rows):
+            if live[i]:
+                self.fed[row].append((int(tokens[i]), self.latest[i].clone()))
+        out = self.inner.step(tokens, live)
+        self.latest = torch.where(live[:, None], out, self.latest)
+        return out
+
+    def append(self, tokens, valid):
+        out = self.inner.append(tokens, valid)
+        self.latest = torch.where(valid.any(1)[:, None], out, self.latest)
+        return out
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean decoder", "transformers cache"])
+def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gives(tools_model, lean, monkeypatch):
+    """Sampling with calls appended to the caches of some rows while others decode (and pause): the logits
+    every model token was drawn from equal one plain forward over prompt + transcript, tool output included
+    as context. A cache, a position or a paused row's slot gone wrong would show here."""
+    from grpo_cli import rollout as rollout_module
+
+    model, tokenizer = tools_model
+    recorders = []
+    original = rollout_module.decode_with_tools
+
+    def recording(stepper, *args):
+        recorders.append(RecordingStepper(stepper))
+        return original(recorders[-1], *args)
+
+    monkeypatch.setattr(rollout_module, "decode_with_tools", recording)
+    problems = builtin_task.test_split()[:12]
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, [p.question for p in problems], 96, samples_per_prompt=4,
+                       tools=InProcessTools(), lean=lean)
+    used = rollout.tool_use.calls > 0
+    assert 0 < int(used.sum()) < len(used), "the warm-started model calls the tool in some completions, not all"
+    with torch.no_grad():
+        logits = model(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                       position_ids=position_ids(rollout.attention_mask)).logits[:, rollout.prompt_len - 1 : -1]
+    fed = recorders[0].fed
+    checked = 0
+    for row in range(len(rollout.texts)):
+        positions = rollout.action_mask[row].nonzero().squeeze(1).tolist()
+        assert len(fed[row]) in (len(positions), len(positions) - 1)  # all but an ending EOS are fed back
+        for (token, drawn_from), position in zip(fed[row], positions):
+            assert token == int(rollout.completion_ids[row, position])
+            torch.testing.assert_close(drawn_from.log_softmax(-1), logits[row, position].log_softmax(-1),
+                                       atol=1e-4, rtol=1e-4)
+            checked += 1
+    assert checked > 500
+    golds = [p.answer for p in problems for _ in range(4)]
+    for i in used.nonzero().squeeze(1).tolist():
+        assert "\n```output\n" in rollout.texts[i]
+    assert any(is_correct(rollout.texts[i], golds[i]) for i in used.nonzero().squeeze(1).tolist())
+
+
+def test_the_same_seed_gives_the_same_transcripts_and_both_engines_agree(tools_model):
+    model, tokenizer = tools_model
+    prompts = [p.question for p in builtin_task.test_split()[:8]]
+    runs = []
+    for lean in (True, True, False):
+        torch.manual_seed(3)
+        runs.append(generate(model, tokenizer, prompts, 96, samples_per_prompt=4, tools=InProcessTools(), lean=lean))
+    assert runs[0].texts == runs[1].texts == runs[2].texts
+    assert torch.equal(runs[0].tool_mask, runs[2].tool_mask)
+    assert runs[0].tool_use.calls.sum() > 0
+
+
+def test_the_plain_engine_refuses_tools(tools_model):
+    model, tokenizer = tools_model
+    with pytest.raises(ValueError, match="fast engine"):
+        generate(model, tokenizer, ["What is 2 + 3?"], 8, engine="generate", tools=InProcessTools())

@@ -1,0 +1,48 @@
+"""A stand-in for the sandbox in tests of the decode loop: runs the (trusted, test-written) code in this
+process, so those tests exercise the loop alone; tests/test_sandbox.py covers the sandbox."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+from dataclasses import dataclass
+
+from grpo_cli.tool_rollout import ToolSettings
+
+
+@dataclass(kw_only=True, frozen=True)
+class FakeOutcome:
+    status: str
+    stdout: str
+    error: str = ""
+    seconds: float = 0.001
+    truncated: bool = False
+
+    def shown(self, max_chars: int = 400) -> str:
+        return self.stdout.rstrip("\n") if self.status == "ok" else self.error
+
+
+class InProcessTools:
+    def __init__(self, max_calls: int = 4):
+        self.settings = ToolSettings(max_calls=max_calls)
+        self.calls: dict[int, str] = {}
+        self.ids = itertools.count()
+
+    def submit(self, code: str) -> int:
+        call = next(self.ids)
+        self.calls[call] = code
+        return call
+
+    def wait(self, ids: list[int]):
+        outcomes = {}
+        for call in ids:
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    exec(self.calls[call], {})
+                outcomes[call] = FakeOutcome(status="ok", stdout=out.getvalue())
+            except Exception as error:  # the error line, as the sandbox reports it
+                outcomes[call] = FakeOutcome(status="error", stdout=out.getvalue(),
+                                             error=f"{type(error).__name__}: {error}")
+        return outcomes, 0.0
