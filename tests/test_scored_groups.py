@@ -73,3 +73,12 @@ def test_bad_rows_are_explained(tmp_path):
         score_completions(RECIPE, write(tmp_path, [{"question": "q", "answer": "1"}]))
     with pytest.raises(UserError, match="has no field 'answer'"):
         score_completions(RECIPE, write(tmp_path, [{"question": "q", "completion": "1"}]))
+
+
+def test_tool_transcripts_are_graded_on_the_answer_after_the_last_output(tmp_path):
+    call = "\n```python\nprint(17 * 23)\n```\n```output\n391\n```\n"
+    path = write(tmp_path, [{"question": "What is 17 * 23?", "answer": "391",
+                             "completions": [call + "#### 391", call, call + "#### 390", " 17*23=391. #### 391"]}])
+    [group] = score_completions(RECIPE, path)
+    # the number the code printed is not an answer the model gave: the second transcript answers nothing
+    assert [c.rewards["correctness"] for c in group.completions] == [1.0, 0.0, 0.0, 1.0]

@@ -391,3 +391,50 @@ def test_auto_max_new_tokens_is_resolved_recorded_and_kept_on_resume(tmp_path, t
     assert changed == ["resuming with changed settings: train.steps: 1 -> 2"]  # auto is no change
     saved = tmp_path / "run" / "checkpoints" / "step-2" / "recipe.yaml"
     assert recipe_module.load(saved).grpo.max_new_tokens == 40
+
+
+def test_a_run_with_the_tool_trains_on_the_model_tokens_only_and_logs_the_calls(tmp_path, monkeypatch):
+    """Tool output is context: every loss mask the update uses is the rollout's action mask, which leaves the
+    output blocks out; the token count that normalizes the loss counts actions only."""
+    import contextlib
+
+    from grpo_cli import train as train_module
+    from grpo_cli.loss import LOSSES
+    from tool_fakes import InProcessTools
+
+    monkeypatch.setattr(train_module, "open_session", lambda *args: contextlib.nullcontext(InProcessTools(2)))
+    masks, batches = [], []
+    grpo_loss = LOSSES["grpo"]
+
+    def recording_loss(logp, old, advantages, mask, settings, *rest):
+        masks.append((mask.clone(), settings.step_tokens))
+        return grpo_loss(logp, old, advantages, mask, settings, *rest)
+
+    original_update = train_module.update_policy
+
+    def capturing(parallel, optimizer, scheduler, recipe, batch, stats):
+        batches.append(batch)
+        return original_update(parallel, optimizer, scheduler, recipe, batch, stats)
+
+    monkeypatch.setitem(LOSSES, "grpo", recording_loss)
+    monkeypatch.setattr(train_module, "update_policy", capturing)
+    run(tmp_path, model={"name": "builtin:tiny-math-tools"}, train={"steps": 3, "seed": 1},
+        grpo={"group_size": 8, "prompts_per_step": 2, "max_new_tokens": 96, "tools": ["python"], "max_tool_calls": 2})
+    used = 0
+    for batch in batches:
+        rollout = batch.rollout
+        assert rollout.tool_mask is not None
+        used += int(rollout.tool_use.calls.sum())
+        for micro, (mask, step_tokens) in zip(batch.micro_batches, masks[: len(batch.micro_batches)]):
+            c = micro.completion_ids.shape[1]
+            assert torch.equal(mask, rollout.action_mask[micro.rows, :c])
+            assert not mask[rollout.tool_mask[micro.rows, :c]].any()
+            assert step_tokens == int(rollout.action_mask.sum())
+        del masks[: len(batch.micro_batches)]
+    assert used > 0, "the warm-started model calls the tool in some of 48 completions"
+    rows = metrics(tmp_path / "run", timing=True)
+    steps = [r for r in rows if "reward_mean" in r]
+    assert all(r["tool_calls"] >= 0 and 0 <= r["tool_use_frac"] <= 1 for r in steps)
+    assert sum(r["tool_calls"] for r in steps) > 0 and any(r["tool_tokens"] > 0 for r in steps)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert any("```output" in s["completion"] for s in samples)

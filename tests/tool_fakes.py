@@ -24,6 +24,8 @@ class FakeOutcome:
 
 
 class InProcessTools:
+    isolation = {"process": "none: the test's own process (a stand-in for the sandbox)"}
+
     def __init__(self, max_calls: int = 4):
         self.settings = ToolSettings(max_calls=max_calls)
         self.calls: dict[int, str] = {}
