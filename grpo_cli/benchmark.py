@@ -160,6 +160,9 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     refuse_inside_a_starting_worker("benchmark.run()")
     if options.samples < 1:
         raise UserError("--samples must be at least 1.")
+    unknown = [t for t in options.tools or [] if t not in TOOLS]
+    if unknown:  # before anything loads
+        raise UserError(f"--tools {', '.join(unknown)}: the tools are {', '.join(TOOLS)} (or none).")
     if options.predictions:
         return _grade_file(options)
     if options.model is None:
@@ -208,9 +211,6 @@ def _tool_settings(options: EvalOptions, recipe) -> dict:
     """open_session's arguments: the options', else the run's recipe's, else no tool."""
     grpo = recipe.grpo if recipe is not None else None
     tools = options.tools if options.tools is not None else (list(grpo.tools) if grpo else [])
-    unknown = [t for t in tools if t not in TOOLS]
-    if unknown:
-        raise UserError(f"--tools {', '.join(unknown)}: the tools are {', '.join(TOOLS)} (or none).")
     return {"tools": tools,
             "max_calls": options.max_tool_calls or (grpo.max_tool_calls if grpo else 4),
             "timeout_s": options.tool_timeout_s or (grpo.tool_timeout_s if grpo else 5.0),

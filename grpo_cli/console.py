@@ -50,7 +50,8 @@ def dashboard(row: dict, best: tuple[str, float] | None, worst: tuple[str, float
     for _ in range(4):
         figures.add_column(justify="left")
     rules = [(k.removeprefix("reward/"), v) for k, v in row.items() if k.startswith("reward/")]
-    cells = [(metric.label, _figure(row.get(metric.name), metric.fmt)) for metric in DASHBOARD]
+    # a column the run does not write (tool_* without grpo.tools) is left off; a null one shows as "-"
+    cells = [(metric.label, _figure(row.get(metric.name), metric.fmt)) for metric in DASHBOARD if metric.name in row]
     cells += [(f"  {name}", _figure(value, "+.3f")) for name, value in rules]
     for i in range(0, len(cells), 2):
         pair = cells[i : i + 2]
@@ -95,6 +96,8 @@ class TrainConsole:
 
     def step(self, row: dict, best: tuple[str, float] | None = None, worst: tuple[str, float] | None = None) -> None:
         stats = f"reward {row['reward_mean']:+.3f}  acc {row['accuracy']:.0%}  len {row['completion_len']:.0f}"
+        if "tool_use_frac" in row:
+            stats += f"  tool use {row['tool_use_frac']:.0%}"
         if self._live is not None:
             self._progress.update(self._task, completed=row["step"], stats=stats)
             self._live.update(Group(self._progress, dashboard(row, best, worst)))
@@ -163,7 +166,12 @@ def print_eval(console: Console, results: dict) -> None:
     for key, value in results.items():
         if key.startswith(("pass@", "maj@")) and isinstance(value, float):
             table.add_row(key, f"{value:.2%}")
-    table.add_row("protocol", str(settings.get("protocol")))
+    table.add_row("protocol", str(settings.get("protocol")) + (
+        f", tool {', '.join(settings['tools'])} (at most {settings['max_tool_calls']} calls)" if settings.get("tools")
+        else ""))
+    if "tool_use_frac" in results:
+        table.add_row("completions that ran code", f"{results['tool_use_frac']:.1%}")
+        table.add_row("code blocks run per completion", f"{results['tool_calls']:.2f}")
     table.add_row("seconds", f"{results['seconds']:.1f}")
     if results.get("timeouts"):
         table.add_row("[yellow]grading timeouts[/]", f"[yellow]{results['timeouts']}[/]")

@@ -22,7 +22,9 @@ step as in rollout.py) stay as they would be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -75,29 +77,49 @@ class ToolSettings:
 
 class ToolSession:
     """The sandbox a run's rollouts call, started once (its start-up imports what code commonly
-    uses) and closed with the run. `submit` never blocks; `wait(ids)` returns those calls' outcomes."""
+    uses) and closed with the run. `submit` never blocks; `wait(tickets)` returns those calls' outcomes.
+
+    Within one rollout, identical code runs once and its outcome serves every row that wrote it: the
+    samples of a group often write the very same block (16 times `print(66 + 18)`), and a call costs a
+    fresh process. Code that draws random numbers thus gives those rows one draw between them."""
 
     def __init__(self, settings: ToolSettings):
         from grpo_cli.sandbox import Limits, Sandbox
 
         self.settings = settings
         self.sandbox = Sandbox(Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb))
-        self._done: dict = {}
+        self._tickets = itertools.count()
+        self.start_rollout()
 
     @property
     def isolation(self) -> dict[str, str]:
         return self.sandbox.isolation
 
-    def submit(self, code: str) -> int:
-        return self.sandbox.submit(code)
+    def start_rollout(self) -> None:
+        """Forget the last rollout's calls: sharing stops at a rollout's end."""
+        self._call_of: dict[int, int] = {}  # ticket -> sandbox call
+        self._owners: set[int] = set()  # tickets whose call ran their code (the others share its outcome)
+        self._by_code: dict[str, int] = {}
+        self._done: dict = {}  # sandbox call -> Outcome
 
-    def wait(self, ids: list[int]) -> tuple[dict, float]:
-        """({id: Outcome} of these calls, seconds spent waiting for them)."""
+    def submit(self, code: str) -> int:
+        ticket = next(self._tickets)
+        if code not in self._by_code:
+            self._by_code[code] = self.sandbox.submit(code)
+            self._owners.add(ticket)
+        self._call_of[ticket] = self._by_code[code]
+        return ticket
+
+    def wait(self, tickets: list[int]) -> tuple[dict, float]:
+        """({ticket: Outcome}, seconds spent waiting for them). An outcome shared with an earlier ticket
+        says 0 seconds: the time was the owner's."""
         self._done.update(self.sandbox.collect(wait=False))
         started = time.perf_counter()
-        while any(i not in self._done for i in ids):
+        while any(self._call_of[t] not in self._done for t in tickets):
             self._done.update(self.sandbox.collect(wait=True))
-        return {i: self._done.pop(i) for i in ids}, time.perf_counter() - started
+        outcomes = {t: self._done[self._call_of[t]] for t in tickets}
+        return ({t: o if t in self._owners else dataclasses.replace(o, seconds=0.0) for t, o in outcomes.items()},
+                time.perf_counter() - started)
 
     def close(self) -> None:
         self.sandbox.close()
@@ -134,91 +156,86 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     """(completion tokens [N, C], tool-output mask [N, C], the calls' ToolUse): rollout._decode_shared's
     contract, with the tool (see the module's docstring). `stepper` must have `append`."""
     device = input_ids.device
+    session.start_rollout()
     logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V] of the batch's rows
     n_rows, vocab = logits.shape
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     pad = tokenizer.pad_token_id
-    backticks = _backtick_ids(tokenizer)
+    backticks = torch.tensor(sorted(_backtick_ids(tokenizer)), dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids, device=device)
     tokens = torch.full((n_rows, max_new_tokens), pad, dtype=torch.long, device=device)
     is_tool = torch.zeros(n_rows, max_new_tokens, dtype=torch.bool, device=device)
-    length = [0] * n_rows  # tokens written per row, tool output included
+    length = torch.zeros(n_rows, dtype=torch.long, device=device)  # tokens written per row, tool output included
+    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)
+    paused = torch.zeros(n_rows, dtype=torch.bool, device=device)  # waiting for a call
     scanned = [0] * n_rows  # where the row's text is next looked at for a closed block (after its last output)
-    ended = [False] * n_rows
-    waiting: dict[int, tuple[int | None, int, str]] = {}  # row -> (call id or None if refused, resume step, note)
+    waiting: dict[int, tuple[int | None, int, str]] = {}  # row -> (ticket, or None if refused; resume step; note)
     use = {k: [0.0] * n_rows for k in ("calls", "errors", "timeouts", "refused", "seconds")}
     waited = 0.0
-    active = list(range(n_rows))  # the batch's rows, in batch order
-    settings = session.settings
+    active = torch.arange(n_rows, device=device)  # the batch's rows, in batch order
+    max_calls = session.settings.max_calls
     step = 0
     while True:
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        live = [not ended[r] and r not in waiting for r in active]  # rows that sample this step
-        live_index = torch.tensor([i for i, flag in enumerate(live) if flag], dtype=torch.long, device=device)
+        live = ~(ended[active] | paused[active])  # [n] the rows that sample this step
         if greedy:
-            chosen = logits.argmax(-1)  # [n] (only the live rows' are used)
+            chosen = logits.argmax(-1) if len(active) else active  # [n] (only the live rows' are used)
         else:
+            # one multinomial over every row, live or not, as rollout._decode_shared draws it
             probs = torch.zeros(n_rows * ranks, vocab, device=device)
             probs[:, pad] = 1.0
-            rows_now = torch.tensor(active, dtype=torch.long, device=device)
-            if len(live_index):
-                probs[offset + rows_now[live_index]] = next_token_scores(logits[live_index], temperature,
-                                                                         top_p).softmax(-1)
-            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + rows_now]  # [n]
-        chosen_list = chosen.tolist()
-        feed = torch.full((len(active),), pad, dtype=torch.long, device=device)
-        for i, row in enumerate(active):
-            if not live[i]:
+            if bool(live.any()):
+                probs[offset + active[live]] = next_token_scores(logits[live], temperature, top_p).softmax(-1)
+            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
+        rows, picked = active[live], chosen[live]
+        tokens[rows, length[rows]] = picked
+        length[rows] += 1
+        ended[rows] |= torch.isin(picked, eos) | (length[rows] >= max_new_tokens)
+        # only a token with a backtick can close a block: only those rows' text is looked at
+        for row in rows[torch.isin(picked, backticks) & ~ended[rows]].tolist():
+            code = tool_calls.closed_code(tokenizer.decode(tokens[row, scanned[row] : int(length[row])]))
+            if code is None:
                 continue
-            token = chosen_list[i]
-            tokens[row, length[row]] = token
-            length[row] += 1
-            feed[i] = token
-            if token in eos_ids or length[row] == max_new_tokens:
-                ended[row] = True
-            elif token in backticks:
-                code = tool_calls.closed_code(tokenizer.decode(tokens[row, scanned[row] : length[row]]))
-                if code is not None:
-                    if use["calls"][row] >= settings.max_calls:
-                        use["refused"][row] += 1
-                        waiting[row] = (None, step + 1, tool_calls.limit_note(settings.max_calls))
-                    else:
-                        use["calls"][row] += 1
-                        waiting[row] = (session.submit(code), step + TOOL_LAG_STEPS, "")
-        everyone_done = all(ended)
+            paused[row] = True
+            if use["calls"][row] >= max_calls:
+                use["refused"][row] += 1
+                waiting[row] = (None, step + 1, tool_calls.limit_note(max_calls))
+            else:
+                use["calls"][row] += 1
+                waiting[row] = (session.submit(code), step + TOOL_LAG_STEPS, "")
+        everyone_done = bool(ended.all())
         if ranks > 1:
             everyone_done = world.reduce(float(everyone_done), "min") == 1.0
         if everyone_done:
             break
         # rows that just ended need no step; one that closed a block does (its fence goes into the cache)
-        step_live = torch.tensor([flag and not ended[r] for flag, r in zip(live, active)], dtype=torch.bool,
-                                 device=device)
-        ended_in_batch = sum(ended[r] for r in active)
-        if ended_in_batch and ended_in_batch >= (getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION) \
-                * len(active):
-            kept = [i for i, r in enumerate(active) if not ended[r]]
-            if not kept:  # this rank is done; it keeps drawing in step with the others
-                active, logits = [], logits[:0]
+        step_live = live & ~ended[active]  # [n]
+        feed = torch.where(step_live, chosen, torch.full_like(chosen, pad))  # [n]
+        done_here = int(ended[active].sum())
+        if done_here and done_here >= (getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION) * len(active):
+            kept = (~ended[active]).nonzero().squeeze(1)
+            if len(kept) == 0:  # this rank is done; it keeps drawing in step with the others
+                active, logits = active[:0], logits[:0]
                 step += 1
                 continue
-            kept_index = torch.tensor(kept, dtype=torch.long, device=device)
-            stepper.keep(kept_index)
-            active = [active[i] for i in kept]
-            feed, step_live, logits = feed[kept_index], step_live[kept_index], logits[kept_index]
-        if not active:
+            stepper.keep(kept)
+            active, feed, step_live, logits = active[kept], feed[kept], step_live[kept], logits[kept]
+        if len(active) == 0:
             step += 1
             continue
         if bool(step_live.any()):
             stepped = stepper.step(feed, live=step_live)  # [n, V]
             logits = torch.where(step_live[:, None], stepped, logits)
-        due = [r for r in active if r in waiting and waiting[r][1] <= step]
+        due = [row for row, (_, resume, _) in waiting.items() if resume <= step]
         if due:
-            logits, waited_now = _resume(stepper, tokenizer, due, active, waiting, session, tokens, is_tool, length,
-                                         scanned, ended, use, logits, max_new_tokens, pad)
+            logits, waited_now = _resume(stepper, tokenizer, due, active.tolist(), waiting, session, tokens, is_tool,
+                                         length, scanned, ended, use, logits, max_new_tokens, pad)
+            paused[due] = False
             waited += waited_now
         step += 1
     tool_use = ToolUse(**{k: torch.tensor(v, dtype=torch.float64 if k == "seconds" else torch.long)
                           for k, v in use.items()}, waited_seconds=waited)
-    width = max(length) if n_rows else 0
+    width = int(length.max()) if n_rows else 0
     return tokens[:, :width], is_tool[:, :width], tool_use
 
 
@@ -236,16 +253,16 @@ def _resume(stepper, tokenizer, due, active, waiting, session, tokens, is_tool, 
             use["timeouts"][row] += outcome.status == "timeout"
             use["errors"][row] += outcome.status not in ("ok", "timeout")
             note = outcome.shown(tool_calls.SHOWN_CHARS)
-        text = tool_calls.output_block(tokenizer.decode(tokens[row, scanned[row] : length[row]]), note)
+        start = int(length[row])
+        text = tool_calls.output_block(tokenizer.decode(tokens[row, scanned[row] : start]), note)
         # the output is data, never control: "<|im_end|>" printed by the code stays text
         block = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        block = block[: max_new_tokens - length[row]]
-        start = length[row]
+        block = block[: max_new_tokens - start]
         tokens[row, start : start + len(block)] = torch.tensor(block, dtype=torch.long)
         is_tool[row, start : start + len(block)] = True
-        length[row] += len(block)
-        scanned[row] = length[row]
-        if length[row] == max_new_tokens:
+        length[row] = start + len(block)
+        scanned[row] = start + len(block)
+        if start + len(block) == max_new_tokens:
             ended[row] = True  # cut at the budget: nothing left to decode
         else:
             blocks[row] = block

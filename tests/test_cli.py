@@ -105,6 +105,33 @@ def test_eval_through_the_runner(tmp_path, tiny_model_path):
     assert results["n"] == 5 and len(results["items"]) == 5
 
 
+def test_eval_with_the_tool_as_a_subprocess(tmp_path, grpo_cache):
+    """grpo eval --tools python: the same protocol, the model's code run in the sandbox; the results say how
+    often it ran code, and every transcript that did holds the output the sandbox gave."""
+    out = tmp_path / "results.json"
+    common = ["--model", "builtin:tiny-math-tools", "--data", "builtin:arithmetic-test", "--limit", "24",
+              "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "96"]
+    result = subprocess.run([sys.executable, "-m", "grpo_cli", "eval", *common, "--tools", "python", "--output", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["settings"]["tools"] == ["python"] and results["settings"]["max_tool_calls"] == 4
+    assert 0 < results["tool_use_frac"] < 1 and "completions that ran code" in result.stdout
+    transcripts = [c for item in results["items"] for c in item["completions"] if "```output" in c]
+    assert transcripts and all(c.count("```output") <= 4 for c in transcripts)
+    without = runner.invoke(app, ["eval", *common, "--tools", "none", "--output", str(tmp_path / "plain.json")])
+    assert without.exit_code == 0, without.output
+    plain = json.loads((tmp_path / "plain.json").read_text())
+    assert "tools" not in plain["settings"] and "tool_use_frac" not in plain
+    assert not any("```output" in c for item in plain["items"] for c in item["completions"])
+
+
+def test_eval_refuses_an_unknown_tool():
+    result = runner.invoke(app, ["eval", "--model", "builtin:tiny-math", "--data", "builtin:arithmetic-test",
+                                 "--tools", "bash"])
+    assert result.exit_code == 2 and "python" in result.output
+
+
 def test_eval_predictions_as_a_subprocess(tmp_path):
     out = tmp_path / "r.json"
     result = subprocess.run(

@@ -31,6 +31,9 @@ class InProcessTools:
         self.calls: dict[int, str] = {}
         self.ids = itertools.count()
 
+    def start_rollout(self) -> None:
+        pass
+
     def submit(self, code: str) -> int:
         call = next(self.ids)
         self.calls[call] = code
