@@ -20,7 +20,7 @@ class Shipped:
 
 def shipped() -> list[Shipped]:
     found = []
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+    for path in sorted(RECIPES_DIR.glob("*.yaml"), key=lambda path: path.stem):  # quickstart before quickstart-tools
         comments = [line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")]
         found.append(Shipped(path.stem, path, comments[0] if comments else ""))
     return found

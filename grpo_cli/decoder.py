@@ -122,9 +122,11 @@ class _Layer:
         gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
         return F.linear(self.mlp.act_fn(gate) * up, *self.down)
 
-    def forward(self, x, cos, sin, start: int, valid: torch.Tensor, slot: torch.Tensor | None = None):
+    def forward(self, x, cos, sin, start: int, valid: torch.Tensor, slot: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None):
         """x [n, T, H]: tokens at cache slots start..start+T; valid [n, capacity] which slots hold tokens.
-        `slot` [1] (static step, T = 1): the cache slot as a tensor, attention over the whole cache."""
+        `slot` [1] (static step, T = 1): the cache slot as a tensor, attention over the whole cache.
+        `rows` [n]: x holds only these rows of the cache (a tool output's prefill for the rows it concerns)."""
         n, t, _ = x.shape
         residual = x
         x = self.layer.input_layernorm(x)
@@ -136,7 +138,12 @@ class _Layer:
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [n, heads, T, d], [n, kv_heads, T, d]
         v = v.view(n, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = self.rope(q, k, cos, sin)
-        if slot is None:
+        if rows is not None:  # a few rows: their cache read (copied) up to here, their new slots written back
+            end = start + t
+            self.keys[rows, :, start:end] = k
+            self.values[rows, :, start:end] = v
+            keys, values = self.keys[rows, :, :end], self.values[rows, :, :end]
+        elif slot is None:
             end = start + t
             self.keys[:, :, start:end] = k
             self.values[:, :, start:end] = v
@@ -144,7 +151,8 @@ class _Layer:
             end = self.keys.shape[2]
             self.keys.index_copy_(2, slot, k)
             self.values.index_copy_(2, slot, v)
-        keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # [n, kv_heads, end, d]
+        if rows is None:
+            keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # [n, kv_heads, end, d]
         groups = self.heads // self.kv_heads
         if t == 1:
             # One query token: the query heads of each key/value head sit side by side as its
@@ -193,14 +201,15 @@ class LeanDecoder:
         self.inputs = None  # static step: token [n, 1], position [n, 1], slot [1]
         self.graph = self.graph_logits = None
 
-    def _forward(self, input_ids, positions, slot=None):  # [n, T] each -> logits of the last position [n, V]
+    def _forward(self, input_ids, positions, slot=None, rows=None):  # [n, T] each -> logits of the last position [n, V]
         x = self.inner.embed_tokens(input_ids)  # [n, T, H]
         if self.rotary_table is None:
             cos, sin = self.inner.rotary_emb(x, positions)
         else:
             cos, sin = self.rotary_table[0][positions], self.rotary_table[1][positions]  # [n, T, d] each
+        valid = self.valid if rows is None else self.valid[rows]
         for layer in self.layers:
-            x = layer.forward(x, cos, sin, self.length, self.valid, slot)
+            x = layer.forward(x, cos, sin, self.length, valid, slot, rows)
         return self.head(self.inner.norm(x[:, -1:]))[:, -1].float()  # [n, V]
 
     def _new_cache(self, *shape, like: torch.Tensor) -> torch.Tensor:
@@ -273,7 +282,15 @@ class LeanDecoder:
         self._ensure_room(k)
         positions = self.next_position[:, None] + (valid.long().cumsum(1) - 1).clamp(min=0)  # [n, K]
         self.valid[:, self.length : self.length + k] = valid
-        logits = self._forward(tokens, positions)
+        # only the rows given tokens run: a prefill of every row would cost K decode steps of the whole batch.
+        # The other rows' slots stay unwritten, so they are zeroed: masked or not, a NaN left in memory would
+        # reach those rows' attention (0 x NaN).
+        rows = valid.any(1).nonzero().squeeze(1)  # [m]
+        for layer in self.layers:
+            layer.keys[:, :, self.length : self.length + k] = 0
+            layer.values[:, :, self.length : self.length + k] = 0
+        logits = torch.zeros(len(tokens), self.head.weight.shape[0], device=tokens.device)  # [n, V]
+        logits[rows] = self._forward(tokens[rows], positions[rows], rows=rows)
         self.length += k
         self.next_position = self.next_position + valid.long().sum(1)
         return logits
