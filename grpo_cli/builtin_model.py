@@ -38,8 +38,8 @@ TOOLS_NAME = "tiny-math-tools"
 # name -> (version, warm-start mix): bump a version when anything that builds that model changes, so stale
 # caches are rebuilt. The rest of each mix is bare answers.
 VARIANTS = {
-    NAME: {"version": 1, "worked": 0.5, "tool": 0.0},
-    TOOLS_NAME: {"version": 1, "worked": 0.4, "tool": 0.2},
+    NAME: {"version": 1, "worked": 0.5, "tool": 0.0, "build": "about two minutes"},
+    TOOLS_NAME: {"version": 1, "worked": 0.4, "tool": 0.2, "build": "about three minutes"},  # longer texts
 }
 VERSION = VARIANTS[NAME]["version"]
 EOS = "<|endoftext|>"
@@ -138,6 +138,25 @@ def _output_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
+def supervised_batch(tokenizer, pairs: list[tuple[str, str]], masks_output: bool = False):
+    """(encoding, labels [B, T]) of (prompt, completion) pairs, right-padded: the labels are the tokens of the
+    completions, -100 on the prompts, the padding and, with `masks_output`, the tool's output blocks (context,
+    as in GRPO, not something to learn to write)."""
+    prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"]
+    texts = [p + c for p, c in pairs]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
+                    return_offsets_mapping=masks_output)
+    offsets = enc.pop("offset_mapping", None)  # [B, T, 2] character span of each token
+    labels = enc["input_ids"].clone()
+    labels[enc["attention_mask"] == 0] = -100
+    for row, prompt in enumerate(prompts):
+        labels[row, : len(prompt)] = -100
+        for start, end in _output_spans(texts[row]) if offsets is not None else ():
+            labels[row, (offsets[row, :, 0] >= start) & (offsets[row, :, 1] <= end)
+                   & (enc["attention_mask"][row] == 1)] = -100
+    return enc, labels
+
+
 def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, on_step=None, worked: float = WORKED_FRACTION,
                tool: float = 0.0) -> list[float]:
     """Supervised pass on completions only (prompt tokens and tool output masked); returns the loss
@@ -152,19 +171,7 @@ def warm_start(model, tokenizer, steps: int, batch: int, lr: float, seed: int, o
     losses = []
     tokenizer.padding_side = "right"
     for step in range(steps):
-        chunk = pairs[step * batch : (step + 1) * batch]
-        prompts = tokenizer([p for p, _ in chunk], add_special_tokens=False)["input_ids"]
-        texts = [p + c for p, c in chunk]
-        enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt",
-                        return_offsets_mapping=bool(tool))
-        offsets = enc.pop("offset_mapping", None)  # [B, T, 2] character span of each token
-        labels = enc["input_ids"].clone()
-        labels[enc["attention_mask"] == 0] = -100
-        for row, prompt in enumerate(prompts):
-            labels[row, : len(prompt)] = -100
-            for start, end in _output_spans(texts[row]) if offsets is not None else ():
-                labels[row, (offsets[row, :, 0] >= start) & (offsets[row, :, 1] <= end)
-                       & (enc["attention_mask"][row] == 1)] = -100
+        enc, labels = supervised_batch(tokenizer, pairs[step * batch : (step + 1) * batch], masks_output=bool(tool))
         loss = model(**enc, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -285,7 +292,7 @@ def ensure(name: str = NAME, progress=None) -> Path:
         if (target / "builtin.json").exists():
             return target
         if progress:
-            progress(f"building builtin:{name} (first use only, about two minutes on 2 CPU cores) in {target}")
+            progress(f"building builtin:{name} (first use only, {VARIANTS[name]['build']} on 2 CPU cores) in {target}")
         partial = root / f".{name}-v{version}.partial-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
         build(partial, progress, name)

@@ -415,6 +415,8 @@ def validate(
     console.print(f"{recipe}: valid.", style="green")
     if checked is not None:
         print_data_check(console, checked)
+    if loaded.grpo.tools:
+        print_sandbox(console, loaded.grpo)
     if no_config is not None:
         console.print(no_config, style="yellow", highlight=False)
         return
@@ -433,6 +435,24 @@ def validate(
     for part, gib in guess.parts.items():
         table.add_row(part, f"{gib:.2f} GiB")
     table.add_row("estimated peak", f"{guess.total_gib:.2f} GiB")
+    console.print(table)
+
+
+def print_sandbox(console, grpo) -> None:
+    """What confines the tool's code on this machine: the sandbox started once, as training will start it."""
+    from rich.table import Table
+
+    from grpo_cli.tool_rollout import ToolSession, ToolSettings
+
+    with ToolSession(ToolSettings(max_calls=grpo.max_tool_calls, timeout_s=grpo.tool_timeout_s,
+                                  memory_mb=grpo.tool_memory_mb)) as session:
+        probe = session.sandbox.run("print(6 * 7)")
+        table = Table(title="the code tool's sandbox on this machine (docs/tools.md)", title_justify="left")
+        table.add_column("")
+        table.add_column("", overflow="fold")
+        for layer, how in session.isolation.items():
+            table.add_row(layer, how)
+        table.add_row("a call", f"print(6 * 7) -> {probe.shown()!r} in {probe.seconds * 1000:.0f} ms")
     console.print(table)
 
 

@@ -52,6 +52,23 @@ def test_warm_start_never_sees_a_test_question():
     assert abs(worked - builtin_model.WORKED_FRACTION) < 0.05
 
 
+def test_the_tools_warm_start_mixes_three_forms_and_never_trains_on_tool_output():
+    pairs = builtin_model.warm_start_texts(seed=0, n=2000, worked=0.4, tool=0.2)
+    tool = sum("```output" in c for _, c in pairs) / len(pairs)
+    worked = sum("=" in c.split("####")[0] and "```" not in c for _, c in pairs) / len(pairs)
+    assert abs(tool - 0.2) < 0.03 and abs(worked - 0.4) < 0.04
+    # tool = 0 draws the very texts of the plain mix: builtin:tiny-math is unchanged by the variant
+    assert builtin_model.warm_start_texts(seed=0, n=300) == builtin_model.warm_start_texts(0, 300, 0.5, 0.0)
+    tokenizer = builtin_model.build_tokenizer()
+    tokenizer.padding_side = "right"
+    question, completion = "What is 6 * 7?", "\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n#### 42<|endoftext|>"
+    enc, labels = builtin_model.supervised_batch(tokenizer, [(question, completion), ("What is 1 + 1?", " #### 2")],
+                                                 masks_output=True)
+    trained = tokenizer.decode([t for t in labels[0].tolist() if t != -100])
+    assert trained == "\n```python\nprint(6 * 7)\n```#### 42<|endoftext|>"  # the output block left out
+    assert tokenizer.decode([t for t in labels[1].tolist() if t != -100]) == " #### 2"
+
+
 def test_tokenizer_is_character_level_and_round_trips():
     tokenizer = builtin_model.build_tokenizer()
     text = "What is 23 + 48? 3+8=11.\n#### 71"

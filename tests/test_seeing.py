@@ -147,6 +147,16 @@ def test_validate_shows_parameters_and_memory(tiny_model_path):
     assert "800,512" in result.output and "trainable" in result.output and "estimated peak" in result.output
 
 
+def test_validate_shows_the_sandbox_a_recipe_with_the_tool_gets(tiny_model_path):
+    result = runner.invoke(app, ["validate", "quickstart", "--set", "grpo.tools=[python]", "--set", "model.lora.r=4"])
+    assert result.exit_code == 0, result.output
+    assert "sandbox on this machine" in result.output and "-> '42'" in result.output
+    for layer in ("process", "network", "filesystem", "limits"):
+        assert layer in result.output
+    plain = runner.invoke(app, ["validate", "quickstart"])
+    assert plain.exit_code == 0 and "sandbox" not in plain.output
+
+
 def test_validate_refuses_a_broken_recipe(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("grpo: {group_sise: 4}\n")
