@@ -296,8 +296,12 @@ class LeanDecoder:
         return logits
 
     def _ensure_room(self, slots: int) -> None:
-        """Grow the cache when `slots` more would not fit: a tool's output and paused rows use slots beyond
-        prompt + max_new_tokens. Positions never pass that bound, so the rotary table stays."""
+        """Make room for `slots` more: a tool's output and paused rows leave slots that hold nothing for most
+        rows (a slot is one column for every row), so the cache is first packed (`_pack`), then grown if
+        that is not enough. Positions never pass prompt + max_new_tokens, so the rotary table stays."""
+        if self.length + slots <= self.capacity:
+            return
+        self._pack()
         if self.length + slots <= self.capacity:
             return
         self.capacity = max(2 * self.capacity, self.length + slots)
@@ -311,6 +315,26 @@ class LeanDecoder:
         valid[:, : self.length] = self.valid[:, : self.length]
         self.valid = valid
         self.inputs = self.graph = self.graph_logits = None  # the step reads the new tensors: a new capture
+
+    def _pack(self) -> None:
+        """Move each row's tokens to the front of the cache, in order, dropping the slots it left empty.
+        Keys carry their rotation already, so where a key sits changes nothing; each decode step then
+        attends over no more slots than the longest row holds."""
+        valid = self.valid[:, : self.length]  # [n, L]
+        counts = valid.sum(1)  # [n]
+        width = int(counts.max()) if len(counts) else 0
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :width]  # [n, width] filled slots first
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                cache = getattr(layer, name)
+                index = order[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3])
+                packed = self._new_cache(*cache.shape, like=cache)
+                packed[:, :, :width] = cache[:, :, : self.length].gather(2, index)
+                setattr(layer, name, packed)
+        self.valid = torch.zeros_like(self.valid)
+        self.valid[:, :width] = torch.arange(width, device=valid.device)[None] < counts[:, None]
+        self.length = width
+        self.inputs = self.graph = self.graph_logits = None  # new tensors: a new capture
 
     def _replay(self) -> torch.Tensor:
         if self.graph is None:

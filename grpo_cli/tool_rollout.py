@@ -150,6 +150,32 @@ def _backtick_ids(tokenizer) -> frozenset[int]:
     return frozenset(i for i, token in enumerate(tokens) if token and "`" in token)
 
 
+@dataclass
+class _Rows:
+    """What the loop knows of each row of the rollout (indexed by row number, not batch position)."""
+
+    tokens: torch.Tensor  # [N, C] the transcript so far: model tokens and tool output
+    is_tool: torch.Tensor  # [N, C] True on tool output
+    length: torch.Tensor  # [N] tokens written, tool output included (the budget's count)
+    ended: torch.Tensor  # [N] bool: EOS, or the budget used up
+    paused: torch.Tensor  # [N] bool: waiting for a call
+    scanned: list[int]  # per row, where its text is next looked at for a closed block (past its last output)
+    waiting: dict[int, tuple[int | None, int, str]]  # row -> (ticket, None if refused; resume step; note)
+    use: dict[str, list[float]]  # ToolUse's fields, per row
+
+    @classmethod
+    def empty(cls, n: int, width: int, pad: int, device) -> _Rows:
+        return cls(tokens=torch.full((n, width), pad, dtype=torch.long, device=device),
+                   is_tool=torch.zeros(n, width, dtype=torch.bool, device=device),
+                   length=torch.zeros(n, dtype=torch.long, device=device),
+                   ended=torch.zeros(n, dtype=torch.bool, device=device),
+                   paused=torch.zeros(n, dtype=torch.bool, device=device), scanned=[0] * n, waiting={},
+                   use={k: [0.0] * n for k in ("calls", "errors", "timeouts", "refused", "seconds")})
+
+    def text_since_scan(self, tokenizer, row: int) -> str:
+        return tokenizer.decode(self.tokens[row, self.scanned[row] : int(self.length[row])])
+
+
 def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tokens: int, samples: int,
                       temperature: float, top_p: float, greedy: bool, eos_ids: list[int], session: ToolSession,
                       world=None) -> tuple[torch.Tensor, torch.Tensor, ToolUse]:
@@ -163,21 +189,13 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     pad = tokenizer.pad_token_id
     backticks = torch.tensor(sorted(_backtick_ids(tokenizer)), dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids, device=device)
-    tokens = torch.full((n_rows, max_new_tokens), pad, dtype=torch.long, device=device)
-    is_tool = torch.zeros(n_rows, max_new_tokens, dtype=torch.bool, device=device)
-    length = torch.zeros(n_rows, dtype=torch.long, device=device)  # tokens written per row, tool output included
-    ended = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    paused = torch.zeros(n_rows, dtype=torch.bool, device=device)  # waiting for a call
-    scanned = [0] * n_rows  # where the row's text is next looked at for a closed block (after its last output)
-    waiting: dict[int, tuple[int | None, int, str]] = {}  # row -> (ticket, or None if refused; resume step; note)
-    use = {k: [0.0] * n_rows for k in ("calls", "errors", "timeouts", "refused", "seconds")}
+    state = _Rows.empty(n_rows, max_new_tokens, pad, device)
     waited = 0.0
     active = torch.arange(n_rows, device=device)  # the batch's rows, in batch order
-    max_calls = session.settings.max_calls
     step = 0
     while True:
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        live = ~(ended[active] | paused[active])  # [n] the rows that sample this step
+        live = ~(state.ended[active] | state.paused[active])  # [n] the rows that sample this step
         if greedy:
             chosen = logits.argmax(-1) if len(active) else active  # [n] (only the live rows' are used)
         else:
@@ -188,32 +206,23 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
                 probs[offset + active[live]] = next_token_scores(logits[live], temperature, top_p).softmax(-1)
             chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
         rows, picked = active[live], chosen[live]
-        tokens[rows, length[rows]] = picked
-        length[rows] += 1
-        ended[rows] |= torch.isin(picked, eos) | (length[rows] >= max_new_tokens)
+        state.tokens[rows, state.length[rows]] = picked
+        state.length[rows] += 1
+        state.ended[rows] |= torch.isin(picked, eos) | (state.length[rows] >= max_new_tokens)
         # only a token with a backtick can close a block: only those rows' text is looked at
-        for row in rows[torch.isin(picked, backticks) & ~ended[rows]].tolist():
-            code = tool_calls.closed_code(tokenizer.decode(tokens[row, scanned[row] : int(length[row])]))
-            if code is None:
-                continue
-            paused[row] = True
-            if use["calls"][row] >= max_calls:
-                use["refused"][row] += 1
-                waiting[row] = (None, step + 1, tool_calls.limit_note(max_calls))
-            else:
-                use["calls"][row] += 1
-                waiting[row] = (session.submit(code), step + TOOL_LAG_STEPS, "")
-        everyone_done = bool(ended.all())
+        for row in rows[torch.isin(picked, backticks) & ~state.ended[rows]].tolist():
+            _call_if_closed(state, row, tokenizer, session, step)
+        everyone_done = bool(state.ended.all())
         if ranks > 1:
             everyone_done = world.reduce(float(everyone_done), "min") == 1.0
         if everyone_done:
             break
         # rows that just ended need no step; one that closed a block does (its fence goes into the cache)
-        step_live = live & ~ended[active]  # [n]
+        step_live = live & ~state.ended[active]  # [n]
         feed = torch.where(step_live, chosen, torch.full_like(chosen, pad))  # [n]
-        done_here = int(ended[active].sum())
+        done_here = int(state.ended[active].sum())
         if done_here and done_here >= (getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION) * len(active):
-            kept = (~ended[active]).nonzero().squeeze(1)
+            kept = (~state.ended[active]).nonzero().squeeze(1)
             if len(kept) == 0:  # this rank is done; it keeps drawing in step with the others
                 active, logits = active[:0], logits[:0]
                 step += 1
@@ -226,44 +235,62 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
         if bool(step_live.any()):
             stepped = stepper.step(feed, live=step_live)  # [n, V]
             logits = torch.where(step_live[:, None], stepped, logits)
-        due = [row for row, (_, resume, _) in waiting.items() if resume <= step]
+        due = [row for row, (_, resume, _) in state.waiting.items() if resume <= step]
         if due:
-            logits, waited_now = _resume(stepper, tokenizer, due, active.tolist(), waiting, session, tokens, is_tool,
-                                         length, scanned, ended, use, logits, max_new_tokens, pad)
-            paused[due] = False
+            logits, waited_now = _resume(stepper, tokenizer, state, due, active.tolist(), session, logits,
+                                         max_new_tokens, pad)
             waited += waited_now
         step += 1
     tool_use = ToolUse(**{k: torch.tensor(v, dtype=torch.float64 if k == "seconds" else torch.long)
-                          for k, v in use.items()}, waited_seconds=waited)
-    width = int(length.max()) if n_rows else 0
-    return tokens[:, :width], is_tool[:, :width], tool_use
+                          for k, v in state.use.items()}, waited_seconds=waited)
+    width = int(state.length.max()) if n_rows else 0
+    return state.tokens[:, :width], state.is_tool[:, :width], tool_use
 
 
-def _resume(stepper, tokenizer, due, active, waiting, session, tokens, is_tool, length, scanned, ended, use, logits,
-            max_new_tokens, pad) -> tuple[torch.Tensor, float]:
-    """Append the output blocks of the `due` rows to their transcripts and caches; their new logits."""
-    ids = [waiting[r][0] for r in due if waiting[r][0] is not None]
-    outcomes, waited = session.wait(ids) if ids else ({}, 0.0)
+def _call_if_closed(state: _Rows, row: int, tokenizer, session: ToolSession, step: int) -> None:
+    """If the row's text now closes a python block: submit its code (or refuse it past max_tool_calls)
+    and pause the row until its resume step."""
+    code = tool_calls.closed_code(state.text_since_scan(tokenizer, row))
+    if code is None:
+        return
+    state.paused[row] = True
+    max_calls = session.settings.max_calls
+    if state.use["calls"][row] >= max_calls:
+        state.use["refused"][row] += 1
+        state.waiting[row] = (None, step + 1, tool_calls.limit_note(max_calls))
+    else:
+        state.use["calls"][row] += 1
+        state.waiting[row] = (session.submit(code), step + TOOL_LAG_STEPS, "")
+
+
+def _resume(stepper, tokenizer, state: _Rows, due: list[int], active: list[int], session: ToolSession, logits,
+            max_new_tokens: int, pad: int) -> tuple[torch.Tensor, float]:
+    """Append the output blocks of the `due` rows to their transcripts and caches: the batch's logits with
+    theirs replaced [n, V], and the seconds spent waiting for their calls."""
+    tickets = [state.waiting[r][0] for r in due if state.waiting[r][0] is not None]
+    outcomes, waited = session.wait(tickets) if tickets else ({}, 0.0)
     blocks: dict[int, list[int]] = {}
     for row in due:
-        call, _, note = waiting.pop(row)
-        if call is not None:
-            outcome = outcomes[call]
-            use["seconds"][row] += outcome.seconds
-            use["timeouts"][row] += outcome.status == "timeout"
-            use["errors"][row] += outcome.status not in ("ok", "timeout")
+        ticket, _, note = state.waiting.pop(row)
+        state.paused[row] = False
+        if ticket is not None:
+            outcome = outcomes[ticket]
+            state.use["seconds"][row] += outcome.seconds
+            state.use["timeouts"][row] += outcome.status == "timeout"
+            state.use["errors"][row] += outcome.status not in ("ok", "timeout")
             note = outcome.shown(tool_calls.SHOWN_CHARS)
-        start = int(length[row])
-        text = tool_calls.output_block(tokenizer.decode(tokens[row, scanned[row] : start]), note)
+        start = int(state.length[row])
+        text = tool_calls.output_block(state.text_since_scan(tokenizer, row), note)
         # the output is data, never control: "<|im_end|>" printed by the code stays text
         block = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         block = block[: max_new_tokens - start]
-        tokens[row, start : start + len(block)] = torch.tensor(block, dtype=torch.long)
-        is_tool[row, start : start + len(block)] = True
-        length[row] = start + len(block)
-        scanned[row] = start + len(block)
-        if start + len(block) == max_new_tokens:
-            ended[row] = True  # cut at the budget: nothing left to decode
+        end = start + len(block)
+        state.tokens[row, start:end] = torch.tensor(block, dtype=torch.long)
+        state.is_tool[row, start:end] = True
+        state.length[row] = end
+        state.scanned[row] = end
+        if end == max_new_tokens:
+            state.ended[row] = True  # cut at the budget: nothing left to decode
         else:
             blocks[row] = block
     if not blocks:
@@ -272,12 +299,10 @@ def _resume(stepper, tokenizer, due, active, waiting, session, tokens, is_tool, 
     device = logits.device
     block_ids = torch.full((len(active), width), pad, dtype=torch.long, device=device)
     valid = torch.zeros(len(active), width, dtype=torch.bool, device=device)
-    resumed = torch.zeros(len(active), dtype=torch.bool, device=device)
     for i, row in enumerate(active):
         if row in blocks:  # right-aligned, so the last position is each resumed row's last token
             block = blocks[row]
             block_ids[i, width - len(block) :] = torch.tensor(block, dtype=torch.long)
             valid[i, width - len(block) :] = True
-            resumed[i] = True
     appended = stepper.append(block_ids, valid)  # [n, V]
-    return torch.where(resumed[:, None], appended, logits), waited
+    return torch.where(valid.any(1)[:, None], appended, logits), waited

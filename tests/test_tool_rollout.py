@@ -4,7 +4,7 @@ caches: every token the model chose is what a plain forward over the finished tr
 import pytest
 import torch
 
-from grpo_cli import builtin_model, builtin_task
+from grpo_cli import builtin_model, builtin_task, decoder
 from grpo_cli.answers import is_correct
 from grpo_cli.model_calls import position_ids
 from grpo_cli.rollout import generate
@@ -169,6 +169,9 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
         return original(recorders[-1], *args)
 
     monkeypatch.setattr(rollout_module, "decode_with_tools", recording)
+    packs = []
+    pack = decoder.LeanDecoder._pack
+    monkeypatch.setattr(decoder.LeanDecoder, "_pack", lambda self: (packs.append(self.length), pack(self))[1])
     problems = builtin_task.test_split()[:12]
     torch.manual_seed(0)
     rollout = generate(model, tokenizer, [p.question for p in problems], 96, samples_per_prompt=4,
@@ -189,6 +192,8 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
                                        atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked > 500
+    if lean:  # the pauses and outputs filled the cache's columns: it was packed, and the logits still agree
+        assert packs
     golds = [p.answer for p in problems for _ in range(4)]
     for i in used.nonzero().squeeze(1).tolist():
         assert "\n```output\n" in rollout.texts[i]
