@@ -213,6 +213,11 @@ def test_the_same_seed_gives_the_same_transcripts_and_both_engines_agree(tools_m
 
 
 def test_the_plain_engine_refuses_tools(tools_model):
+    from grpo_cli.recipe import RecipeError, validate
+
+    with pytest.raises(RecipeError, match="fast engine") as refused:  # the recipe, before anything loads
+        validate({"grpo": {"tools": ["python"], "engine": "plain"}})
+    assert "engine: fast" in str(refused.value)
     model, tokenizer = tools_model
     with pytest.raises(ValueError, match="fast engine"):
         generate(model, tokenizer, ["What is 2 + 3?"], 8, engine="generate", tools=InProcessTools())
