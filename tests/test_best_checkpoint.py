@@ -38,7 +38,7 @@ def scripted(monkeypatch):
     """Held-out accuracy as the test says, per step, without generating: logged as run_eval logs it."""
     accuracies = {}
 
-    def run_eval(step, parallel, eval_set, recipe, scorer, log, console):
+    def run_eval(step, parallel, eval_set, recipe, scorer, log, console, tools=None):
         log.metrics({"step": step, "eval/accuracy": accuracies[step], "eval/n": len(eval_set.items)})
         return accuracies[step]
 

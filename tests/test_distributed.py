@@ -29,17 +29,24 @@ FULL = {"model": {"name": "builtin:tiny-math", "dtype": "float32", "lora": None}
         "train": {"steps": 4, "lr": 5e-4, "warmup_steps": 1, "seed": 0}}
 
 
-def recipe_dict(run_dir, strategy="ddp", full=False):
+TOOLS = {"model": {"name": "builtin:tiny-math-tools", "dtype": "float32", "lora": {"r": 8, "alpha": 16}},
+         "grpo": {**SECTIONS["grpo"], "max_new_tokens": 96, "tools": ["python"], "max_tool_calls": 2},
+         "train": {**SECTIONS["train"], "steps": 3}}
+
+
+def recipe_dict(run_dir, strategy="ddp", full=False, tools=False):
     sections = {k: dict(v) for k, v in SECTIONS.items()}
     if full:
         sections.update(FULL)
+    if tools:
+        sections.update(TOOLS)
     sections["output"]["dir"] = str(run_dir)
     return {**small_recipe(run_dir, **sections), "distributed": {"strategy": strategy}}
 
 
-def torchrun(tmp_path, run_dir, processes=2, *extra, strategy="ddp", full=False):
+def torchrun(tmp_path, run_dir, processes=2, *extra, strategy="ddp", full=False, tools=False):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe_dict(run_dir, strategy, full)))
+    path.write_text(yaml.safe_dump(recipe_dict(run_dir, strategy, full, tools)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "grpo_cli", "train", str(path), "--quiet", *extra]
@@ -120,6 +127,17 @@ def test_fsdp_full_fine_tune_with_a_sharded_reference_learns_as_one(tmp_path, ti
     train(recipe_module.validate(recipe_dict(alone, full=True)), console=TrainConsole(quiet=True))
     torchrun(tmp_path, tmp_path / "sharded", strategy="fsdp", full=True)
     compare(alone, tmp_path / "sharded")
+
+
+def test_two_processes_with_the_code_tool_learn_as_one(tmp_path, grpo_cache):
+    """Each process pauses its own rows for their calls and runs its own sandbox; the draws stay in lockstep,
+    so the run is the one process's, tool figures included."""
+    alone = tmp_path / "alone"
+    train(recipe_module.validate(recipe_dict(alone, tools=True)), console=TrainConsole(quiet=True))
+    torchrun(tmp_path, tmp_path / "two", tools=True)
+    compare(alone, tmp_path / "two")
+    rows = [r for r in read_jsonl(alone / "metrics.jsonl") if "tool_calls" in r]
+    assert len(rows) == 3 and sum(r["tool_calls"] for r in rows) > 0
 
 
 def test_recipes_that_cannot_split_are_refused():

@@ -324,3 +324,14 @@ def test_validate_fetches_from_the_hub_when_it_answers(hub, tmp_path, monkeypatc
     result, _ = _validate_hub_model(tmp_path)
     assert result.exit_code == 0 and "estimated peak" in result.output, result.output
     assert hub["probes"] == 1 and hub["fetched"] == 1
+
+
+def test_transcripts_show_code_and_output_apart():
+    from grpo_cli.console import TRANSCRIPT_STYLES, _transcript
+
+    shown = _transcript("Compute.\n```python\nprint(17 * 23)\n```\n```output\n391\n```\n#### 391")
+    assert shown.plain == "Compute. ```python print(17 * 23) ``` ```output 391 ``` #### 391"
+    styled = {shown.plain[span.start : span.end]: span.style for span in shown.spans}
+    assert styled == {"```python print(17 * 23) ```": TRANSCRIPT_STYLES["code"],
+                      "```output 391 ```": TRANSCRIPT_STYLES["output"]}
+    assert _transcript("x" * 500, limit=50).plain.endswith("...") and len(_transcript("x" * 500, limit=50).plain) == 50
