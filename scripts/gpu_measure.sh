@@ -5,7 +5,7 @@
 # the quickstart's metrics; each part's full output stays in a scratch folder on the machine.
 #
 #   here:        bash ../shared/scripts/gpu-site.sh pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0 pygments
-#                cp -r "$GRPO_CACHE" .grpo-cache     # a built builtin model, for part 6 (else it is skipped)
+#                cp -r "$GRPO_CACHE" .grpo-cache     # the built builtin models (tiny-math, tiny-math-tools), for the quickstart and tool parts (else skipped)
 #   on the GPU:  OUT=/some/dir bash scripts/gpu_measure.sh [seconds, default 520]   (carry .devsite, .grpo-cache)
 #
 # 1. the CUDA-graph decode test (graph replay vs eager logits, recapture after rows leave);
@@ -53,6 +53,9 @@ part scaling python scripts/scaling.py --shape qwen2.5-0.5b --prompts 8 --group-
 if [ -d .grpo-cache ]; then
   part quickstart env GRPO_CACHE=$PWD/.grpo-cache python -m grpo_cli train quickstart --set output.dir="$scratch/quickstart"
   cp "$scratch/quickstart/metrics.jsonl" "$out/quickstart-metrics.jsonl" 2>/dev/null
+  # the code tool on a GPU: the lean decoder's CUDA graphs with rows paused and outputs appended
+  part tool-cost env GRPO_CACHE=$PWD/.grpo-cache python scripts/tool_cost.py --device cuda --repeats 3
+  part tool-tests env GRPO_CACHE=$PWD/.grpo-cache python -m pytest -q -p no:cacheprovider tests/test_tool_rollout.py
 else
   echo -e "\n## quickstart: skipped, no .grpo-cache carried" >> "$report"
 fi

@@ -46,8 +46,9 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the lean decoder's CUDA graphs, with tool calls)")
     args = parser.parse_args()
-    loaded = load_for_inference(args.model, "cpu", None)
+    loaded = load_for_inference(args.model, args.device, None)
     prompts = [p.question for p in builtin_task.train_split()[: args.prompts]]
     appends: list[TimedAppends] = []
     original = rollout_module.decode_with_tools
@@ -79,7 +80,7 @@ def main() -> None:
                     figures["tool_use"].append(float((use.calls > 0).float().mean()))
     median = {k: statistics.median(v) for k, v in figures.items()}
     rows = args.prompts * args.group_size
-    print(f"model {args.model}, {args.prompts} prompts x {args.group_size} samples, max_new_tokens "
+    print(f"model {args.model} on {args.device}, {args.prompts} prompts x {args.group_size} samples, max_new_tokens "
           f"{args.max_new_tokens}, medians of {args.repeats}")
     print(f"  rollout without the tool        {median['text']:.3f} s")
     print(f"  rollout with the tool           {median['tools']:.3f} s  ({median['tools'] / median['text']:.2f}x)")

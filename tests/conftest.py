@@ -30,6 +30,14 @@ def tiny_model_path(grpo_cache) -> Path:
     return builtin_model.ensure()
 
 
+@pytest.fixture(scope="session")
+def tools_model_path(grpo_cache) -> Path:
+    """builtin:tiny-math-tools, built once (about three minutes) before any test or subprocess needs it."""
+    from grpo_cli import builtin_model
+
+    return builtin_model.ensure(builtin_model.TOOLS_NAME)
+
+
 def trained_lora_policy(**spec):
     """The builtin model with LoRA (r 8, alpha 16, float32 unless `spec` says otherwise) whose adapters
     are not zero, as after some training: every adapter's gradient path carries signal."""

@@ -105,7 +105,7 @@ def test_eval_through_the_runner(tmp_path, tiny_model_path):
     assert results["n"] == 5 and len(results["items"]) == 5
 
 
-def test_eval_with_the_tool_as_a_subprocess(tmp_path, grpo_cache):
+def test_eval_with_the_tool_as_a_subprocess(tmp_path, tools_model_path):
     """grpo eval --tools python: the same protocol, the model's code run in the sandbox; the results say how
     often it ran code, and every transcript that did holds the output the sandbox gave."""
     out = tmp_path / "results.json"

@@ -129,7 +129,7 @@ def test_fsdp_full_fine_tune_with_a_sharded_reference_learns_as_one(tmp_path, ti
     compare(alone, tmp_path / "sharded")
 
 
-def test_two_processes_with_the_code_tool_learn_as_one(tmp_path, grpo_cache):
+def test_two_processes_with_the_code_tool_learn_as_one(tmp_path, tools_model_path):
     """Each process pauses its own rows for their calls and runs its own sandbox; the draws stay in lockstep,
     so the run is the one process's, tool figures included."""
     alone = tmp_path / "alone"

@@ -69,7 +69,7 @@ def test_gpu_measure_script_is_valid_bash():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_tool_cost_compares_a_rollout_with_and_without_the_tool(grpo_cache):
+def test_tool_cost_compares_a_rollout_with_and_without_the_tool(tools_model_path):
     proc = run_script("scripts/tool_cost.py", "--prompts", "2", "--group-size", "8", "--repeats", "1")
     assert "rollout with the tool" in proc.stdout and "rollout without the tool" in proc.stdout
     calls, ran = re.search(r"calls / run in the sandbox\s+(\d+) / (\d+)", proc.stdout).groups()

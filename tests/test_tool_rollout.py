@@ -110,7 +110,7 @@ def test_a_block_of_another_language_or_still_open_is_not_run(char_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def tools_model(grpo_cache):
+def tools_model(tools_model_path):
     from grpo_cli.modeling import load_policy
     from grpo_cli.recipe import ModelSpec
 

@@ -393,7 +393,8 @@ def test_auto_max_new_tokens_is_resolved_recorded_and_kept_on_resume(tmp_path, t
     assert recipe_module.load(saved).grpo.max_new_tokens == 40
 
 
-def test_a_run_with_the_tool_trains_on_the_model_tokens_only_and_logs_the_calls(tmp_path, monkeypatch):
+def test_a_run_with_the_tool_trains_on_the_model_tokens_only_and_logs_the_calls(tmp_path, monkeypatch,
+                                                                                 tools_model_path):
     """Tool output is context: every loss mask the update uses is the rollout's action mask, which leaves the
     output blocks out; the token count that normalizes the loss counts actions only."""
     import contextlib
