@@ -232,7 +232,8 @@ def test_a_misspelled_shipped_recipe_name_gets_did_you_mean(command, typed, mean
 def test_a_misspelled_recipe_path_gets_did_you_mean_the_file_beside_it(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     result = runner.invoke(app, ["validate", "recipes/quickstrat.yaml"])
-    assert result.exit_code == 2 and "Did you mean 'recipes/quickstart.yaml'?" in " ".join(result.output.split())
+    # the closest file first (quickstart-tools.yaml is close too)
+    assert result.exit_code == 2 and "Did you mean 'recipes/quickstart.yaml'" in " ".join(result.output.split())
     unknown = runner.invoke(app, ["recipes", "show", "qwen2.5-1.5b-gsm8k-qlroa"])
     assert unknown.exit_code == 2 and "Did you mean 'qwen2.5-1.5b-gsm8k-qlora'" in " ".join(unknown.output.split())
     nothing_like_it = runner.invoke(app, ["validate", str(tmp_path / "xyzzy.yaml")])
