@@ -178,6 +178,8 @@ def eval_command(
                                    "format); none: no tool. Default: the run's grpo.tools, else none."),
     max_tool_calls: int = typer.Option(None, "--max-tool-calls", metavar="N",
                                        help="With --tools: calls per completion (default: the run's, else 4)."),
+    tool_timeout: float = typer.Option(None, "--tool-timeout", metavar="SECONDS",
+                                       help="With --tools: wall-clock limit of one call (default: the run's, else 5)."),
 ) -> None:
     """Measure accuracy on a math set, or grade given completions.
 
@@ -203,7 +205,7 @@ def eval_command(
                           batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
                           chat_template_kwargs=variables, device=device, dtype=dtype, best=best,
                           tools=None if tools is None else [t.strip() for t in tools.split(",") if t.strip() != "none"],
-                          max_tool_calls=max_tool_calls)
+                          max_tool_calls=max_tool_calls, tool_timeout_s=tool_timeout)
     try:
         with terminate_at_once(), TaskProgress(console, "generate") as progress:
             evaluation = run(options, on_progress=progress.update,

@@ -110,12 +110,13 @@ def test_eval_with_the_tool_as_a_subprocess(tmp_path, tools_model_path):
     often it ran code, and every transcript that did holds the output the sandbox gave."""
     out = tmp_path / "results.json"
     common = ["--model", "builtin:tiny-math-tools", "--data", "builtin:arithmetic-test", "--limit", "24",
-              "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "96"]
+              "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "96", "--tool-timeout", "3"]
     result = subprocess.run([sys.executable, "-m", "grpo_cli", "eval", *common, "--tools", "python", "--output", str(out)],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert results["settings"]["tools"] == ["python"] and results["settings"]["max_tool_calls"] == 4
+    assert results["settings"]["tool_timeout_s"] == 3.0
     assert 0 < results["tool_use_frac"] < 1 and "completions that ran code" in result.stdout
     transcripts = [c for item in results["items"] for c in item["completions"] if "```output" in c]
     assert transcripts and all(c.count("```output") <= 4 for c in transcripts)
