@@ -101,7 +101,7 @@ class Sandbox:
         self._socket = ours
         try:
             while not hasattr(self, "isolation"):
-                if not self._take(timeout=START_TIMEOUT_S - (time.monotonic() - started)):
+                if not self._take(timeout=max(0.0, START_TIMEOUT_S - (time.monotonic() - started))):
                     raise RuntimeError(f"the code sandbox's server did not start within {START_TIMEOUT_S:g} s")
         except BaseException:
             self.close()
