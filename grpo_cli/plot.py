@@ -13,7 +13,7 @@ from grpo_cli.run_log import METRICS, read_jsonl
 
 PANELS = [
     ("reward", "reward per rule"),
-    ("accuracy", "accuracy (train, and held-out eval)"),
+    ("accuracy", "accuracy (train, and held-out eval); tool use"),
     ("kl", "KL to the reference"),
     ("completion_len", "completion length (tokens)"),
     ("step_seconds", "step time (s)"),
@@ -78,6 +78,9 @@ def draw(run_dirs: list[Path]):
                 axis.plot(*_series(steps, "accuracy"), color=color, alpha=0.6, label=f"{prefix}train (sampled)")
                 axis.plot(*_series(evals, "eval/accuracy"), color=color, marker="o", linewidth=2,
                           label=f"{prefix}held-out (greedy)")
+                if any("tool_use_frac" in r for r in steps):  # a share too: it reads on the same axis
+                    axis.plot(*_series(steps, "tool_use_frac"), color=color, linestyle="--", linewidth=1.2,
+                              label=f"{prefix}ran code (sampled)")
                 axis.set_ylim(-0.02, 1.02)
             elif key != "reward":
                 axis.plot(*_series(steps, key), color=color, label=label)

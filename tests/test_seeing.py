@@ -202,13 +202,14 @@ def test_4_bit_estimate_keeps_embeddings_and_norms_in_16_bits(tiny_model_path):
     assert weights == (786_432 * 0.5 + (101 * 128 + 9 * 128) * 2) / GIB
 
 
-def _metrics(run_dir, rules, steps=30):
+def _metrics(run_dir, rules, steps=30, tools=False):
     run_dir.mkdir(parents=True)
     rows = []
     for step in range(1, steps + 1):
         rows.append({"step": step, "reward_mean": step / steps, "accuracy": step / steps, "kl": 0.01,
                      "completion_len": 30.0, "step_seconds": 1.0,
-                     **{f"reward/{rule}": (i + 1) * step / steps / 4 for i, rule in enumerate(rules)}})
+                     **{f"reward/{rule}": (i + 1) * step / steps / 4 for i, rule in enumerate(rules)},
+                     **({"tool_use_frac": step / steps / 2} if tools else {})})
         if step % 10 == 0:
             rows.append({"step": step, "eval/accuracy": step / steps, "eval/n": 50})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -335,3 +336,19 @@ def test_transcripts_show_code_and_output_apart():
     assert styled == {"```python print(17 * 23) ```": TRANSCRIPT_STYLES["code"],
                       "```output 391 ```": TRANSCRIPT_STYLES["output"]}
     assert _transcript("x" * 500, limit=50).plain.endswith("...") and len(_transcript("x" * 500, limit=50).plain) == 50
+
+
+def test_plot_shows_the_share_that_ran_code_beside_accuracy_for_a_run_with_the_tool(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from grpo_cli.plot import draw
+
+    figure = draw([_metrics(tmp_path / "tools", ["correctness"], tools=True), _metrics(tmp_path / "text", ["correctness"])])
+    try:
+        accuracy = figure.axes[1]
+        labels = [line.get_label() for line in accuracy.lines]
+        assert "tools ran code (sampled)" in labels and "text ran code (sampled)" not in labels
+        line = accuracy.lines[labels.index("tools ran code (sampled)")]
+        assert list(line.get_ydata())[-1] == 0.5 and line.get_linestyle() == "--"
+    finally:
+        plt.close(figure)
