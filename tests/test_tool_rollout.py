@@ -153,14 +153,25 @@ class RecordingStepper:
         return out
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean decoder", "transformers cache"])
-def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gives(tools_model, lean, monkeypatch):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA-graph decoder needs a CUDA device")
+
+
+@pytest.mark.parametrize("lean, device", [(True, "cpu"), (False, "cpu"), pytest.param(True, "cuda", marks=CUDA)],
+                         ids=["lean decoder", "transformers cache", "lean decoder, CUDA graphs"])
+def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gives(tools_model, lean, device,
+                                                                                   monkeypatch):
     """Sampling with calls appended to the caches of some rows while others decode (and pause): the logits
     every model token was drawn from equal one plain forward over prompt + transcript, tool output included
-    as context. A cache, a position or a paused row's slot gone wrong would show here."""
+    as context. A cache, a position or a paused row's slot gone wrong would show here. On a GPU the lean
+    decoder replays its steps as CUDA graphs between the appends and the packs."""
+    import copy
+
     from grpo_cli import rollout as rollout_module
 
     model, tokenizer = tools_model
+    if device == "cuda":
+        model = copy.deepcopy(model).cuda()
+    tolerance = 1e-4 if device == "cpu" else 2e-3  # GPU kernels sum in another order
     recorders = []
     original = rollout_module.decode_with_tools
 
@@ -189,7 +200,7 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
         for (token, drawn_from), position in zip(fed[row], positions):
             assert token == int(rollout.completion_ids[row, position])
             torch.testing.assert_close(drawn_from.log_softmax(-1), logits[row, position].log_softmax(-1),
-                                       atol=1e-4, rtol=1e-4)
+                                       atol=tolerance, rtol=tolerance)
             checked += 1
     assert checked > 500
     if lean:  # the pauses and outputs filled the cache's columns: it was packed, and the logits still agree
