@@ -444,10 +444,9 @@ def print_sandbox(console, grpo) -> None:
     """What confines the tool's code on this machine: the sandbox started once, as training will start it."""
     from rich.table import Table
 
-    from grpo_cli.tool_rollout import ToolSession, ToolSettings
+    from grpo_cli.tool_rollout import open_session
 
-    with ToolSession(ToolSettings(max_calls=grpo.max_tool_calls, timeout_s=grpo.tool_timeout_s,
-                                  memory_mb=grpo.tool_memory_mb)) as session:
+    with open_session(grpo.tools, grpo.max_tool_calls, grpo.tool_timeout_s, grpo.tool_memory_mb) as session:
         probe = session.sandbox.run("print(6 * 7)")
         table = Table(title="the code tool's sandbox on this machine (docs/tools.md)", title_justify="left")
         table.add_column("")

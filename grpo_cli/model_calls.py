@@ -5,7 +5,8 @@ the sampler (`rollout`), the lean decoder (`decoder`) and the FSDP2 sharding (`d
 - `position_ids`: positions that skip left padding;
 - `uses_logit_postprocessing`: whether the forward changes the logits after the head;
 - `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases;
-- `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`, `tool_rollout`) share.
+- `draw_tokens`, `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`,
+  `tool_rollout`) share.
 
 A leaf: it imports nothing from grpo_cli, so every module that calls the model imports it at
 the top without a cycle.
@@ -64,3 +65,18 @@ def next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) ->
     if top_p < 1.0:
         logits = TopPLogitsWarper(top_p)(None, logits)
     return logits
+
+
+def draw_tokens(logits: torch.Tensor, rows: torch.Tensor, all_rows: int, pad_id: int, temperature: float,
+                top_p: float, greedy: bool) -> torch.Tensor:
+    """The next token [m] of each of `rows` [m] (row numbers among the step's `all_rows`, every rank's),
+    from their logits [m, V]. Sampling draws one multinomial over every row of the step, as transformers
+    draws it: the random stream does not depend on which rows are still running (or on which rank).
+    Rows not in `rows` (ended, paused, another rank's) get a dummy one-hot distribution."""
+    if greedy:
+        return logits.argmax(-1) if len(rows) else rows
+    probs = torch.zeros(all_rows, logits.shape[-1], device=logits.device)
+    probs[:, pad_id] = 1.0
+    if len(rows):
+        probs[rows] = next_token_scores(logits, temperature, top_p).softmax(-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)[rows]

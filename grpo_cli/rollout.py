@@ -28,11 +28,9 @@ import torch
 
 from grpo_cli import decoder
 from grpo_cli.guard import drop_point
-from grpo_cli.model_calls import (COMPACT_FRACTION, cache_argument, new_cache, next_token_scores, position_ids,
-                                  returned_cache)
+from grpo_cli.model_calls import COMPACT_FRACTION, cache_argument, draw_tokens, new_cache, position_ids, returned_cache
 from grpo_cli.tool_rollout import ToolSession, ToolUse, decode_with_tools
 from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_layers
-
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -242,7 +240,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     """
     device = input_ids.device
     logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V]: logits of the active rows
-    n_rows, vocab = logits.shape
+    n_rows = logits.shape[0]
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     active = torch.arange(n_rows, device=device)  # row numbers of the active rows
     tokens = torch.full((n_rows, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -252,17 +250,8 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        if greedy:
-            chosen = logits.argmax(-1) if len(active) else active  # [n]
-        else:
-            # One multinomial over every row of the step, as transformers draws it: the random stream
-            # does not depend on which rows are still running (or on which rank). Rows that ended, or
-            # belong to another rank, get a dummy one-hot distribution.
-            probs = torch.zeros(n_rows * ranks, vocab, device=device)
-            probs[:, tokenizer.pad_token_id] = 1.0
-            if len(active):
-                probs[offset + active] = next_token_scores(logits, temperature, top_p).softmax(-1)
-            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
+        chosen = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, temperature, top_p,
+                             greedy)  # [n]
         tokens[active, step] = chosen
         steps = step + 1
         just_ended = torch.isin(chosen, eos)  # [n]

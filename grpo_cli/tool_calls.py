@@ -30,6 +30,7 @@ SHOWN_CHARS = 400  # of a call's output, shown to the model (first and last halv
 # A closed python block: the opening fence, the code, a fence at the start of a line.
 _CODE_BLOCK = re.compile(r"```python[^\n]*\n(.*?)\n[ \t]*```", re.DOTALL)
 _OUTPUT_BLOCK = re.compile(r"```output\n.*?\n```", re.DOTALL)
+_PIECE = re.compile(f"{_CODE_BLOCK.pattern}|{_OUTPUT_BLOCK.pattern}", re.DOTALL)  # either block, in text order
 
 
 def closed_code(text: str) -> str | None:
@@ -62,8 +63,7 @@ def split_transcript(text: str) -> list[tuple[str, str]]:
     """(kind, text) pieces in order, kind one of "text", "code", "output": for showing a transcript
     with its code and outputs told apart."""
     pieces, at = [], 0
-    pattern = re.compile(r"```python[^\n]*\n.*?\n[ \t]*```|```output\n.*?\n```", re.DOTALL)
-    for match in pattern.finditer(text):
+    for match in _PIECE.finditer(text):
         if match.start() > at:
             pieces.append(("text", text[at : match.start()]))
         kind = "code" if match.group().startswith("```python") else "output"

@@ -32,9 +32,10 @@ import torch
 
 from grpo_cli import tool_calls
 from grpo_cli.guard import drop_point
-from grpo_cli.model_calls import COMPACT_FRACTION, next_token_scores
+from grpo_cli.model_calls import COMPACT_FRACTION, draw_tokens
 
 TOOL_LAG_STEPS = 4  # decode steps a row sits out while its call runs (see the module's docstring)
+PER_ROW = ("calls", "errors", "timeouts", "refused", "seconds")  # ToolUse's fields of one value per completion
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -48,28 +49,25 @@ class ToolUse:
     seconds: torch.Tensor  # [N] time the calls ran, in the sandbox
     waited_seconds: float = 0.0  # time the decode loop stood still waiting for a call to finish
 
-    def stacked(self) -> torch.Tensor:  # [N, 5] float64, for gathering across processes
-        return torch.stack([self.calls, self.errors, self.timeouts, self.refused, self.seconds], 1).double()
+    def stacked(self) -> torch.Tensor:  # [N, 5] float64, PER_ROW's order, for gathering across processes
+        return torch.stack([getattr(self, name) for name in PER_ROW], 1).double()
 
     @staticmethod
     def select(use: ToolUse | None, rows: torch.Tensor) -> ToolUse | None:
         if use is None:
             return None
-        return ToolUse(calls=use.calls[rows], errors=use.errors[rows], timeouts=use.timeouts[rows],
-                       refused=use.refused[rows], seconds=use.seconds[rows], waited_seconds=use.waited_seconds)
+        return ToolUse(**{name: getattr(use, name)[rows] for name in PER_ROW}, waited_seconds=use.waited_seconds)
 
     @staticmethod
     def concat(uses: list[ToolUse | None]) -> ToolUse | None:
         if any(u is None for u in uses):
             return None
-        return ToolUse(**{name: torch.cat([getattr(u, name) for u in uses])
-                          for name in ("calls", "errors", "timeouts", "refused", "seconds")},
+        return ToolUse(**{name: torch.cat([getattr(u, name) for u in uses]) for name in PER_ROW},
                        waited_seconds=sum(u.waited_seconds for u in uses))
 
 
 @dataclass(kw_only=True, frozen=True)
 class ToolSettings:
-    tools: tuple[str, ...] = ("python",)
     max_calls: int = 4
     timeout_s: float = 5.0
     memory_mb: int = 1024
@@ -135,7 +133,7 @@ def open_session(tools: list[str], max_calls: int, timeout_s: float, memory_mb: 
     """A context giving a ToolSession for these settings, or None when `tools` is empty."""
     if not tools:
         return contextlib.nullcontext(None)
-    return ToolSession(ToolSettings(tools=tuple(tools), max_calls=max_calls, timeout_s=timeout_s, memory_mb=memory_mb))
+    return ToolSession(ToolSettings(max_calls=max_calls, timeout_s=timeout_s, memory_mb=memory_mb))
 
 
 def isolation_note(session: ToolSession) -> str:
@@ -170,7 +168,7 @@ class _Rows:
                    length=torch.zeros(n, dtype=torch.long, device=device),
                    ended=torch.zeros(n, dtype=torch.bool, device=device),
                    paused=torch.zeros(n, dtype=torch.bool, device=device), scanned=[0] * n, waiting={},
-                   use={k: [0.0] * n for k in ("calls", "errors", "timeouts", "refused", "seconds")})
+                   use={k: [0.0] * n for k in PER_ROW})
 
     def text_since_scan(self, tokenizer, row: int) -> str:
         return tokenizer.decode(self.tokens[row, self.scanned[row] : int(self.length[row])])
@@ -184,7 +182,7 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     device = input_ids.device
     session.start_rollout()
     logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V] of the batch's rows
-    n_rows, vocab = logits.shape
+    n_rows = logits.shape[0]
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     pad = tokenizer.pad_token_id
     backticks = torch.tensor(sorted(_backtick_ids(tokenizer)), dtype=torch.long, device=device)
@@ -196,16 +194,8 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     while True:
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
         live = ~(state.ended[active] | state.paused[active])  # [n] the rows that sample this step
-        if greedy:
-            chosen = logits.argmax(-1) if len(active) else active  # [n] (only the live rows' are used)
-        else:
-            # one multinomial over every row, live or not, as rollout._decode_shared draws it
-            probs = torch.zeros(n_rows * ranks, vocab, device=device)
-            probs[:, pad] = 1.0
-            if bool(live.any()):
-                probs[offset + active[live]] = next_token_scores(logits[live], temperature, top_p).softmax(-1)
-            chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[offset + active]  # [n]
-        rows, picked = active[live], chosen[live]
+        rows = active[live]  # [m]
+        picked = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, temperature, top_p, greedy)  # [m]
         state.tokens[rows, state.length[rows]] = picked
         state.length[rows] += 1
         state.ended[rows] |= torch.isin(picked, eos) | (state.length[rows] >= max_new_tokens)
@@ -219,7 +209,9 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
             break
         # rows that just ended need no step; one that closed a block does (its fence goes into the cache)
         step_live = live & ~state.ended[active]  # [n]
-        feed = torch.where(step_live, chosen, torch.full_like(chosen, pad))  # [n]
+        feed = torch.full_like(active, pad)  # [n]
+        feed[live] = picked
+        feed[~step_live] = pad
         done_here = int(state.ended[active].sum())
         if done_here and done_here >= (getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION) * len(active):
             kept = (~state.ended[active]).nonzero().squeeze(1)
