@@ -32,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from grpo_cli.errors import UserError
+
 START_TIMEOUT_S = 120.0  # the server's start-up: importing sympy and numpy from a cold disk
 CLOSE_WAIT_S = 10.0
 SERVER_ENV = {  # all the server and the code see: nothing of the trainer's (HF_TOKEN, API keys)
@@ -50,6 +52,8 @@ class Limits:
     output_bytes: int = 65536  # stdout and stderr kept; beyond this the call is ended and marked truncated
     file_mb: int = 16  # the largest file the code may write (RLIMIT_FSIZE)
     open_files: int = 64  # RLIMIT_NOFILE
+    disk_mb: int = 64  # all the code writes: the working directory is a tmpfs of this size, in memory
+    files: int = 4096  # files and folders in the working directory (the tmpfs's inodes), so its depth too
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -75,9 +79,18 @@ class Outcome:
         return f"{text[:head]}\n... ({len(text) - max_chars} characters left out) ...\n{text[head - max_chars:]}"
 
 
+class SandboxRefused(UserError):
+    """This machine cannot confine the code well enough to run it (see sandbox_server._refusal)."""
+
+
 class Sandbox:
     """A server process that runs calls of untrusted Python in parallel (up to `parallel` at once, default
-    one per CPU; more wait in its queue). If the server dies, `submit` and `collect` raise RuntimeError.
+    one per CPU; more wait in its queue).
+
+    If the server dies, it is started again and `restarts` counts it: the calls it was running end as
+    errors ("the sandbox's server died during this call"), and later calls run as usual. Nothing a call
+    does should kill the server; this is the net below that. If it dies again before a single call has
+    finished since the last restart, `submit` and `collect` raise RuntimeError: restarting would not help.
 
     The server dies with the thread that created the Sandbox (PR_SET_PDEATHSIG fires when the creating
     thread ends): create it from a thread that outlives it, such as the main thread."""
@@ -89,9 +102,16 @@ class Sandbox:
             raise RuntimeError("the code sandbox forks a process per call; Windows has no fork: use Linux or WSL")
         self.limits, self.parallel = limits, parallel or os.cpu_count() or 1
         self._next_id, self._pending, self._done = 0, set(), {}
-        self._buffer, self._closed = bytearray(), False
+        self._closed, self.restarts, self._finished_since_start = False, 0, 0
+        self._start()
+
+    def _start(self) -> None:
+        """Start the server and wait for its hello: the isolation it found, or why it refuses to run code."""
+        self._buffer = bytearray()
+        if hasattr(self, "isolation"):
+            del self.isolation
         ours, theirs = socket.socketpair()
-        config = {"limits": asdict(limits), "parallel": self.parallel, "tmpdir": tempfile.gettempdir(),
+        config = {"limits": asdict(self.limits), "parallel": self.parallel, "tmpdir": tempfile.gettempdir(),
                   "parent": os.getpid(), "fd": theirs.fileno()}
         started = time.monotonic()
         self._server = subprocess.Popen(
@@ -107,17 +127,20 @@ class Sandbox:
             self.close()
             raise
         self.startup_s = time.monotonic() - started
+        if self.refused:
+            self.close()
+            raise SandboxRefused(f"the code tool cannot run here: {self.refused}")
 
     def submit(self, code: str) -> int:
         """Queue `code` to run; returns the call's id, at once."""
         self._check_open()
         call, self._next_id = self._next_id, self._next_id + 1
         data = json.dumps({"id": call, "code": code}).encode()
+        self._pending.add(call)
         try:
             self._socket.sendall(len(data).to_bytes(4, "big") + data)
         except OSError:
-            raise self._died() from None
-        self._pending.add(call)
+            self._restart()  # this call is among the pending ones it ends as errors
         return call
 
     def collect(self, wait: bool = False) -> dict[int, Outcome]:
@@ -169,18 +192,35 @@ class Sandbox:
         except OSError:  # reset by a server killed with unread data
             data = b""
         if not data:
-            raise self._died()
+            self._restart()
+            return True
         self._buffer += data
         while len(self._buffer) >= 4 and len(self._buffer) >= 4 + (size := int.from_bytes(self._buffer[:4], "big")):
             message = json.loads(self._buffer[4:4 + size])
             del self._buffer[:4 + size]
             if "hello" in message:
-                self.isolation = message["hello"]
+                self.isolation, self.refused = message["hello"], message.get("refused", "")
             else:
                 call = message.pop("id")
                 self._pending.discard(call)
                 self._done[call] = Outcome(**message)
+                self._finished_since_start += 1
         return True
+
+    def _restart(self) -> None:
+        """The server died: its running and queued calls end as errors, and a new server takes the next."""
+        error = self._died()
+        if self._closed or not hasattr(self, "isolation") or (self.restarts and not self._finished_since_start):
+            raise error
+        lost = Outcome(status="error", stdout="", error="the sandbox's server died during this call; it was restarted",
+                       seconds=0.0)
+        for call in self._pending:
+            self._done[call] = lost
+        self._pending = set()
+        self._socket.close()
+        self._start()
+        self.restarts += 1
+        self._finished_since_start = 0
 
     def _check_open(self) -> None:
         if self._closed:
@@ -192,5 +232,7 @@ class Sandbox:
         except subprocess.TimeoutExpired:
             code = None
         how = "closed its connection" if code is None else f"ended (exit status {code})"
-        return RuntimeError(f"the code sandbox's server process (pid {self._server.pid}) {how}; "
-                            f"{len(self._pending)} pending calls are lost. Start a new Sandbox.")
+        when = ("while starting" if not hasattr(self, "isolation") else
+                "again before any call finished since its restart" if self.restarts else "")
+        return RuntimeError(f"the code sandbox's server process (pid {self._server.pid}) {how} {when}".rstrip()
+                            + f"; {len(self._pending)} pending calls are lost")

@@ -227,23 +227,212 @@ def test_the_server_survives_calls_that_kill_with_signals(box):
 
 def test_close_ends_every_process_and_folder():
     sandbox = Sandbox(Limits(timeout_s=30))
-    server, mark, marker = sandbox._server, f"{time.time() % 1000 + 2000:.6f}", f"marker-{uuid.uuid4().hex}"
-    sandbox.submit(f"import subprocess, time\nopen({marker!r}, 'w').close()\nsubprocess.Popen(['sleep', '{mark}'])\n"
+    server, mark = sandbox._server, f"{time.time() % 1000 + 2000:.6f}"
+    before = set(Path(tempfile.gettempdir()).glob("grpo-tool-*"))
+    sandbox.submit(f"import subprocess, time\nopen('marker', 'w').close()\nsubprocess.Popen(['sleep', '{mark}'])\n"
                    "time.sleep(60)")
     deadline = time.monotonic() + 10
-    while not (markers := list(Path(tempfile.gettempdir()).glob(f"grpo-tool-*/{marker}"))) and time.monotonic() < deadline:
+    while not processes_with_argument(mark) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert markers and sandboxed_processes()
+    workdirs = set(Path(tempfile.gettempdir()).glob("grpo-tool-*")) - before  # the call's (its tmpfs is its own)
+    assert workdirs and sandboxed_processes()
     sandbox.close()
     assert server.returncode is not None
     assert sandboxed_processes() == [] and processes_with_argument(mark) == []
-    assert not markers[0].parent.exists()
+    assert not any(workdir.exists() for workdir in workdirs)
     with pytest.raises(RuntimeError, match="closed"):
         sandbox.submit("print(1)")
 
 
-def test_a_dead_server_is_reported():
+def test_a_dead_server_is_restarted_its_calls_fail_and_the_next_ones_run():
     with Sandbox() as sandbox:
-        os.kill(sandbox._server.pid, signal.SIGKILL)
-        with pytest.raises(RuntimeError, match="server process .* ended"):
+        first = sandbox._server.pid
+        running = sandbox.submit("import time\ntime.sleep(30)")
+        os.kill(first, signal.SIGKILL)
+        lost = sandbox.collect(wait=True)[running]
+        assert (lost.status, lost.error) == ("error", "the sandbox's server died during this call; it was restarted")
+        assert sandbox.restarts == 1 and sandbox._server.pid != first
+        assert_still_works(sandbox)
+        os.kill(sandbox._server.pid, signal.SIGKILL)  # again, after a call finished: restarted again
+        assert sandbox.run("print(1)").status == "error" and sandbox.restarts == 2
+        os.kill(sandbox._server.pid, signal.SIGKILL)  # and again with no call finished since: it gives up
+        with pytest.raises(RuntimeError, match="server process .* ended .* again before any call finished"):
             sandbox.run("print(1)")
+
+
+# --- what an attacker tried (issue 32): each test fails with its hole open ----------------------------------
+
+def test_the_code_holds_no_descriptor_but_stdin_stdout_and_stderr(box):
+    outcome = box.run("import os\nopen_fds = []\nfor fd in range(3, 1024):\n    try:\n        os.fstat(fd)\n"
+                      "        open_fds.append(fd)\n    except OSError:\n        pass\nprint(open_fds)")
+    assert (outcome.status, outcome.stdout) == ("ok", "[]\n")
+
+
+WRITE_EVERYWHERE = "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, {!r})\n    except OSError:\n        pass\n"
+
+
+def test_a_forged_report_is_not_taken(box):
+    success_then_raise = box.run(WRITE_EVERYWHERE.format(b'{"exit": 0}\n') + "raise ValueError('real')")
+    assert (success_then_raise.status, success_then_raise.error) == ("error", "ValueError: real")
+    forged_setup = box.run(WRITE_EVERYWHERE.format(b'{"setup": "forged"}\n') + "print('fine')")
+    assert (forged_setup.status, forged_setup.stdout, forged_setup.error) == ("ok", "fine\n", "")
+    forged_signal = box.run(WRITE_EVERYWHERE.format(b'{"signal": 9}\n') + "print('fine')")
+    assert forged_signal.status == "ok"
+
+
+@pytest.mark.parametrize("garbage", [b"1\n", b"[" * 3000, b"\xff\xfe", b'{"exit": "0"}\n', b"null\n"])
+def test_garbage_on_any_descriptor_never_kills_the_server(box, garbage):
+    outcome = box.run(WRITE_EVERYWHERE.format(garbage) + "print('done')")
+    assert (outcome.status, outcome.stdout) == ("ok", "done\n")
+    assert_still_works(box)
+
+
+def test_reports_are_read_strictly():
+    from grpo_cli.sandbox_server import read_report
+
+    assert read_report(b'{"exit": 0}\n') == {"exit": 0}
+    assert read_report(b'{"signal": 9}\n') == {"signal": 9}
+    assert read_report(b'{"setup": "OSError: x"}\n') == {"setup": "OSError: x"}
+    for garbage in (b"1\n", b"[" * 3000, b'{"exit": "0"}', b'{"exit": true}', b'{"exit": 0, "signal": 9}',
+                    b'{"error": "x"}', b"\xff", b"null"):
+        assert set(read_report(garbage)) == {"malformed"}, garbage
+    assert read_report(b'{"exit": 1}\n1\n') == {"exit": 1, "malformed": "1"}
+
+
+def test_the_error_line_is_the_last_line_of_stderr_only_for_exit_code_1(box):
+    told, coded = box.run_many(["import sys\nsys.stderr.write('warning: x\\nlast words\\n')\nsys.exit(1)",
+                                "import sys\nsys.stderr.write('warning\\n')\nsys.exit(4)"])
+    assert (told.status, told.error) == ("error", "last words")
+    assert (coded.status, coded.error) == ("error", "exited with code 4")
+
+
+def test_a_deep_folder_tree_is_freed_and_the_server_lives(box):
+    outcome = box.run("import os\nprint(os.getcwd())\nfor _ in range(1500):\n    os.mkdir('d')\n    os.chdir('d')\n"
+                      "print(os.getcwd().count('/d'))")
+    workdir, depth = outcome.stdout.split()
+    assert (outcome.status, depth) == ("ok", "1500")
+    assert not Path(workdir).exists()
+    assert_still_works(box)
+
+
+def test_files_and_bytes_written_are_bounded(box):
+    if "tmpfs" not in box.isolation["filesystem"]:
+        pytest.skip(box.isolation["filesystem"])
+    many = box.run("import os\nprint(os.getcwd())\nfor i in range(100_000):\n    open(f'f{i}', 'w').close()")
+    assert many.status == "error" and many.error.startswith("OSError: [Errno 28] No space left on device"), many
+    assert not Path(many.stdout.strip()).exists()
+    big = box.run("for i in range(8):\n    open(f'big{i}', 'wb').write(bytes(15 << 20))")
+    assert big.status == "error" and big.error.startswith("OSError: [Errno 28]"), big
+    assert_still_works(box)
+
+
+def test_remove_tree_deletes_deeper_than_recursion_and_paths_allow(tmp_path):
+    from grpo_cli.sandbox_server import remove_tree
+
+    top = tmp_path / "top"
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY)
+    for level in range(3000):  # 3000 levels of 'level-N': a path of some 25,000 characters
+        os.mkdir(f"level-{level}", dir_fd=fd)
+        (Path(f"/proc/self/fd/{fd}") / f"level-{level}" / "file").write_text("x")
+        inner = os.open(f"level-{level}", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.symlink(tmp_path, "out", dir_fd=fd)  # a link out of the tree: removed, not followed
+    os.close(fd)
+    (tmp_path / "keep").write_text("kept")
+    remove_tree(str(top))
+    assert not top.exists() and (tmp_path / "keep").read_text() == "kept"
+
+
+def test_pathname_unix_sockets_are_out_of_reach(box):
+    # in a folder anyone may enter, as /tmp and /var/run are (pytest's tmp_path is not: nobody would be
+    # stopped by its permissions, not by the sandbox)
+    folder = Path(tempfile.mkdtemp(prefix="grpo-socket-test-"))
+    folder.chmod(0o777)
+    path = folder / "host.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        path.chmod(0o777)
+        listener.listen()
+        listener.setblocking(False)
+        outcome = box.run(f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect({str(path)!r})\ns.send(b'hi')")
+        assert (outcome.status, outcome.error) == ("error", "PermissionError: [Errno 13] Permission denied"), outcome
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    path.unlink()
+    folder.rmdir()
+    pair = box.run("import asyncio\nasyncio.run(asyncio.sleep(0))\nprint('event loop ran')")  # socketpair() is allowed
+    assert (pair.status, pair.stdout) == ("ok", "event loop ran\n")
+
+
+REFUSED = ["socket", "keyctl", "add_key", "request_key", "memfd_create", "ptrace", "process_vm_readv", "bpf",
+           "perf_event_open", "userfaultfd", "io_uring_setup", "mount", "umount2", "unshare", "setns", "chroot",
+           "pivot_root", "fsopen", "open_by_handle_at", "pidfd_getfd"]
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_system_calls_a_maths_tool_never_needs_are_refused(box, name):
+    from grpo_cli import sandbox_filter
+
+    if not sandbox_filter.supported():
+        pytest.skip(f"no system-call filter for {os.uname().machine}")
+    number = sandbox_filter.syscall_numbers()[name]
+    outcome = box.run(f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      f"print(libc.syscall({number}, 1, 0, 0, 0, 0), ctypes.get_errno())")
+    assert (outcome.status, outcome.stdout) == ("ok", "-1 13\n"), outcome  # EACCES: the filter's, not the kernel's
+
+
+def test_clone_into_new_namespaces_is_refused_and_plain_fork_and_threads_work(box):
+    from grpo_cli import sandbox_filter
+
+    if not sandbox_filter.supported():
+        pytest.skip(f"no system-call filter for {os.uname().machine}")
+    clone = sandbox_filter.syscall_numbers()["clone"]
+    outcome = box.run(f"import ctypes, os, signal, threading\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                      f"print(libc.syscall({clone}, 0x10000000 | signal.SIGCHLD, 0, 0, 0, 0), ctypes.get_errno())\n"
+                      "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nprint(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+                      "t = threading.Thread(target=print, args=('thread',))\nt.start()\nt.join()")
+    assert (outcome.status, outcome.stdout) == ("ok", "-1 13\n7\nthread\n"), outcome
+
+
+def test_memory_cannot_be_held_outside_the_address_space_limit(box):
+    memfd = box.run("import os\nfds = [os.memfd_create(f'm{i}') for i in range(40)]")
+    assert (memfd.status, memfd.error) == ("error", "PermissionError: [Errno 13] Permission denied")
+    shm = box.run("open('/dev/shm/grpo-test', 'wb').write(bytes(16 << 20))")
+    assert shm.status == "error" and shm.error.startswith(("PermissionError", "FileNotFoundError")), shm
+
+
+def test_each_call_has_a_fresh_keyring_out_of_the_codes_reach(box):
+    if "new, empty session keyring" not in box.isolation["keyring"]:
+        pytest.skip(box.isolation["keyring"])
+    from grpo_cli import sandbox_filter
+
+    keyctl = sandbox_filter.syscall_numbers()["keyctl"]
+    read_session = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                    f"print(libc.syscall({keyctl}, 0, -3, 0), ctypes.get_errno())")  # KEYCTL_GET_KEYRING_ID @s
+    assert box.run(read_session).stdout == "-1 13\n"
+
+
+def test_the_isolation_names_every_layer(box):
+    assert {"process", "user", "network", "filesystem", "system calls", "keyring", "limits"} <= set(box.isolation)
+    if "PID and IPC namespaces" in box.isolation["process"]:  # then a mount namespace and its tmpfs are allowed too
+        assert "the working directory a tmpfs of its own" in box.isolation["filesystem"]
+    if os.geteuid() != 0:
+        assert box.isolation["user"].startswith(f"your user (uid {os.geteuid()})")
+
+
+def test_a_user_other_than_root_without_user_namespaces_is_refused():
+    if os.geteuid() == 0:
+        pytest.skip("root's calls run as nobody; the refusal is for a trainer that is not root (CI runs this file "
+                    "as an unprivileged user too: scripts/test_sandbox_unprivileged.sh)")
+    import subprocess
+
+    from grpo_cli import sandbox_filter
+
+    # the filter refuses unshare() to this child, as a machine without unprivileged user namespaces would
+    program = ("from grpo_cli.sandbox import Sandbox, SandboxRefused\ntry:\n    Sandbox()\n"
+               "except SandboxRefused as e:\n    print(e)")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          preexec_fn=sandbox_filter.install)
+    assert "the code tool cannot run here" in done.stdout and "a user namespace" in done.stdout, done
