@@ -53,6 +53,13 @@ recipes_app = typer.Typer(
     invoke_without_command=True,
 )
 app.add_typer(recipes_app, name="recipes")
+sandbox_app = typer.Typer(
+    cls=PlainGroup,
+    help="The code tool's sandbox (docs/tools.md): run a file as a rollout's tool call would.\n\n"
+    "Example: grpo sandbox run attempt.py --timeout 2",
+    no_args_is_help=True,
+)
+app.add_typer(sandbox_app, name="sandbox")
 
 
 def _version(value: bool) -> None:
@@ -440,6 +447,38 @@ def validate(
     console.print(table)
 
 
+@sandbox_app.command("run", cls=PlainCommand)
+def sandbox_run(
+    file: Path = typer.Argument(..., metavar="FILE.py", help="Python to run, as the code of one ```python block."),
+    timeout: float = typer.Option(5.0, "--timeout", metavar="S", help="Wall-clock limit of the call (grpo.tool_timeout_s)."),
+    memory_mb: int = typer.Option(1024, "--memory-mb", metavar="M",
+                                  help="Address-space limit of the call, in MB (grpo.tool_memory_mb)."),
+) -> None:
+    """Run FILE.py exactly as a rollout's tool call runs, and print the output block the completion would get.
+
+    The isolation layers in force on this machine go to stderr. Exit status: 0 when the code ran without error;
+    1 when it raised, exited non-zero, timed out or was killed (the block says which); 2 for a mistake of yours,
+    or when this machine cannot confine the code (the message says why and what to change).
+
+    Example: grpo sandbox run attempt.py --timeout 2 --memory-mb 512
+    """
+    from grpo_cli.sandbox_run import check_tool_limits, run_file
+
+    try:
+        check_tool_limits({"tool_timeout_s": "--timeout", "tool_memory_mb": "--memory-mb"},
+                          tool_timeout_s=timeout, tool_memory_mb=memory_mb)
+        ran = run_file(file, timeout_s=timeout, memory_mb=memory_mb)
+    except UserError as error:
+        _fail(error)
+    except (KeyboardInterrupt, Terminated) as stop:
+        _stopped_by_signal(getattr(stop, "exit_code", 130), "the call was ended with its sandbox.")
+    for layer, how in ran.isolation.items():
+        typer.echo(f"{layer}: {how}", err=True)
+    typer.echo(f"status: {ran.outcome.status} in {ran.outcome.seconds * 1000:.0f} ms", err=True)
+    typer.echo(ran.block, nl=False)
+    raise typer.Exit(0 if ran.outcome.status == "ok" else 1)
+
+
 def print_sandbox(console, grpo) -> None:
     """What confines the tool's code on this machine: the sandbox started once, as training will start it."""
     from rich.table import Table
@@ -476,14 +515,23 @@ def print_data_check(console, checked) -> None:
     if train.skipped:
         console.print(f"note: {train.skip_note()}", style="yellow", highlight=False)
     if checked.too_long:
-        console.print(
-            f"note: {checked.too_long} of {len(train.items)} training prompts leave less than grpo.max_new_tokens "
-            f"({checked.max_new_tokens}) tokens of the model's {checked.context}-token context (the longest prompt "
-            f"is {checked.longest} tokens); training skips them. "
-            + (f"Lower grpo.max_new_tokens to at most {room} to keep every prompt, or shorten the prompts."
-               if (room := checked.context - checked.longest) > 0 else "Shorten the prompts, or use a model with a "
-               "longer context."),
-            style="yellow", highlight=False)
+        console.print(f"note: {too_long_note(checked, len(train.items))}", style="yellow", highlight=False)
+
+
+def too_long_note(checked, prompts: int) -> str:
+    """The training prompts that leave too little of the context, which training skips, and what would keep them."""
+    from grpo_cli.recipe import MIN_AUTO_MAX_NEW_TOKENS
+
+    room = checked.context - checked.longest
+    least = f"{MIN_AUTO_MAX_NEW_TOKENS} tokens" if checked.auto else \
+        f"grpo.max_new_tokens ({checked.max_new_tokens}) tokens"
+    why = f", and auto gives a completion at least {MIN_AUTO_MAX_NEW_TOKENS}" if checked.auto else ""
+    # auto is the room the other prompts leave: a number keeps these, set (auto) or lowered
+    keep = (f"{'Set' if checked.auto else 'Lower'} grpo.max_new_tokens to at most {room} to keep every prompt, or "
+            "shorten the prompts." if room > 0 else "Shorten the prompts, or use a model with a longer context.")
+    return (f"{checked.too_long} of {prompts} training prompts leave less than {least} of the model's "
+            f"{checked.context}-token context (the longest prompt is {checked.longest} tokens{why}); training skips "
+            f"them. {keep}")
 
 
 def quiet_libraries() -> None:
