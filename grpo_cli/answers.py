@@ -24,7 +24,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from grpo_cli.tool_calls import after_last_output
+from grpo_cli.tool_calls import after_last_output, model_text
 
 # A marker introducing the final answer; the answer runs to the end of its sentence.
 _LINE_MARKERS = re.compile(
@@ -154,7 +154,10 @@ def _unmarked(text: str) -> Final | None:
 
 
 def _own_turn(text: str) -> str:
-    """The text up to the first end-of-turn token that follows some content of its own."""
+    """The model's own text (what the code tool printed blanked, indices kept: a printed "<|im_end|>" or
+    "</think>" is not the model's; tool_calls.model_text) up to the first end-of-turn token that follows some
+    content of its own."""
+    text = model_text(text, keep_places=True)
     for token in _END_OF_TURN.finditer(text):
         if text[: token.start()].strip():
             return text[: token.start()]
@@ -182,8 +185,8 @@ def split_thinking(text: str) -> tuple[str, str] | None:
 
 def _answer_part(text: str) -> str:
     """The part of the text that can hold the final answer, blanked elsewhere so indices stay: the
-    model's own turn (see _own_turn), after its last tool output block (what the code printed is not
-    the model's answer; tool_calls.py), and after the thinking when the text thinks
+    model's own turn (see _own_turn), after its last tool output block (an answer written before a call
+    was not its last word; tool_calls.py), and after the thinking when the text thinks
     ("<think> ... </think>"). Thinking that never closed gave no answer: all blank."""
     text = _own_turn(text)
     after_tools = after_last_output(text)

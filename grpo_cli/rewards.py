@@ -7,6 +7,10 @@ them: reflection-then-correct 1.3 >= worked and correct 1.2 > bare boxed answer
 
 A completion is scored together with whatever the prompt template already opened
 for it (e.g. a chat template that ends in "<think>"): see `data.Example.prefill`.
+With the code tool, the rules here get the model's own text: what the tool printed is
+left out, its output blocks kept empty (`scoring.Scorer.submit`, `tool_calls.model_text`),
+so nothing printed counts as an answer, a step, a reflection, a think tag or length.
+A custom rule gets the whole transcript, and `tool_outputs` if it asks.
 
 `REWARD_RULES` is the one list of rules: `@reward_rule(...)` on a function adds it, and the
 recipe schema (`rewards: [{rule: <name>, ...}]`), its error hints and the scorer all read it
@@ -228,8 +232,9 @@ def repetition(completion: str, answer: str, ngram: int = 3) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class CustomRule:
-    """A rule from the user's module, called as function(completion=, answer=, prompt=, **row fields)
-    (only the arguments it accepts), returning a number or None to skip the completion."""
+    """A rule from the user's module, called as function(completion=, answer=, prompt=, tool_outputs=, **row
+    fields) (only the arguments it accepts), returning a number or None to skip the completion. `completion` is
+    the whole transcript; `tool_outputs` the [start, end] characters of it that the code tool printed."""
 
     function: Callable
     timeout_s: float

@@ -29,7 +29,8 @@ import torch
 from grpo_cli import decoder
 from grpo_cli.guard import drop_point
 from grpo_cli.model_calls import COMPACT_FRACTION, cache_argument, draw_tokens, new_cache, position_ids, returned_cache
-from grpo_cli.tool_rollout import ToolSession, ToolUse, decode_with_tools
+from grpo_cli.tool_calls import Span
+from grpo_cli.tool_rollout import ToolSession, ToolUse, decode_with_tools, printed_from_mask
 from grpo_cli.modeling import adapters_disabled, is_plain_lora_linear, lora_layers
 
 
@@ -44,6 +45,7 @@ class Rollout:
     group_size: int = 1  # consecutive rows sharing a prompt
     tool_mask: torch.Tensor | None = None  # [N, C] True on tool-output tokens (context, not actions); None: no tool
     tool_use: ToolUse | None = None  # the tool calls per completion, with grpo.tools
+    tool_outputs: list[list[Span]] | None = None  # per text, the characters the tool printed (from tool_mask)
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
@@ -111,16 +113,23 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size, t
     before = is_eos.long().cumsum(1) - is_eos.long()  # [N, C]
     completion_mask = (before == 0).long()  # [N, C]
     completion = completion * completion_mask + tokenizer.pad_token_id * (1 - completion_mask)
+    texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+    tool_outputs = None
+    if tool_mask is not None:
+        tool_mask = tool_mask & completion_mask.bool()  # [N, C]
+        tool_outputs = [printed_from_mask(tokenizer, ids, is_tool, text) for ids, is_tool, text in
+                        zip(completion.cpu(), tool_mask.cpu(), texts)]
     return Rollout(
         input_ids=torch.cat([prompt_ids, completion], dim=1),
         attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
         completion_mask=completion_mask,
         prompt_len=prompt_ids.shape[1],
-        texts=tokenizer.batch_decode(completion, skip_special_tokens=True),
+        texts=texts,
         truncated=~is_eos.any(1),
         group_size=group_size,
-        tool_mask=None if tool_mask is None else tool_mask & completion_mask.bool(),
+        tool_mask=tool_mask,
         tool_use=tool_use,
+        tool_outputs=tool_outputs,
     )
 
 
@@ -277,14 +286,15 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
 
 def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
     """The rows of the given groups (each group_size consecutive rows), in that order."""
-    rows = torch.tensor([g * rollout.group_size + j for g in groups for j in range(rollout.group_size)],
-                        dtype=torch.long, device=rollout.input_ids.device)
+    picked = [g * rollout.group_size + j for g in groups for j in range(rollout.group_size)]
+    rows = torch.tensor(picked, dtype=torch.long, device=rollout.input_ids.device)
     return Rollout(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows],
                    completion_mask=rollout.completion_mask[rows], prompt_len=rollout.prompt_len,
-                   texts=[rollout.texts[i] for i in rows.tolist()], truncated=rollout.truncated[rows],
+                   texts=[rollout.texts[i] for i in picked], truncated=rollout.truncated[rows],
                    group_size=rollout.group_size,
                    tool_mask=None if rollout.tool_mask is None else rollout.tool_mask[rows],
-                   tool_use=ToolUse.select(rollout.tool_use, rows.cpu()))
+                   tool_use=ToolUse.select(rollout.tool_use, rows.cpu()),
+                   tool_outputs=None if rollout.tool_outputs is None else [rollout.tool_outputs[i] for i in picked])
 
 
 def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
@@ -311,4 +321,5 @@ def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
                    completion_mask=torch.cat(completion_masks), prompt_len=p,
                    texts=[t for r in rollouts for t in r.texts], truncated=torch.cat([r.truncated for r in rollouts]),
                    group_size=rollouts[0].group_size, tool_mask=torch.cat(tool_masks) if tools else None,
-                   tool_use=ToolUse.concat([r.tool_use for r in rollouts]))
+                   tool_use=ToolUse.concat([r.tool_use for r in rollouts]),
+                   tool_outputs=[s for r in rollouts for s in r.tool_outputs] if tools else None)

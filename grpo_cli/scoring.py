@@ -33,6 +33,7 @@ import numpy as np
 
 from grpo_cli.answers import equivalence, extract_final_answer, settled_without_parsing
 from grpo_cli.rewards import RULE_FUNCTIONS, CustomRule, Rule, correctness
+from grpo_cli.tool_calls import Span, model_text, printed_spans
 from grpo_cli.worker_pool import WorkerDied, WorkerPool, stops_held_back
 
 CALL_TIMEOUT_S = 5.0
@@ -43,7 +44,8 @@ OK, TIMEOUT, ERROR = 0, 1, 2
 # What the pool runs by default: the reward rules, and answer-to-answer equivalence for majority votes.
 GRADERS: Mapping[str, Rule] = ChainMap({"equivalent": equivalence}, RULE_FUNCTIONS)  # live: registered rules too
 
-Item = tuple[str, str, str, str]  # (rule, completion, answer, context as JSON; "" for rules without context)
+# (rule, completion as the rule sees it (builtin: the model's own text), answer, context as JSON; "" for builtin rules)
+Item = tuple[str, str, str, str]
 
 
 def _settled_correctness(completion: str, answer: str) -> float | None:
@@ -245,20 +247,29 @@ class Scorer:
                         "printed above). " + UNGUARDED_SCRIPT_HINT) from None
 
     def submit(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
-               contexts: list[dict] | None = None) -> "Pending":
+               contexts: list[dict] | None = None, tool_outputs: list[list[Span]] | None = None) -> "Pending":
         """Start scoring every rule on every (completion, answer) pair; `.result()` waits for it.
 
         `contexts` (the prompt and the row's fields, one dict per completion) reach custom rules
-        only. The work runs in the worker processes, so the caller can do other work meanwhile.
+        only. `tool_outputs`: per completion, the characters the code tool printed (a rollout knows
+        them from its masks); without them they are read from the text (tool_calls.printed_spans).
+        Builtin rules grade the model's own text (tool_calls.model_text); custom rules get the whole
+        transcript and `tool_outputs`. The work runs in the worker processes, so the caller can do
+        other work meanwhile.
         """
         rules = tuple(rules)
         unknown = [r for r in rules if r not in self.rules]
         if unknown:
             raise KeyError(f"no reward rule named {unknown[0]!r}; known: {', '.join(self.rules)}")
         used = {name: self.rules[name] for name in rules}
-        encoded = [json.dumps(c, default=str, sort_keys=True) for c in contexts] if contexts else [""] * len(completions)
-        keys = [[(r, c, a, ctx if isinstance(used[r], CustomRule) else "") for r in rules]
-                for c, a, ctx in zip(completions, answers, encoded, strict=True)]
+        custom = any(isinstance(rule, CustomRule) for rule in used.values())
+        printed = tool_outputs if tool_outputs is not None else [printed_spans(c) for c in completions]
+        keys = []
+        for c, a, context, spans in zip(completions, answers, contexts or [{}] * len(completions), printed,
+                                        strict=True):
+            own = model_text(c, spans)
+            encoded = json.dumps({**context, "tool_outputs": spans}, default=str, sort_keys=True) if custom else ""
+            keys.append([(r, c, a, encoded) if isinstance(used[r], CustomRule) else (r, own, a, "") for r in rules])
         settled, pooled = {}, []
         for item in dict.fromkeys(item for row in keys for item in row):
             value = _settle(used[item[0]], item)
@@ -270,9 +281,9 @@ class Scorer:
         return Pending(scorer=self, jobs=jobs, used=used, rules=rules, keys=keys, settled=settled)
 
     def score(self, rules: list[str] | tuple[str, ...], completions: list[str], answers: list[str],
-              contexts: list[dict] | None = None) -> Scores:
-        """Every rule on every (completion, answer) pair."""
-        return self.submit(rules, completions, answers, contexts).result()
+              contexts: list[dict] | None = None, tool_outputs: list[list[Span]] | None = None) -> Scores:
+        """Every rule on every (completion, answer) pair (see submit)."""
+        return self.submit(rules, completions, answers, contexts, tool_outputs).result()
 
 
 @dataclass(kw_only=True)

@@ -45,6 +45,18 @@ class StepBatch:
     sampled_accuracy: float | None = None  # over every completion sampled, dropped ones included
 
 
+def score_rollout(scorer: Scorer, rules: list[str], rollout: Rollout, batch: list[Example]) -> Pending:
+    """Start scoring a rollout of `batch`'s prompts (group_size completions each), each completion behind its
+    prompt's prefill. With the code tool, what it printed is known from the rollout's masks (Rollout.tool_outputs),
+    so the rules are never shown it as the model's text however it was written."""
+    rows = [e for e in batch for _ in range(rollout.group_size)]
+    printed = None if rollout.tool_outputs is None else [
+        [(start + len(e.prefill), end + len(e.prefill)) for start, end in spans]
+        for e, spans in zip(rows, rollout.tool_outputs)]
+    return scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
+                         [{"prompt": e.prompt, **e.row} for e in rows], printed)
+
+
 def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
                 rules: list[str], weights: torch.Tensor, tools: ToolSession | None = None) -> StepBatch:
     """Rollouts and their scoring for one step (see the module's docstring). With several processes,
@@ -59,10 +71,7 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
                                     temperature=grpo.temperature, top_p=grpo.top_p,
                                     add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world,
                                     cuda_graphs=grpo.cuda_graphs, tools=tools)
-        rows = [e for e in batch for _ in range(grpo.group_size)]
-        pending = scorer.submit(rules, [e.prefill + t for e, t in zip(rows, rollout.texts)], [e.answer for e in rows],
-                                [{"prompt": e.prompt, **e.row} for e in rows])
-        return rollout, pending
+        return rollout, score_rollout(scorer, rules, rollout, batch)
 
     batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]
     rank_prompts = grpo.prompts_per_step // world.size

@@ -171,7 +171,9 @@ class _Rows:
                    use={k: [0.0] * n for k in PER_ROW})
 
     def text_since_scan(self, tokenizer, row: int) -> str:
-        return tokenizer.decode(self.tokens[row, self.scanned[row] : int(self.length[row])])
+        """Decoded as the completion's text is (Rollout.texts), special tokens dropped: a block is closed, and
+        run, exactly where a reading of that text finds it closed (tool_calls.printed_spans)."""
+        return tokenizer.decode(self.tokens[row, self.scanned[row] : int(self.length[row])], skip_special_tokens=True)
 
 
 def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tokens: int, samples: int,
@@ -239,6 +241,35 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     return state.tokens[:, :width], state.is_tool[:, :width], tool_use
 
 
+def _encoded(tokenizer, text: str) -> list[int]:
+    """Tool output as tokens: data, never control ("<|im_end|>" printed by the code stays text)."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _as_decoded(tokenizer, shown: str) -> str:
+    """`shown` as the completion's text will hold it: without the characters the tokenizer cannot encode
+    (the character-level one of builtin:tiny-math-tools has no "é"), which decoding drops. Its fences are
+    escaped after that (tool_calls.output_block), since dropping one could join backticks into a fence."""
+    return tokenizer.decode(_encoded(tokenizer, shown), skip_special_tokens=True)
+
+
+def printed_from_mask(tokenizer, tokens: torch.Tensor, is_tool: torch.Tensor, text: str) -> list[tool_calls.Span]:
+    """The characters of `text` (`tokens` [C] decoded, special tokens dropped) that the tool printed, known from
+    the tool-output mask `is_tool` [C], not by reading the text: each run of tool tokens is one output block, and
+    what it printed is that block less the frame output_block put around it (tool_calls.printed_in)."""
+    spans, at = [], 0
+    for tool, run in itertools.groupby(is_tool.tolist()):
+        end = at + len(list(run))
+        if tool:
+            block = (len(tokenizer.decode(tokens[:at], skip_special_tokens=True)),
+                     len(tokenizer.decode(tokens[:end], skip_special_tokens=True)))
+            printed = tool_calls.printed_in(text, block)
+            if printed is not None:
+                spans.append(printed)
+        at = end
+    return spans
+
+
 def _call_if_closed(state: _Rows, row: int, tokenizer, session: ToolSession, step: int) -> None:
     """If the row's text now closes a python block: submit its code (or refuse it past max_tool_calls)
     and pause the row until its resume step."""
@@ -272,10 +303,8 @@ def _resume(stepper, tokenizer, state: _Rows, due: list[int], active: list[int],
             state.use["errors"][row] += outcome.status not in ("ok", "timeout")
             note = outcome.shown(tool_calls.SHOWN_CHARS)
         start = int(state.length[row])
-        text = tool_calls.output_block(state.text_since_scan(tokenizer, row), note)
-        # the output is data, never control: "<|im_end|>" printed by the code stays text
-        block = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        block = block[: max_new_tokens - start]
+        text = tool_calls.output_block(state.text_since_scan(tokenizer, row), _as_decoded(tokenizer, note))
+        block = _encoded(tokenizer, text)[: max_new_tokens - start]
         end = start + len(block)
         state.tokens[row, start:end] = torch.tensor(block, dtype=torch.long)
         state.is_tool[row, start:end] = True

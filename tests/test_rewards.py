@@ -151,3 +151,42 @@ def test_missing_custom_module(tmp_path):
 
     with pytest.raises(UserError, match="Put no_such_rules.py next to the recipe"):
         load_custom("no_such_rules:f", 1.0, tmp_path)
+
+
+def test_builtin_rules_grade_the_models_own_text_and_a_python_rule_gets_the_whole_transcript(tmp_path):
+    """Every channel by which what the code printed could pass for the model's work, through the scorer as
+    training and grpo score run it: builtin rules see the transcript without the printed text (values worked
+    out by hand on that text); a python rule sees all of it, and where the printed text is."""
+    from grpo_cli.rewards import load_custom
+    from grpo_cli.scoring import GRADERS, Scorer
+    from tool_fakes import called
+
+    write_module(tmp_path, "custom_tools", "def printed(completion, tool_outputs):\n"
+                 "    return sum(end - start for start, end in tool_outputs)\n"
+                 "def whole(completion):\n    return len(completion)\n")
+    cases = [  # (rule, transcript, gold, reward)
+        # a fence closes the output block early, and an answer follows it: no answer of the model's
+        ("correctness", called('print("1\\n```\\nSo the answer is \\\\boxed{391}.")',
+                               "1\n```\nSo the answer is \\boxed{391}."), "391", 0.0),
+        ("correctness", called("print(17 * 23)", "391", "So the answer is \\boxed{391}."), "391", 1.0),
+        ("correctness", called("print(1)", "<|im_end|>", "#### 1"), "1", 1.0),  # a printed end of turn is not one
+        # printed equations are no steps: the code has no operator, so there are none at all
+        ("step_format", called("print(chr(61).join('12'))", "1=2", "#### 2"), "2", -1.0),
+        # a printed "Wait" is not the model checking its work
+        ("reflection_bonus", called("print('tiaW'[::-1])", "Wait", "2+3=5. #### 5"), "5", 0.0),
+        # a printed </think> does not close the model's thinking
+        ("think_format", "<think>\n" + called("print('<' + '/think>')", "</think>", "#### 1"), "1", 0.0),
+        # 300 printed characters do not count: 16 + 10 + 17 + 3 of the model, the empty block's 16, 6 after
+        ("length", called("print('x' * 300)", "x" * 300, "#### 1"), "1", 1 - 68 / 1000),
+        # the model loops ("1" six times); printed distinct words do not dilute it: 9 distinct of 12 trigrams
+        ("repetition", called("print(*range(12))", " ".join(map(str, range(12))), "1 1 1 1 1 1"), "1", -0.25),
+        ("printed", called("print('x' * 300)", "x" * 300, "#### 1"), "1", 300.0),
+        ("whole", called("print('x' * 300)", "x" * 300, "#### 1"), "1", 368.0),
+    ]
+    rules = {**GRADERS, **{name: load_custom(f"custom_tools:{name}", 5.0, tmp_path) for name in ("printed", "whole")}}
+    names = list(dict.fromkeys(rule for rule, *_ in cases))
+    with Scorer(rules, workers=1) as scorer:
+        scores = scorer.score(names, [t for _, t, _, _ in cases], [g for *_, g, _ in cases],
+                              [{"prompt": "q"} for _ in cases])
+    got = [scores.values[i, names.index(rule)] for i, (rule, *_) in enumerate(cases)]
+    assert got == pytest.approx([reward for *_, reward in cases])

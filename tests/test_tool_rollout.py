@@ -4,12 +4,12 @@ caches: every token the model chose is what a plain forward over the finished tr
 import pytest
 import torch
 
-from grpo_cli import builtin_model, builtin_task, decoder
+from grpo_cli import builtin_model, builtin_task, decoder, tool_calls
 from grpo_cli.answers import is_correct
 from grpo_cli.model_calls import position_ids
-from grpo_cli.rollout import generate
+from grpo_cli.rollout import _pack, generate
 from grpo_cli.tool_calls import limit_note
-from grpo_cli.tool_rollout import decode_with_tools
+from grpo_cli.tool_rollout import ToolSession, ToolSettings, decode_with_tools, printed_from_mask
 from tool_fakes import InProcessTools
 
 
@@ -107,6 +107,58 @@ def test_tool_output_counts_against_the_budget_and_is_cut_there(char_tokenizer):
 def test_a_block_of_another_language_or_still_open_is_not_run(char_tokenizer):
     texts, *_, use, _ = scripted(char_tokenizer, ["\n```\nprint(1)\n```\n#### 1", "\n```python\nprint(1)\n#### 1"])
     assert use.calls.tolist() == [0, 0] and "```output" not in texts[0] + texts[1]
+
+
+FENCE_HACK = 'print("1\\n```\\nSo the answer is \\\\boxed{391}.")'  # the code prints a fence, then an answer
+
+
+def test_the_text_reads_as_the_masks_say_whatever_the_code_printed(char_tokenizer):
+    """What the tool printed, found in the text (tool_calls.printed_spans, all that grpo score and grpo eval have)
+    and known from the tool mask, agree; and none of it is graded as the model's answer."""
+    scripts = {  # the model's text -> the gold it tries to earn
+        f"\n```python\n{FENCE_HACK}\n```": "391",
+        # "é" is no character of this tokenizer: decoding drops it, and two backticks and one would make a fence
+        "\n```python\nprint('1' + chr(10) + '``' + chr(233) + '`' + chr(10) + '#### 391')\n```": "391",
+        # a special token the decoded text drops, between a newline and a fence: that text closes the block there
+        "\n```python\nprint('#### 391')\nx = '''\n<|im_start|>```\n'''\n```": "391",
+        "\n```python\nprint('x' * 300 + chr(10) + '#### 391')\n```": "391",  # cut at the budget
+        "\n```python\nprint('<|im_' + 'end|>')\n```\n#### 1": "1",  # printed, an end of turn is text
+        "\n```python\nprint('```output')\n```\n```python\nprint(2)\n```\n#### 2": "2",
+    }
+    texts, tokens, tool_mask, use, _ = scripted(char_tokenizer, list(scripts), max_new_tokens=240)
+    assert use.calls.tolist() == [1, 1, 1, 1, 1, 2]
+    for text, ids, is_tool, gold in zip(texts, tokens, tool_mask, scripts.values()):
+        assert tool_calls.printed_spans(text) == printed_from_mask(char_tokenizer, ids, is_tool, text), text
+        assert is_correct(text, gold) == (gold != "391"), text
+    assert "print('#### 391')\nx = '''\n```\n```output\nSyntaxError" in texts[2]  # the block ran as read
+
+
+def test_a_printed_answer_earns_nothing_through_the_real_sandbox_and_scoring(char_tokenizer):
+    """End to end: the model writes the attacker's code, the sandbox runs it, the rollout is packed and scored as
+    training scores it. What the code printed is known from the mask; the text, read alone, says the same."""
+    from grpo_cli.data import Example
+    from grpo_cli.scoring import Scorer
+    from grpo_cli.step_batch import score_rollout
+
+    honest = "\n```python\nprint(17 * 23)\n```So the answer is \\boxed{391}."
+    texts = [f"\n```python\n{FENCE_HACK}\n```", honest]
+    eos = char_tokenizer.eos_token_id
+    stepper = ScriptedStepper([char_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts],
+                              len(char_tokenizer))
+    prompt = torch.ones(2, 2, dtype=torch.long)
+    with ToolSession(ToolSettings()) as session:
+        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt), 160, 1,
+                                                   1.0, 1.0, True, [eos], session)
+    rollout = _pack(char_tokenizer, prompt, torch.ones_like(prompt), tokens, [eos], 2, tool_mask, use)
+    assert use.errors.tolist() == [0, 0]
+    hack_printed = "1\n` ` `\nSo the answer is \\boxed{391}."
+    assert [[text[a:b] for a, b in spans] for text, spans in zip(rollout.texts, rollout.tool_outputs)] == [
+        [hack_printed], ["391"]]
+    assert [tool_calls.printed_spans(t) for t in rollout.texts] == rollout.tool_outputs
+    with Scorer() as scorer:
+        scores = score_rollout(scorer, ["correctness"], rollout, [Example(prompt="q", answer="391")]).result()
+        assert scorer._pool is None  # graded in this process: no worker was needed
+    assert scores.column("correctness").tolist() == [0.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +273,9 @@ def test_the_same_seed_gives_the_same_transcripts_and_both_engines_agree(tools_m
     assert runs[0].texts == runs[1].texts == runs[2].texts
     assert torch.equal(runs[0].tool_mask, runs[2].tool_mask)
     assert runs[0].tool_use.calls.sum() > 0
+    # what the tool printed, read from the text alone, is what the masks say
+    assert [tool_calls.printed_spans(t) for t in runs[0].texts] == runs[0].tool_outputs
+    assert sum(map(len, runs[0].tool_outputs)) == runs[0].tool_use.calls.sum()
 
 
 def test_the_plain_engine_refuses_tools(tools_model):

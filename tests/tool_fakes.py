@@ -1,5 +1,6 @@
 """A stand-in for the sandbox in tests of the decode loop: runs the (trusted, test-written) code in this
-process, so those tests exercise the loop alone; tests/test_sandbox.py covers the sandbox."""
+process, so those tests exercise the loop alone; tests/test_sandbox.py covers the sandbox. And transcripts
+written as the rollout writes them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import io
 import itertools
 from dataclasses import dataclass
 
+from grpo_cli.tool_calls import output_block
 from grpo_cli.tool_rollout import ToolSettings
+
+
+def called(code: str, printed: str, after: str = "") -> str:
+    """A transcript as the rollout writes it: the model's block, the tool's output block, what the model wrote next."""
+    block = f"Let me compute.\n```python\n{code}\n```"
+    return block + output_block(block, printed) + after
 
 
 @dataclass(kw_only=True, frozen=True)
