@@ -11,12 +11,14 @@ An adapter is a PEFT adapter directory (adapter_config.json + adapter_model.safe
 Its base is adapter_config.json's `base_model_name_or_path`. Names of one base differ between tools
 (a hub id, a local copy of it, the builtin model's built path), so two names are the same base when
 they are equal once local paths are resolved; anything else is refused (`check_base`), with what
-to change. Weights of the wrong shape are refused when the adapter is loaded (`attach`).
+to change. When the adapter is loaded (`attach`), a file that cannot be read, weights of the wrong shape, and
+tensors that are not the model's LoRA weights one for one are refused, each with its own message.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from grpo_cli import checkpoint
 from grpo_cli.errors import UserError
 
 CONFIG = "adapter_config.json"
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT reads, in its order
 TRAINER_STATE = "trainer_state.json"  # a Hugging Face Trainer's, when the directory is not a grpo checkpoint
 
 
@@ -71,6 +74,14 @@ def foreign(directory: Path) -> Adapter | None:
                    step=step)
 
 
+def of_checkpoint(found: Path) -> Adapter:
+    """The adapter a grpo checkpoint of a LoRA run holds (`found` verified by the caller)."""
+    step = checkpoint.read_state(found).get("step")
+    config = _read_config(found)
+    return Adapter(location=str(found), base=config["base_model_name_or_path"], config=config,
+                   what=f"the grpo checkpoint {found} (step {step})", step=step)
+
+
 def find(ref: str) -> Adapter:
     """The adapter `ref` names (model.adapter): a directory of any kind above, or a hub id."""
     path = Path(ref).expanduser()
@@ -80,10 +91,7 @@ def find(ref: str) -> Adapter:
             if not (found / CONFIG).is_file():
                 raise UserError(f"{ref} is a grpo checkpoint of a full fine-tune, not an adapter; model.adapter "
                                 "takes a LoRA adapter. Set model.name to an export of it (grpo export) instead.")
-            step = checkpoint.read_state(found).get("step")
-            config = _read_config(found)
-            return Adapter(location=str(found), base=config["base_model_name_or_path"], config=config,
-                           what=f"the grpo checkpoint {found} (step {step})", step=step)
+            return of_checkpoint(found)
         adapter = foreign(path)
         if adapter is None:
             raise UserError(f"{ref} holds no LoRA adapter (no {CONFIG} in it); model.adapter takes a PEFT adapter "
@@ -138,13 +146,53 @@ def check_base(adapter: Adapter, model_name: str) -> None:
 
 
 def attach(base_model, adapter: Adapter, trainable: bool):
-    """`base_model` with the adapter loaded (PeftModel); an adapter whose weights do not fit is a UserError."""
-    from peft import PeftModel
+    """`base_model` with the adapter loaded (PeftModel). Each of these is a UserError saying which it is: a config
+    or weights file that cannot be read, weights of the wrong shape, and tensors that are not the model's LoRA
+    weights one for one (`checkpoint.check_adapter_loaded`)."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    config = _peft_config(adapter)
+    weights = _read_weights(adapter)
+    try:
+        with warnings.catch_warnings():  # of LoRA weights the file lacks: check_adapter_loaded says so, and refuses
+            warnings.filterwarnings("ignore", message="Found missing adapter keys")
+            model = PeftModel.from_pretrained(base_model, adapter.location, is_trainable=trainable, config=config)
+    except Exception as exc:  # size mismatch (RuntimeError), target modules not found (ValueError)
+        raise UserError(f"{adapter.what} does not fit the base model {adapter.base!r}: {_first_line(exc)}. An "
+                        "adapter loads only onto the model it was trained on (same architecture and sizes).") from None
+    # from_pretrained does not say which tensors it loaded: it warns of LoRA weights the file lacks, and is silent
+    # about tensors whose names match no weight. Loading the same weights again gives PEFT's own account of both.
+    checkpoint.check_adapter_loaded(model, set_peft_model_state_dict(model, weights), len(weights), adapter.what)
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def _peft_config(adapter: Adapter):
+    from peft import PeftConfig
 
     try:
-        return PeftModel.from_pretrained(base_model, adapter.location, is_trainable=trainable)
-    except Exception as exc:  # size mismatch (RuntimeError), target modules not found (ValueError), a bad file...
-        first = str(exc).strip().splitlines()
-        raise UserError(f"{adapter.what} does not fit the base model {adapter.base!r}: {type(exc).__name__}: "
-                        f"{first[0][:300] if first else ''}. An adapter loads only onto the model it was trained on "
-                        "(same architecture and sizes).") from None
+        return PeftConfig.from_pretrained(adapter.location)
+    except Exception as exc:  # a JSON error, an unknown peft_type, a value LoraConfig refuses
+        where = Path(adapter.location) / CONFIG if adapter.is_local else f"{CONFIG} of {adapter.location}"
+        raise UserError(f"{where} cannot be read as a PEFT adapter config ({_first_line(exc)}): the file is damaged "
+                        "or was not written by PEFT. Restore it from the adapter's source.") from None
+
+
+def _read_weights(adapter: Adapter) -> dict:
+    """The adapter's tensors, read as PEFT reads them; a file that cannot be read is a UserError saying so (not
+    that the adapter does not fit: nothing was tried on the model yet)."""
+    from peft.utils import load_peft_weights
+
+    try:
+        return load_peft_weights(adapter.location, device="cpu")
+    except Exception as exc:  # SafetensorError (a truncated or garbled file), an unpickling error, no file at all
+        files = [Path(adapter.location) / name for name in WEIGHTS] if adapter.is_local else []
+        where = next((str(f) for f in files if f.exists()), adapter.location)
+        raise UserError(f"the weights of {adapter.what} cannot be read: {where}: {_first_line(exc)}. The file is "
+                        "corrupt or incomplete (a copy or download cut short); copy or download it again from the "
+                        "adapter's source.") from None
+

@@ -22,7 +22,7 @@ from grpo_cli.data import Examples, build_examples, describe, listed, load_rows,
 from grpo_cli.errors import UserError
 from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.modeling import load_for_inference
-from grpo_cli.recipe import DataSpec, HubDataset
+from grpo_cli.recipe import DataSpec, GrpoSpec, HubDataset, out_of_bounds, reserved_template_kwargs
 from grpo_cli.rollout import generate
 from grpo_cli.scoring import Scorer, refuse_inside_a_starting_worker
 from grpo_cli.tool_calls import TOOLS, count_calls
@@ -68,8 +68,8 @@ class EvalOptions:
     dtype: str | None = None
     best: bool = False  # a run directory's best checkpoint (checkpoint.locate_best), not its latest
     tools: list[str] | None = None  # ["python"]: the model may run code (tool_calls.py); None: the run's grpo.tools
-    max_tool_calls: int | None = None  # None: the run's, else 4
-    tool_timeout_s: float | None = None  # None: the run's, else 5 s
+    max_tool_calls: int | None = None  # None: the run's, else the recipe's default (4)
+    tool_timeout_s: float | None = None  # None: the run's, else the recipe's default (5 s)
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,34 @@ class Evaluation:
                         "tool_use_frac": round(sum(c > 0 for c in calls) / max(len(calls), 1), 4)}
         return {**self.report.summary(), **tool_use, "seconds": round(self.report.seconds, 2),
                 "settings": self.settings, "items": items}
+
+
+# grpo eval's options that stand for recipe keys, refused outside the keys' bounds (the recipe states them once)
+_RECIPE_BOUNDED = {  # EvalOptions field: (its option, the recipe section, the key)
+    "limit": ("--limit", DataSpec, "data.eval_limit"),
+    "temperature": ("--temperature", GrpoSpec, "grpo.temperature"),
+    "top_p": ("--top-p", GrpoSpec, "grpo.top_p"),
+    "max_tool_calls": ("--max-tool-calls", GrpoSpec, "grpo.max_tool_calls"),
+    "tool_timeout_s": ("--tool-timeout", GrpoSpec, "grpo.tool_timeout_s"),
+}
+_COUNTS = {"samples": "--samples", "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size"}  # 1 or more
+
+
+def _refuse_unusable_options(options: EvalOptions) -> None:
+    """Option values no evaluation can use, refused before anything loads. An option left out (None) takes its
+    default; one given, 0 included, is checked and used as given."""
+    for name, (option, section, key) in _RECIPE_BOUNDED.items():
+        value = getattr(options, name)
+        problem = None if value is None else out_of_bounds(section, key.split(".")[-1], value)
+        if problem:
+            raise UserError(f"{option} {value:g}: {problem[0].lower() + problem[1:]}, as is the recipe's {key}.")
+    for name, option in _COUNTS.items():
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise UserError(f"{option} {value}: must be at least 1.")
+    problem = reserved_template_kwargs(options.chat_template_kwargs or {})
+    if problem:
+        raise UserError(f"--chat-template-kwarg: {problem}.")
 
 
 def _data_spec(named: NamedSet | None, options: EvalOptions, recipe, tokenizer, builtin: bool) -> DataSpec:
@@ -158,8 +186,7 @@ def _load_set(options: EvalOptions, recipe) -> tuple[list[dict], NamedSet | None
 def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     """Everything `grpo eval` does, without the console."""
     refuse_inside_a_starting_worker("benchmark.run()")
-    if options.samples < 1:
-        raise UserError("--samples must be at least 1.")
+    _refuse_unusable_options(options)
     unknown = [t for t in options.tools or [] if t not in TOOLS]
     if unknown:  # before anything loads
         raise UserError(f"--tools {', '.join(unknown)}: the tools are {', '.join(TOOLS)} (or none).")
@@ -180,10 +207,10 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
         # a run trained on {question} evaluated on MATH's {problem}: give rows the name its prompt uses
         rows = [{**row, spec.prompt_field: row[named.prompt_field]} for row in rows]
     examples: Examples = build_examples(rows, spec, loaded.tokenizer, data_name)
-    items = examples.items[: options.limit] if options.limit else examples.items
+    items = examples.items[: options.limit]  # None: all
     trained_with = loaded.recipe.grpo.max_new_tokens if loaded.recipe else None  # a run's: auto resolved in it
-    max_new = options.max_new_tokens or (named.max_new_tokens if named else None) or (
-        trained_with if isinstance(trained_with, int) else 512)
+    max_new = options.max_new_tokens if options.max_new_tokens is not None else (
+        named.max_new_tokens if named else trained_with if isinstance(trained_with, int) else 512)
     sampled = options.samples > 1
     tools = _tool_settings(options, loaded.recipe)
     with Scorer() as scorer, open_session(**tools) as session:
@@ -208,13 +235,13 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
 
 
 def _tool_settings(options: EvalOptions, recipe) -> dict:
-    """open_session's arguments: the options', else the run's recipe's, else no tool."""
-    grpo = recipe.grpo if recipe is not None else None
-    tools = options.tools if options.tools is not None else (list(grpo.tools) if grpo else [])
-    return {"tools": tools,
-            "max_calls": options.max_tool_calls or (grpo.max_tool_calls if grpo else 4),
-            "timeout_s": options.tool_timeout_s or (grpo.tool_timeout_s if grpo else 5.0),
-            "memory_mb": grpo.tool_memory_mb if grpo else 1024}
+    """open_session's arguments: the options' when given, else the run's recipe's, else the recipe's defaults
+    (no tool)."""
+    grpo = recipe.grpo if recipe is not None else GrpoSpec()
+    return {"tools": options.tools if options.tools is not None else list(grpo.tools),
+            "max_calls": options.max_tool_calls if options.max_tool_calls is not None else grpo.max_tool_calls,
+            "timeout_s": options.tool_timeout_s if options.tool_timeout_s is not None else grpo.tool_timeout_s,
+            "memory_mb": grpo.tool_memory_mb}
 
 
 def _grade_file(options: EvalOptions) -> Evaluation:
@@ -226,8 +253,7 @@ def _grade_file(options: EvalOptions) -> Evaluation:
     if not rows:
         raise UserError(f"{path} holds no rows.")
     total = len(rows)
-    if options.limit:
-        rows, places = rows[: options.limit], places[: options.limit] if places else None
+    rows, places = rows[: options.limit], places[: options.limit] if places else None  # None: all
     _same_number_of_completions(rows, places or [f"row {i}" for i in range(1, len(rows) + 1)], path)
     with Scorer() as scorer:
         try:

@@ -253,13 +253,15 @@ def verify(path: Path, reuse: bool = False, training_state: bool = True) -> None
     key = path.resolve()
     if reuse and _verified.get(key) == signature:
         return
-    problems: dict[str, str] = {}
+    # a manifest names only the checkpoint's own files: one elsewhere would be loaded (and checksummed) in their place
+    problems = {name: outside for name in files if (outside := _outside(path, name))}
     if CHECKSUMS in files:
         try:
             expected = _read_checksums(path)
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise DamagedCheckpoint(path, {CHECKSUMS: f"cannot be read ({exc})"}, _earlier(path)) from None
-        names = [name for name in files if name != CHECKSUMS and (training_state or name not in TRAINING_STATE)]
+        names = [name for name in files if name != CHECKSUMS and name not in problems and
+                 (training_state or name not in TRAINING_STATE)]
         actual = _sha256s(path, [name for name in names if name in expected])
         for name in names:
             if name not in expected:
@@ -342,12 +344,50 @@ def best_file(run_dir: Path) -> Path:
 
 
 def read_best(run_dir: Path) -> dict | None:
-    """The run's best-checkpoint marker, {"step", "checkpoint", "accuracy", "n"}, or None when there is none."""
+    """The run's best-checkpoint marker, {"step", "checkpoint", "accuracy", "n"}, or None when there is none.
+
+    A marker that cannot be read, or names anything but its step's checkpoint in this run's checkpoints/, is a
+    UserError: read as none, pruning would delete the best checkpoint and --best would say there is none; a name
+    leading elsewhere (an absolute path, .., a link) would load another run's weights as this run's best."""
+    marker = best_file(run_dir)
     try:
-        marked = json.loads(best_file(run_dir).read_text())
-    except (OSError, ValueError):
+        marked = json.loads(marker.read_text())
+    except FileNotFoundError:
         return None
-    return marked if isinstance(marked, dict) and isinstance(marked.get("step"), int) else None
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise _bad_marker(marker, f"cannot be read ({exc})") from None
+    problem = _best_problem(run_dir, marked)
+    if problem:
+        raise _bad_marker(marker, problem)
+    return marked
+
+
+def _best_problem(run_dir: Path, marked) -> str | None:
+    """What is wrong with a best.json's contents (as `mark_best` writes them), or None."""
+    fields = {"step": int, "checkpoint": str, "accuracy": (int, float), "n": int}
+    if not isinstance(marked, dict) or any(not isinstance(marked.get(key), kind) or isinstance(marked.get(key), bool)
+                                           for key, kind in fields.items()):
+        return 'is not a marker as grpo writes it ({"step": N, "checkpoint": "step-N", "accuracy": A, "n": M})'
+    named, expected = marked["checkpoint"], checkpoint_dir(run_dir, marked["step"]).name
+    if named != expected:
+        return f"names the checkpoint {named!r}, not its step's {expected!r} in {run_dir / 'checkpoints'}"
+    return _outside(run_dir / "checkpoints", named)
+
+
+def _bad_marker(marker: Path, problem: str) -> UserError:
+    return UserError(f"{marker} {problem}. grpo writes it whole, naming a checkpoint of this run, so something else "
+                     "changed it. Delete it: a resumed run marks its best again at its next held-out evaluation; "
+                     "meanwhile pass the checkpoint itself (checkpoints/step-N; eval/accuracy in metrics.jsonl says "
+                     "which scored best) instead of --best.")
+
+
+def _outside(directory: Path, name: str) -> str | None:
+    """Why `name`, read from a file in `directory` as a path inside it, leads out of it (an absolute path, .., a
+    link to elsewhere), or None: a run's files name only what the run holds, never another run's weights."""
+    target = (directory / name).resolve()
+    if target.is_relative_to(directory.resolve()):
+        return None
+    return f"leads outside {directory} (to {target})"
 
 
 def mark_best(run_dir: Path, step: int, accuracy: float, n: int, keep_last: int | None) -> None:
@@ -373,11 +413,16 @@ def _step(path: Path) -> int | None:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Every complete checkpoint of the run (sizes checked, contents not), oldest first."""
+    """Every complete checkpoint of the run (sizes checked, contents not), oldest first. A link among them to a
+    checkpoint elsewhere is a UserError: resuming, evaluating or pruning it would use another run's files."""
     found = []
     for path in (run_dir / "checkpoints").glob("step-*"):
         step = _step(path)
         if step is not None and is_complete(path):
+            outside = _outside(path.parent, path.name)
+            if outside:
+                raise UserError(f"{path} {outside}: a run's checkpoints are its own directories, not links to "
+                                "others'. Move that checkpoint into the run, or remove the link.")
             found.append((step, path))
     return [path for _, path in sorted(found)]
 
@@ -506,13 +551,37 @@ def _load_full_weights(model: torch.nn.Module, path: Path) -> None:
         raise RuntimeError(f"checkpoint {path} lacks weights: {missing[:5]}")
 
 
+def check_adapter_loaded(model, result, tensors: int, what: str) -> None:
+    """Refuse an adapter unless every one of its `tensors` went into the PeftModel `model` and every LoRA weight of
+    the model came from it; `result` is PEFT's load result (set_peft_model_state_dict's). PEFT loads by name and
+    passes over a name it does not know, so an adapter whose names match nothing would run as the bare base."""
+    from grpo_cli.data import listed
+
+    adapter_name = f".{model.active_adapter}."
+    unmatched = list(result.unexpected_keys)
+    # named as in the file: PEFT puts the adapter's name into a weight's name as it loads it
+    unloaded = [key.replace(adapter_name, ".") for key in result.missing_keys if "lora_" in key and adapter_name in key]
+    if not unmatched and not unloaded:
+        return
+    problems = ([f"{len(unmatched)} of its {tensors} tensors match no weight of the model ({listed(unmatched)})"]
+                if unmatched else [])
+    problems += [f"the model has {len(unloaded)} LoRA weights it holds no tensor for, which would keep their "
+                 f"initial values ({listed(unloaded)})"] if unloaded else []
+    raise UserError(f"{what} does not load whole: {'; '.join(problems)}. It would run as another model than the "
+                    "one trained, so it is refused. Use the adapter trained on this base model; an adapter's tensors "
+                    "are named as PEFT's save_pretrained writes them (base_model.model.<module>.lora_A.weight), so "
+                    "one renamed or written by another tool must be converted to those names.")
+
+
 def restore_weights(path: Path, policy) -> None:
     """Load the checkpoint's weights into the (not yet sharded) policy, after `verify`."""
     verify(path, reuse=True)
     if policy.is_lora:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(policy.model, _load_safetensors(path / "adapter_model.safetensors"))
+        weights = _load_safetensors(path / "adapter_model.safetensors")
+        check_adapter_loaded(policy.model, set_peft_model_state_dict(policy.model, weights), len(weights),
+                     f"the adapter of the checkpoint {path}")
     else:
         _load_full_weights(policy.model, path)
 

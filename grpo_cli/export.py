@@ -446,9 +446,7 @@ def _write(found: Path, recipe: Recipe, state: dict, out_dtype: str, adapter_onl
     tokenizer.chat_template = trained_chat_template(recipe, tokenizer)  # none when training prompted in plain text
     base_dist = _distributions(base, tokenizer)
     if recipe.model.lora is not None:
-        from peft import PeftModel
-
-        adapted = PeftModel.from_pretrained(base, str(found)).eval()
+        adapted = adapters.attach(base, adapters.of_checkpoint(found), trainable=False).eval()
         check = _save_adapted(adapted, base_path, full_precision, tokenizer, base_dist, out_dtype, adapter_only,
                               partial)
     else:

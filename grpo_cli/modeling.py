@@ -353,7 +353,5 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
 
 
 def _with_adapter(base_name: str, adapter_dir: Path, spec: ModelSpec, device: torch.device, progress):
-    from peft import PeftModel
-
     base = load_start(resolve(base_name, progress), spec, device, pick_dtype(spec.dtype, device), progress)
-    return PeftModel.from_pretrained(base, str(adapter_dir))
+    return adapters.attach(base, adapters.of_checkpoint(adapter_dir), trainable=False)

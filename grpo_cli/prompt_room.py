@@ -3,7 +3,7 @@
 Training and `grpo validate` ask the same questions here, so they cannot disagree: how long each
 prompt is as the rollout encodes it, which prompts leave no room for grpo.max_new_tokens (they
 are skipped, and counted), and what `grpo.max_new_tokens: auto` resolves to for these prompts and
-this model.
+this model (never less than MIN_AUTO_MAX_NEW_TOKENS: the prompts that would leave less are the ones skipped).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from grpo_cli.data import Examples
 from grpo_cli.errors import UserError
-from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe
+from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS, Recipe
 
 
 def prompt_lengths(examples: Examples, tokenizer, add_special_tokens: bool) -> list[int]:
@@ -38,18 +38,23 @@ def fit_to_context(examples: Examples, tokenizer, config, max_new_tokens: int,
     return replace(examples, items=kept), len(examples.items) - len(kept)
 
 
-def auto_max_new_tokens(longest_prompt: int, context: int | None) -> int:
-    """grpo.max_new_tokens: auto: the context left after the longest training prompt, at most
-    AUTO_MAX_NEW_TOKENS_CAP (the cap alone when the model's config states no context)."""
+def auto_max_new_tokens(lengths: list[int], context: int | None) -> int:
+    """grpo.max_new_tokens: auto for training prompts of these `lengths`: the context left after the longest prompt
+    that leaves at least MIN_AUTO_MAX_NEW_TOKENS, at most AUTO_MAX_NEW_TOKENS_CAP (the cap alone when the model's
+    config states no context). Longer prompts are skipped and counted (`fit_to_context`), as for a number: one
+    prompt that nearly fills the context would otherwise leave every completion a few tokens, all cut off."""
     if not context:
         return AUTO_MAX_NEW_TOKENS_CAP
-    room = context - longest_prompt
-    if room < 1:
-        raise UserError(f"grpo.max_new_tokens is auto, the context left after the longest training prompt, but that "
-                        f"prompt is {longest_prompt} tokens and the model's context is {context}: nothing is left. "
-                        "Set grpo.max_new_tokens to a number (prompts that leave no room for it are skipped), or "
-                        "shorten the prompts.")
-    return min(AUTO_MAX_NEW_TOKENS_CAP, room)
+    fitting = [n for n in lengths if context - n >= MIN_AUTO_MAX_NEW_TOKENS]
+    if not fitting:
+        shortest = min(lengths)
+        raise UserError(
+            f"grpo.max_new_tokens is auto, which leaves a completion at least {MIN_AUTO_MAX_NEW_TOKENS} tokens of the "
+            f"model's {context}-token context, but no training prompt leaves that: the shortest is {shortest} tokens. "
+            + (f"Set grpo.max_new_tokens to a number, at most {context - shortest} (prompts that leave no room for it "
+               "are skipped), shorten the prompts, or use a model with a longer context." if shortest < context else
+               "Shorten the prompts, or use a model with a longer context."))
+    return min(AUTO_MAX_NEW_TOKENS_CAP, context - max(fitting))
 
 
 def resolve_max_new_tokens(recipe: Recipe, examples: Examples, tokenizer, config) -> Recipe:
@@ -58,8 +63,8 @@ def resolve_max_new_tokens(recipe: Recipe, examples: Examples, tokenizer, config
     grpo = recipe.grpo
     if grpo.max_new_tokens != "auto":
         return recipe
-    longest = max(prompt_lengths(examples, tokenizer, not recipe.data.chat))
-    tokens = auto_max_new_tokens(longest, getattr(config, "max_position_embeddings", None))
+    lengths = prompt_lengths(examples, tokenizer, not recipe.data.chat)
+    tokens = auto_max_new_tokens(lengths, getattr(config, "max_position_embeddings", None))
     return with_max_new_tokens(recipe, tokens)
 
 

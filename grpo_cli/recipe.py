@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, PlainValidator, ValidationError, create_model,
-                      model_validator)
+from pydantic import (BaseModel, ConfigDict, Field, GetPydanticSchema, PlainValidator, TypeAdapter, ValidationError,
+                      create_model, field_validator, model_validator)
 from pydantic_core import core_schema
 
 from grpo_cli import builtin_task
@@ -75,6 +75,29 @@ class HubDataset(Section):
 DatasetRef = str | HubDataset
 
 
+# Keys data.chat_template_kwargs cannot hold: apply_chat_template's own arguments, and `messages` (the name the
+# template is handed the conversation by), none of them a variable of the template. grpo passes the conversation,
+# tokenize=False and add_generation_prompt=True itself (data.render_chat); the others contradict those
+# (continue_final_message, ...), replace the template the model is saved and evaluated with (chat_template), or do
+# nothing to a prompt rendered as text (return_dict, padding, ...). tools and documents are inputs of the template.
+RESERVED_TEMPLATE_KWARGS = (
+    "messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message", "chat_template",
+    "return_assistant_tokens_mask", "sanitize_control_tokens", "return_dict", "return_tensors", "padding",
+    "truncation", "max_length", "tokenizer_kwargs")
+
+
+def reserved_template_kwargs(variables: Mapping) -> str | None:
+    """Why these chat template variables cannot be given (some are RESERVED_TEMPLATE_KWARGS), or None."""
+    taken = [key for key in variables if key in RESERVED_TEMPLATE_KWARGS]
+    if not taken:
+        return None
+    return (f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} not a variable of the chat template but an "
+            "argument of apply_chat_template, which grpo sets itself: it renders the conversation (messages) as text "
+            "(tokenize=False) with the assistant's turn opened (add_generation_prompt=True), through the model's own "
+            f"template. Remove {'it' if len(taken) == 1 else 'them'}; the reserved keys are "
+            f"{', '.join(RESERVED_TEMPLATE_KWARGS)}")
+
+
 class DataSpec(Section):
     train: DatasetRef = Field("builtin:arithmetic", description="builtin set, a .jsonl/.json/.csv/.parquet path, or a hub dataset")
     eval: DatasetRef | None = Field(
@@ -89,6 +112,14 @@ class DataSpec(Section):
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="variables for the chat template when chat is true: {enable_thinking: true}")
     eval_limit: int | None = Field(None, gt=0, description="evaluate on the first N held-out rows only")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables_only(cls, variables: dict) -> dict:
+        problem = reserved_template_kwargs(variables)
+        if problem:
+            raise ValueError(problem)
+        return variables
 
     @model_validator(mode="after")
     def _template_variables_need_chat(self):
@@ -119,6 +150,9 @@ def held_out_default(train) -> str | None:
 # grpo.max_new_tokens: auto stops here: a long-context model (Qwen's 32k) would otherwise allow completions far
 # longer than a step can afford, while a short one (the builtin model's 256) leaves less than any fixed default.
 AUTO_MAX_NEW_TOKENS_CAP = 1024
+# ... and never goes below this: training prompts that would leave less are skipped and counted (prompt_room.py),
+# rather than one prompt that nearly fills the context cutting every completion off after a few tokens.
+MIN_AUTO_MAX_NEW_TOKENS = 32
 
 
 def _tokens_or_auto(value: Any) -> int | str:
@@ -138,6 +172,11 @@ TokensOrAuto = Annotated[Union[int, Literal["auto"]], PlainValidator(_tokens_or_
 LossName = Annotated[str, GetPydanticSchema(lambda _, handler: core_schema.literal_schema(list(LOSSES)))]
 
 
+# A call to the code tool costs 13-30 ms on 2 cores (docs/tools.md) before the code does anything: below this limit
+# calls would time out for want of time to start, and the model be graded on limits it cannot meet.
+MIN_TOOL_TIMEOUT_S = 0.1
+
+
 class GrpoSpec(Section):
     group_size: int = Field(16, ge=2, description="completions per prompt (G)")
     prompts_per_step: int = Field(8, ge=1, description="prompts (groups) per training step")
@@ -146,7 +185,8 @@ class GrpoSpec(Section):
     updates_per_rollout: int = Field(1, ge=1, description="policy updates on each batch of rollouts (mu)")
     max_new_tokens: TokensOrAuto = Field(
         "auto", description="completion length cap; auto = the model's context left after the longest training "
-        f"prompt, at most {AUTO_MAX_NEW_TOKENS_CAP} (resolved when the data loads, recorded in the run's recipe.yaml)"
+        f"prompt, at most {AUTO_MAX_NEW_TOKENS_CAP}; prompts that would leave less than {MIN_AUTO_MAX_NEW_TOKENS} are "
+        "skipped (resolved when the data loads, recorded in the run's recipe.yaml)"
     )
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
@@ -193,7 +233,8 @@ class GrpoSpec(Section):
     )
     max_tool_calls: int = Field(4, ge=1, description="with tools: calls per completion; a block closed after "
                                 "that is not run, and its output block says so")
-    tool_timeout_s: float = Field(5.0, gt=0, le=600, description="with tools: wall-clock limit of one call")
+    tool_timeout_s: float = Field(5.0, ge=MIN_TOOL_TIMEOUT_S, le=600,
+                                  description="with tools: wall-clock limit of one call")
     tool_memory_mb: int = Field(1024, ge=64, description="with tools: address-space limit of one call")
 
     @property
@@ -356,6 +397,17 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
         problems.append((("grpo", "overlong_buffer"), f"{grpo.overlong_buffer} must be shorter than "
                          f"grpo.max_new_tokens ({grpo.max_new_tokens})"))
     return problems
+
+
+def out_of_bounds(section: type[Section], key: str, value: Any) -> str | None:
+    """Why `value` is not a valid `key` of `section` (pydantic's words: "Input should be greater than 0"), or None.
+    For a command-line option that stands for a recipe key, so its bounds are the key's, stated once."""
+    field = section.model_fields[key]
+    try:
+        TypeAdapter(Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None
 
 
 # ---------------------------------------------------------------- loading

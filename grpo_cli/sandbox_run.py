@@ -27,19 +27,13 @@ def check_tool_limits(options: dict[str, str], **values) -> None:
     """UserError unless each value lies within the recipe's bounds for its grpo field (tool_timeout_s,
     tool_memory_mb, max_tool_calls): the bounds are stated once, in recipe.py. `options` names the command
     line option each field was given as, for the message."""
-    from typing import Annotated
-
-    from pydantic import TypeAdapter, ValidationError
-
-    from grpo_cli.recipe import GrpoSpec
+    from grpo_cli.recipe import GrpoSpec, out_of_bounds
 
     for name, value in values.items():
-        field = GrpoSpec.model_fields[name]
-        try:
-            TypeAdapter(Annotated[field.annotation, *field.metadata]).validate_python(value)
-        except ValidationError as e:
-            raise UserError(f"{options[name]} {value}: {e.errors()[0]['msg'].lower()} (as grpo.{name} in a recipe: "
-                            f"{field.description})") from None
+        problem = out_of_bounds(GrpoSpec, name, value)
+        if problem:
+            raise UserError(f"{options[name]} {value}: {problem.lower()} (as grpo.{name} in a recipe: "
+                            f"{GrpoSpec.model_fields[name].description})")
 
 
 def run_file(path: Path, timeout_s: float, memory_mb: int) -> FileRun:

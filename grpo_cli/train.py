@@ -32,7 +32,7 @@ from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts
 from grpo_cli.modeling import load_policy
 from grpo_cli.prompt_room import fit_to_context, resolve_max_new_tokens, with_max_new_tokens
-from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe, dump
+from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS, Recipe, dump
 from grpo_cli.recipe import load as load_recipe
 from grpo_cli.rewards import rule_functions
 from grpo_cli.rollout import Rollout
@@ -354,8 +354,8 @@ def max_new_tokens_of_the_run(recipe: Recipe, train_set: Examples, policy, resum
             return with_max_new_tokens(recipe, saved)
     recipe = resolve_max_new_tokens(recipe, train_set, policy.tokenizer, policy.model.config)
     context = getattr(policy.model.config, "max_position_embeddings", None)
-    why = f"the model's {context}-token context left after the longest training prompt" if context else \
-        "the model's config states no context"
+    why = (f"the model's {context}-token context left after the longest training prompt that leaves at least "
+           f"{MIN_AUTO_MAX_NEW_TOKENS}") if context else "the model's config states no context"
     console.message(f"grpo.max_new_tokens: auto -> {recipe.grpo.max_new_tokens} ({why}, at most "
                     f"{AUTO_MAX_NEW_TOKENS_CAP})")
     return recipe
@@ -365,9 +365,11 @@ def known_best(run_dir: Path, recipe: Recipe, world: World, resumed_step: int | 
     """The best checkpoint a resumed run already has. Forgotten (its marker removed) when the run starts over,
     when keep_best is off, or when it is newer than the checkpoint resumed from (resume skipped a damaged one):
     those steps are trained again and their checkpoints replaced, so the marker would name other weights."""
-    best = checkpoint.read_best(run_dir) if world.main else None
-    if best is not None and (resumed_step is None or not recipe.output.keep_best or best["step"] > resumed_step):
-        if resumed_step is not None and recipe.output.keep_best:
+    if world.main and resumed_step is None:
+        checkpoint.forget_best(run_dir)  # unread: whatever a marker left here says, it names no checkpoint of this run
+    best = checkpoint.read_best(run_dir) if world.main and resumed_step is not None else None
+    if best is not None and (not recipe.output.keep_best or best["step"] > resumed_step):
+        if recipe.output.keep_best:
             console.message(f"the best checkpoint, {best['checkpoint']}, is newer than the one resumed from: "
                             "forgotten; the steps after it are trained again and the best found anew.")
         checkpoint.forget_best(run_dir)

@@ -367,3 +367,115 @@ def test_continue_under_fsdp_measures_the_kl_to_the_starting_adapter(peft_adapte
     assert done.returncode == 0, done.stderr[-3000:]
     kl = kls(tmp_path / "run")
     assert kl[1] < 1e-5 and kl[2] > 1e-5
+
+
+# ---------------------------------------------------------------- adapters that do not load whole, or cannot be read
+
+def adapter_copy(peft_adapter, directory, change=None):
+    """A copy of the PEFT adapter; `change` maps its tensors ({name: tensor}) to those the copy holds."""
+    from safetensors.torch import load_file, save_file
+
+    directory.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil_copy(peft_adapter / name, directory / name)
+    if change is not None:
+        weights = load_file(str(directory / "adapter_model.safetensors"))
+        save_file(change(weights), str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+NOT_WHOLE = {  # (what is changed, the part of the message that says it)
+    "renamed": (lambda w: {k.replace(".layers.", ".blocks."): v for k, v in w.items()},
+                r"56 of its 56 tensors match no weight of the model \(base_model\.model\.model\.blocks\.0\."),
+    "extra": (lambda w: {**w, "base_model.model.model.layers.0.mlp.gate.lora_A.weight": torch.zeros(4, 64)},
+              r"1 of its 57 tensors match no weight of the model \(base_model\.model\.model\.layers\.0\.mlp\.gate\."),
+    "lacking": (lambda w: {k: v for k, v in w.items() if "layers.1.mlp.down_proj.lora_B" not in k},
+                r"has 1 LoRA weights it holds no tensor for.*\(base_model\.model\.model\.layers\.1\.mlp\.down_proj\."
+                r"lora_B\.weight\)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_WHOLE))
+def test_an_adapter_whose_tensors_are_not_the_models_lora_weights_is_refused(kind, peft_adapter, tmp_path):
+    """PEFT loads by name and passes over names it does not know: renamed tensors used to train and evaluate the
+    bare base model with exit 0 (step-0 accuracy 23.5% against the adapter's 60.5%)."""
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    change, message = NOT_WHOLE[kind]
+    adapter = adapter_copy(peft_adapter, tmp_path / kind, change)
+    with pytest.raises(UserError, match=message):
+        load_policy(ModelSpec(adapter=str(adapter), dtype="float32", device="cpu"), kl_beta=0.04)  # train
+    with pytest.raises(UserError, match=message):
+        load_for_inference(str(adapter), device="cpu", dtype="float32")  # eval
+    with pytest.raises(UserError, match=message):
+        export(str(adapter), tmp_path / "out", dtype="float32")
+
+
+def test_eval_of_an_adapter_that_matches_nothing_exits_with_the_message(peft_adapter, tmp_path):
+    adapter = adapter_copy(peft_adapter, tmp_path / "renamed", NOT_WHOLE["renamed"][0])
+    result = runner.invoke(app, ["eval", "--model", str(adapter), "--data", "builtin:arithmetic-test", "--limit", "2",
+                                 "--max-new-tokens", "8", "--device", "cpu"])
+    assert result.exit_code == UserError.exit_code
+    assert "does not load whole" in result.output and "save_pretrained" in result.output
+
+
+def test_resume_refuses_a_checkpoint_whose_adapter_does_not_load_whole(sft_run, tmp_path):
+    """A checkpoint sealed (manifest, checksums) over an adapter of other names: its checksums cannot tell."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import load as load_recipe
+
+    copied = tmp_path / "step-2"
+    shutil.copytree(step_dir(sft_run, 2), copied)
+    for name in (checkpoint.MANIFEST, checkpoint.CHECKSUMS):
+        (copied / name).unlink()
+    file = copied / "adapter_model.safetensors"
+    save_file(NOT_WHOLE["renamed"][0](load_file(str(file))), str(file))
+    checkpoint._write_manifest(copied)
+    recipe = load_recipe(copied / checkpoint.RECIPE_FILE)
+    policy = load_policy(recipe.model.model_copy(update={"device": "cpu"}), recipe.grpo.kl_beta)
+    with pytest.raises(UserError, match=rf"the adapter of the checkpoint {copied} does not load whole: \d+ of its"):
+        checkpoint.restore_weights(copied, policy)
+
+
+def truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def garble(file):
+    file.write_bytes(bytes(range(256)) * 16)
+
+
+@pytest.mark.parametrize("damage", [truncate, garble], ids=["truncated", "garbage"])
+def test_an_adapter_file_that_cannot_be_read_is_called_unreadable_not_unfit(damage, peft_adapter, tmp_path):
+    from grpo_cli.modeling import load_policy
+    from grpo_cli.recipe import ModelSpec
+
+    adapter = adapter_copy(peft_adapter, tmp_path / "damaged")
+    damage(adapter / "adapter_model.safetensors")
+    message = rf"cannot be read: {adapter / 'adapter_model.safetensors'}: SafetensorError: .*corrupt or incomplete"
+    with pytest.raises(UserError, match=message) as refused:
+        load_policy(ModelSpec(adapter=str(adapter), dtype="float32", device="cpu"), kl_beta=0.04)
+    assert "does not fit" not in str(refused.value)
+    with pytest.raises(UserError, match=message):
+        load_for_inference(str(adapter), device="cpu", dtype="float32")
+    result = runner.invoke(app, ["export", str(adapter), "--out", str(tmp_path / "out")])
+    assert result.exit_code == UserError.exit_code and "corrupt or incomplete" in result.output
+
+
+@pytest.mark.parametrize("config_text, message", [
+    ('{"base_model_name_or_path": "BASE", "peft_type": "NO_SUCH_TYPE"', r"adapter_config\.json cannot be read \("),
+    ('{"base_model_name_or_path": "BASE", "peft_type": "NO_SUCH_TYPE"}',
+     r"adapter_config\.json cannot be read as a PEFT adapter config \(KeyError"),
+], ids=["not-json", "not-peft"])
+def test_an_adapter_config_that_cannot_be_read_is_called_unreadable(config_text, message, peft_adapter, tmp_path):
+    adapter = adapter_copy(peft_adapter, tmp_path / "config")
+    (adapter / "adapter_config.json").write_text(config_text.replace("BASE", resolve("builtin:tiny-math")))
+    with pytest.raises(UserError, match=message) as refused:
+        load_for_inference(str(adapter), device="cpu", dtype="float32")
+    assert "does not fit" not in str(refused.value)

@@ -2,6 +2,7 @@
 survives keep_last and resume, and is what `grpo export --best` and `grpo eval --best` load."""
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -114,21 +115,89 @@ def test_export_and_eval_best_load_the_weights_that_were_evaluated(peaked, tmp_p
     assert export(str(run_dir), tmp_path / "out", best=True).step == best_step
 
 
+class Saved:
+    """Stands for the model, tokenizer and scheduler a checkpoint saves: one small file."""
+
+    def save_pretrained(self, path, **_):
+        (path / "weights.bin").write_bytes(b"w")
+
+    def state_dict(self):
+        return {}
+
+
+def save_fake(run_dir, steps, keep_last=None):
+    """Checkpoints of these steps as checkpoint.save writes them (manifest, checksums), in a fraction of a second."""
+    policy = SimpleNamespace(model=Saved(), tokenizer=Saved())
+    for n in steps:
+        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n", keep_last=keep_last)
+    return run_dir
+
+
 def test_pruning_spares_the_marked_checkpoint(tmp_path):
-    class Saved:
-        def save_pretrained(self, path, **_):
-            (path / "weights.bin").write_bytes(b"w")
-
-        def state_dict(self):
-            return {}
-
-    run_dir, policy = tmp_path / "run", SimpleNamespace(model=Saved(), tokenizer=Saved())
-    for n in (1, 2):
-        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n")
+    run_dir = save_fake(tmp_path / "run", (1, 2))
     checkpoint.mark_best(run_dir, 2, 0.5, 8, keep_last=1)
-    for n in (3, 4):
-        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n", keep_last=1)
+    save_fake(run_dir, (3, 4), keep_last=1)
     assert kept(run_dir) == [2, 4]
     checkpoint.mark_best(run_dir, 4, 0.7, 8, keep_last=1)  # the old best goes at once
     assert kept(run_dir) == [4]
     assert checkpoint.locate_best(run_dir) == run_dir / "checkpoints" / "step-4"
+
+
+@pytest.mark.parametrize("text", [
+    '{"step": 2, "checkpoint": "step-2", "accuracy": 0.5',  # cut short
+    "\x00\x17 not json",
+    '"step-2"',
+    '{"step": "2", "checkpoint": "step-2", "accuracy": 0.5, "n": 8}',
+    '{"step": 2, "checkpoint": "step-2"}',
+], ids=["truncated", "garbage", "a-string", "step-as-text", "fields-missing"])
+def test_a_garbled_best_marker_is_an_error_not_no_best(text, tmp_path):
+    """It used to read as "no best checkpoint": --best said there was none, and pruning no longer spared the best."""
+    from typer.testing import CliRunner
+
+    from grpo_cli.cli import app
+
+    run_dir = save_fake(tmp_path / "run", (1, 2))
+    marker = run_dir / "checkpoints" / "best.json"
+    marker.write_text(text)
+    message = rf"{marker} (cannot be read|is not a marker as grpo writes it).*Delete it"
+    with pytest.raises(UserError, match=message):
+        checkpoint.locate_best(run_dir)
+    with pytest.raises(UserError, match=message):
+        save_fake(run_dir, (3,), keep_last=1)  # pruning: which checkpoint to spare is not known
+    assert kept(run_dir)[:2] == [1, 2]
+    result = CliRunner().invoke(app, ["eval", "--model", str(run_dir), "--best", "--limit", "1"])
+    assert result.exit_code == UserError.exit_code and "best.json" in result.output and "Delete it" in result.output
+
+
+def test_a_best_marker_naming_a_checkpoint_outside_its_run_is_refused(tmp_path):
+    """A best.json naming another run's checkpoint loaded that run's weights as this run's best."""
+    other = save_fake(tmp_path / "other", (2,))
+    run_dir = save_fake(tmp_path / "run", (1,))
+    elsewhere = other / "checkpoints" / "step-2"
+    for named in (str(elsewhere), "../../other/checkpoints/step-2"):
+        checkpoint.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": named, "accuracy": 0.9, "n": 8}))
+        with pytest.raises(UserError, match=rf"names the checkpoint '{re.escape(named)}', not its step's 'step-2'"):
+            checkpoint.locate_best(run_dir)
+    # a link in its checkpoints/ to another run's: named right, but leading out of the run
+    (run_dir / "checkpoints" / "step-2").symlink_to(elsewhere)
+    checkpoint.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": "step-2", "accuracy": 0.9, "n": 8}))
+    with pytest.raises(UserError, match=rf"best.json leads outside {run_dir / 'checkpoints'} \(to {elsewhere}\)"):
+        checkpoint.locate_best(run_dir)
+
+
+def test_a_checkpoint_linked_from_another_run_is_not_taken_for_the_runs_own(tmp_path):
+    """Resume, eval and export of a run directory take its latest checkpoint; a step-N linking to another run's
+    (or a file of a checkpoint linking to another's, checksums and all) would load that run's weights."""
+    other = save_fake(tmp_path / "other", (9,))
+    run_dir = save_fake(tmp_path / "run", (1,))
+    (run_dir / "checkpoints" / "step-9").symlink_to(other / "checkpoints" / "step-9")
+    for attempt in (lambda: checkpoint.latest(run_dir), lambda: checkpoint.locate(run_dir),
+                    lambda: checkpoint.latest_intact(run_dir, warn=print)):
+        with pytest.raises(UserError, match=r"step-9 leads outside .*Move that checkpoint into the run"):
+            attempt()
+    (run_dir / "checkpoints" / "step-9").unlink()
+    own = run_dir / "checkpoints" / "step-1" / "weights.bin"
+    own.unlink()
+    own.symlink_to(other / "checkpoints" / "step-9" / "weights.bin")  # the same bytes: its checksum matches
+    with pytest.raises(UserError, match=r"is damaged: weights.bin leads outside"):
+        checkpoint.locate(run_dir)

@@ -153,6 +153,41 @@ def test_eval_chat_template_kwarg_needs_key_equals_value():
     assert result.exit_code == 2 and "--chat-template-kwarg enable_thinking: expected KEY=VALUE" in result.output
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-tool-calls", "0", "greater than or equal to 1, as is the recipe's grpo.max_tool_calls"),
+    ("--max-tool-calls", "-1", "greater than or equal to 1, as is the recipe's grpo.max_tool_calls"),
+    ("--tool-timeout", "0", "greater than or equal to 0.1, as is the recipe's grpo.tool_timeout_s"),
+    ("--tool-timeout", "-1", "greater than or equal to 0.1, as is the recipe's grpo.tool_timeout_s"),
+    ("--tool-timeout", "0.001", "greater than or equal to 0.1, as is the recipe's grpo.tool_timeout_s"),
+    ("--max-new-tokens", "0", "must be at least 1"),
+    ("--limit", "0", "greater than 0, as is the recipe's data.eval_limit"),
+    ("--limit", "-1", "greater than 0, as is the recipe's data.eval_limit"),
+    ("--batch-size", "0", "must be at least 1"),
+    ("--top-p", "0", "greater than 0, as is the recipe's grpo.top_p"),
+])
+def test_eval_refuses_option_values_no_evaluation_can_use(option, value, message, tiny_model_path):
+    """0 and -1 used to pass: 0 silently meant the default (`x or default`), -1 tool calls or seconds refused or
+    timed out every call, and --limit -1 dropped the last problem."""
+    result = runner.invoke(app, ["eval", "--model", "builtin:tiny-math", "--data", "builtin:arithmetic-test",
+                                 "--limit", "1", "--max-new-tokens", "4", "--tools", "python", option, value])
+    assert result.exit_code == 2, result.output
+    assert f"{option} {value}: " in result.output and message in " ".join(result.output.split())
+
+
+def test_eval_refuses_a_chat_template_kwarg_grpo_passes_itself(tiny_model_path):
+    result = runner.invoke(app, ["eval", "--model", "builtin:tiny-math", "--data", "builtin:arithmetic-test", "--chat",
+                                 "--limit", "1", "--chat-template-kwarg", "add_generation_prompt=false"])
+    assert result.exit_code == 2, result.output
+    assert "--chat-template-kwarg: add_generation_prompt is not a variable of the chat template" in result.output
+
+
+def test_validate_refuses_a_chat_template_kwarg_grpo_passes_itself(tmp_path):
+    path = write_recipe(tmp_path, data={"chat": True, "chat_template_kwargs": {"messages": []}})
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "data.chat_template_kwargs: messages is not a variable of the chat template" in result.output
+
+
 def test_score_through_the_runner(tmp_path):
     rows = tmp_path / "c.jsonl"
     rows.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4",
@@ -307,6 +342,30 @@ def test_validate_counts_the_prompts_of_good_data(tmp_path, tiny_model_path):
     code, output = validate_with_data(tmp_path, rows)
     assert code == 0 and "grpo.max_new_tokens │ 241 (auto)" in output
     assert "prompts too long for the context │ 0" in output
+
+
+def test_auto_max_new_tokens_skips_a_prompt_that_nearly_fills_the_context_in_validate_as_in_train(tmp_path,
+                                                                                                   tiny_model_path):
+    """One prompt leaving 6 of the 256-token context made auto 6: validate said "valid", and every completion
+    of the training run was cut off at 6 tokens."""
+    short, long = {"question": "What is 2 + 3?", "answer": "5"}, {"question": "x" * 250, "answer": "1"}
+    code, output = validate_with_data(tmp_path, [short, long])
+    assert code == 0 and "grpo.max_new_tokens │ 242 (auto)" in output and "prompts too long for the context │ 1" in output
+    assert "training prompts kept (d.jsonl) │ 1" in output
+    assert ("1 of 2 training prompts leave less than 32 tokens of the model's 256-token context (the longest prompt "
+            "is 250 tokens, and auto gives a completion at least 32); training skips them. Set grpo.max_new_tokens "
+            "to at most 6 to keep every prompt") in output
+    code, output = validate_with_data(tmp_path, [long, {**long, "question": "y" * 240}])
+    assert code == 2 and "valid." not in output
+    assert "no training prompt leaves that: the shortest is 240 tokens. Set grpo.max_new_tokens to a number" in output
+    # training resolves auto the same way, and skips the same prompt
+    path = write_recipe(tmp_path, data={"train": str(tmp_path / "d.jsonl"), "eval": None},
+                        grpo={"max_new_tokens": "auto"}, train={"steps": 1})
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [short, long]))
+    result = runner.invoke(app, ["train", str(path)], terminal_width=200)
+    output = " ".join(result.output.split())
+    assert result.exit_code == 0, output
+    assert "grpo.max_new_tokens: auto -> 242" in output and "1 prompts too long for the context skipped" in output
 
 
 def test_validate_skips_the_data_check_for_a_hub_dataset_not_in_the_cache(tmp_path, tiny_model_path):

@@ -236,3 +236,42 @@ def test_resume_refuses_new_chat_template_kwargs():
     fixed, _ = changes(before, validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}}}))
     assert fixed["data.chat_template_kwargs.enable_thinking"] == (None, True)
     assert all(key.startswith("data.chat_template_kwargs") for key in fixed)
+
+
+@pytest.mark.parametrize("key", ["add_generation_prompt", "messages", "tokenize", "conversation", "chat_template"])
+def test_chat_template_kwargs_grpo_passes_itself_are_refused_with_their_line(tmp_path, key):
+    """add_generation_prompt or messages among them made a TypeError traceback in validate, train and eval."""
+    path = write(tmp_path, f"""\
+        data:
+          chat: true
+          chat_template_kwargs:
+            enable_thinking: true
+            {key}: false
+        """)
+    with pytest.raises(RecipeError, match=rf"{path}:3: data.chat_template_kwargs: {key} is not a variable of the chat "
+                                          r"template but an argument of apply_chat_template, which grpo sets itself"):
+        load(path)
+    with pytest.raises(RecipeError, match="the reserved keys are messages, conversation, tokenize, add_generation"):
+        load(write(tmp_path, "data: {chat: true}\n"), [f"data.chat_template_kwargs.{key}=1"])
+
+
+def test_the_reserved_chat_template_kwargs_are_apply_chat_templates_own_arguments():
+    """Every argument of apply_chat_template but the template's inputs (tools, documents) is reserved: a new one in a
+    later transformers shows up here."""
+    import inspect
+
+    from transformers import PreTrainedTokenizerBase
+
+    arguments = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"self", "kwargs"}
+    assert set(recipe.RESERVED_TEMPLATE_KWARGS) == arguments - {"tools", "documents"} | {"messages"}
+
+
+def test_a_tool_timeout_no_call_can_meet_is_refused(tmp_path):
+    assert recipe.MIN_TOOL_TIMEOUT_S == 0.1
+    assert load(write(tmp_path, "grpo: {tool_timeout_s: 0.1}\n")).grpo.tool_timeout_s == 0.1
+    for bad in ("0.001", "0", "-1", "601"):
+        with pytest.raises(RecipeError, match=r"recipe.yaml:1: grpo.tool_timeout_s: Input should be (greater|less)"):
+            load(write(tmp_path, f"grpo: {{tool_timeout_s: {bad}}}\n"))
+    for bad in ("0", "-1"):
+        with pytest.raises(RecipeError, match=r"grpo.max_tool_calls: Input should be greater than or equal to 1"):
+            load(write(tmp_path, f"grpo: {{max_tool_calls: {bad}}}\n"))

@@ -353,14 +353,22 @@ def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_cou
 
 
 def test_auto_max_new_tokens_is_the_context_left_after_the_longest_prompt_capped():
-    from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP
+    from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS
     from grpo_cli.prompt_room import auto_max_new_tokens
 
-    assert auto_max_new_tokens(25, 256) == 231  # the builtin model: its whole context is 256 tokens
-    assert auto_max_new_tokens(300, 32768) == AUTO_MAX_NEW_TOKENS_CAP == 1024  # a Qwen-class model
-    assert auto_max_new_tokens(300, None) == AUTO_MAX_NEW_TOKENS_CAP
-    with pytest.raises(UserError, match="that prompt is 256 tokens and the model's context is 256: nothing is left"):
-        auto_max_new_tokens(256, 256)
+    assert auto_max_new_tokens([25, 12], 256) == 231  # the builtin model: its whole context is 256 tokens
+    assert auto_max_new_tokens([300], 32768) == AUTO_MAX_NEW_TOKENS_CAP == 1024  # a Qwen-class model
+    assert auto_max_new_tokens([300], None) == AUTO_MAX_NEW_TOKENS_CAP
+    # A prompt that leaves less than 32 tokens is skipped, not made every completion's limit (it was 6 here, and
+    # training was cut off at 6 tokens every time).
+    assert MIN_AUTO_MAX_NEW_TOKENS == 32
+    assert auto_max_new_tokens([25, 250], 256) == 231 and auto_max_new_tokens([25, 224], 256) == 32
+    with pytest.raises(UserError, match="auto, which leaves a completion at least 32 tokens of the model's 256-token "
+                                        "context, but no training prompt leaves that: the shortest is 240 tokens. "
+                                        "Set grpo.max_new_tokens to a number, at most 16"):
+        auto_max_new_tokens([250, 240], 256)
+    with pytest.raises(UserError, match="the shortest is 256 tokens. Shorten the prompts"):
+        auto_max_new_tokens([256], 256)
 
 
 def test_auto_max_new_tokens_is_resolved_recorded_and_kept_on_resume(tmp_path, tiny_model_path):
