@@ -69,6 +69,8 @@ STEP_METRICS = (
     Metric("tool_seconds", "with grpo.tools: time the step's calls ran in the sandbox, summed over calls",
            machine=True),
     Metric("tool_wait_seconds", "with grpo.tools: time the decode loop stood waiting for a call", machine=True),
+    Metric("tool_restarts", "with grpo.tools: times the sandbox's server died and was started again (the calls it "
+           "was running ended as errors); nothing a call does should cause it, so anything but 0 is worth a report"),
     Metric("score_errors", "reward calls that failed (scored 0)"),
     Metric("score_timeouts", "reward calls cut off at the time limit (scored 0)"),
     Metric("tokens_per_second", "generated tokens over the step time", machine=True, label="tokens/s", fmt=".0f"),
@@ -118,6 +120,7 @@ class StepFigures:
     lengths: torch.Tensor  # [N_all] completion tokens the model wrote
     tool_use: torch.Tensor | None  # [N_all, 6] with tools: ToolUse.stacked() and the tool-output tokens
     tool_wait_seconds: float  # the longest of the processes'
+    tool_restarts: int  # summed over the processes
     truncated: torch.Tensor  # [N_all] 1.0 where the completion hit max_new_tokens
     overlong: torch.Tensor  # [N_all]
     kls: torch.Tensor  # [K_all], empty without a reference pass
@@ -142,6 +145,7 @@ def gather(world, *, rewards_all: torch.Tensor, scores, rollout, overlong: torch
         lengths=world.all_gather(rollout.action_lengths.cpu()),
         tool_use=_tool_use(world, rollout),
         tool_wait_seconds=world.reduce(rollout.tool_use.waited_seconds if rollout.tool_use else 0.0, "max"),
+        tool_restarts=int(world.reduce(float(rollout.tool_use.restarts) if rollout.tool_use else 0.0)),
         truncated=world.all_gather(rollout.truncated.cpu().float()),
         overlong=world.all_gather(overlong),
         kls=world.all_gather(_cat(stats.kls)),
@@ -193,7 +197,8 @@ def tool_figures(figures: StepFigures) -> dict[str, float]:
     return {"tool_calls": calls.mean().item(), "tool_use_frac": (calls > 0).double().mean().item(),
             "tool_errors": errors.sum().item() / max(calls.sum().item(), 1.0), "tool_timeouts": int(timeouts.sum()),
             "tool_refused": int(refused.sum()), "tool_tokens": tokens.mean().item(),
-            "tool_seconds": seconds.sum().item(), "tool_wait_seconds": figures.tool_wait_seconds}
+            "tool_seconds": seconds.sum().item(), "tool_wait_seconds": figures.tool_wait_seconds,
+            "tool_restarts": figures.tool_restarts}
 
 
 def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_size: int, zero_std: torch.Tensor,

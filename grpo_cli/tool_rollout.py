@@ -48,6 +48,7 @@ class ToolUse:
     refused: torch.Tensor  # [N] blocks closed after max_tool_calls, not run
     seconds: torch.Tensor  # [N] time the calls ran, in the sandbox
     waited_seconds: float = 0.0  # time the decode loop stood still waiting for a call to finish
+    restarts: int = 0  # times the sandbox's server died and was started again (the calls it ran ended as errors)
 
     def stacked(self) -> torch.Tensor:  # [N, 5] float64, PER_ROW's order, for gathering across processes
         return torch.stack([getattr(self, name) for name in PER_ROW], 1).double()
@@ -56,14 +57,15 @@ class ToolUse:
     def select(use: ToolUse | None, rows: torch.Tensor) -> ToolUse | None:
         if use is None:
             return None
-        return ToolUse(**{name: getattr(use, name)[rows] for name in PER_ROW}, waited_seconds=use.waited_seconds)
+        return ToolUse(**{name: getattr(use, name)[rows] for name in PER_ROW}, waited_seconds=use.waited_seconds,
+                       restarts=use.restarts)
 
     @staticmethod
     def concat(uses: list[ToolUse | None]) -> ToolUse | None:
         if any(u is None for u in uses):
             return None
         return ToolUse(**{name: torch.cat([getattr(u, name) for u in uses]) for name in PER_ROW},
-                       waited_seconds=sum(u.waited_seconds for u in uses))
+                       waited_seconds=sum(u.waited_seconds for u in uses), restarts=sum(u.restarts for u in uses))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,6 +94,11 @@ class ToolSession:
     @property
     def isolation(self) -> dict[str, str]:
         return self.sandbox.isolation
+
+    @property
+    def restarts(self) -> int:
+        """Times the sandbox's server was started again after dying, over the session (Sandbox.restarts)."""
+        return self.sandbox.restarts
 
     def start_rollout(self) -> None:
         """Forget the last rollout's calls: sharing stops at a rollout's end."""
@@ -183,6 +190,7 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
     contract, with the tool (see the module's docstring). `stepper` must have `append`."""
     device = input_ids.device
     session.start_rollout()
+    restarts_before = session.restarts
     logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V] of the batch's rows
     n_rows = logits.shape[0]
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
@@ -236,7 +244,8 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
             waited += waited_now
         step += 1
     tool_use = ToolUse(**{k: torch.tensor(v, dtype=torch.float64 if k == "seconds" else torch.long)
-                          for k, v in state.use.items()}, waited_seconds=waited)
+                          for k, v in state.use.items()}, waited_seconds=waited,
+                       restarts=session.restarts - restarts_before)
     width = int(state.length.max()) if n_rows else 0
     return state.tokens[:, :width], state.is_tool[:, :width], tool_use
 

@@ -30,6 +30,7 @@ def figures(**overrides) -> StepFigures:
         peak_memory_gib=1.25,
         tool_use=None,
         tool_wait_seconds=0.0,
+        tool_restarts=0,
     )
     return StepFigures(**{**values, **overrides})
 
@@ -80,12 +81,12 @@ def test_tool_columns_from_hand_made_calls():
     # per completion: calls, errors, timeouts, refused, seconds, tool-output tokens
     use = torch.tensor([[2, 1, 0, 0, 0.5, 12], [0, 0, 0, 0, 0.0, 0], [1, 0, 1, 1, 5.0, 9], [1, 0, 0, 0, 0.1, 5]],
                        dtype=torch.float64)
-    row = row_of(figures(tool_use=use, tool_wait_seconds=0.25))
+    row = row_of(figures(tool_use=use, tool_wait_seconds=0.25, tool_restarts=1))
     assert row["tool_calls"] == 1.0 and row["tool_use_frac"] == 0.75
     assert row["tool_errors"] == 0.25  # 1 error of 4 calls; the timeout is counted apart
     assert row["tool_timeouts"] == 1 and row["tool_refused"] == 1
     assert row["tool_tokens"] == pytest.approx(6.5) and row["tool_seconds"] == pytest.approx(5.6)
-    assert row["tool_wait_seconds"] == 0.25
+    assert row["tool_wait_seconds"] == 0.25 and row["tool_restarts"] == 1
     assert not any(key.startswith("tool_") for key in row_of(figures()))
 
 

@@ -287,3 +287,38 @@ def test_the_plain_engine_refuses_tools(tools_model):
     model, tokenizer = tools_model
     with pytest.raises(ValueError, match="fast engine"):
         generate(model, tokenizer, ["What is 2 + 3?"], 8, engine="generate", tools=InProcessTools())
+
+
+def test_a_sandbox_server_that_dies_mid_rollout_is_restarted_and_the_rollout_goes_on(char_tokenizer):
+    """The server killed while a row's call runs (nothing a call does should kill it: this is the net below
+    that): that call's output says so, a row that calls afterwards is served by the new server, and the
+    rollout's ToolUse counts the restart, which becomes the step's tool_restarts."""
+    import os
+    import signal
+
+    texts = ["\n```python\nimport time\ntime.sleep(30)\n```The answer is 1.",
+             "\n" + "a" * 40 + "\n```python\nprint(6 * 7)\n```The answer is 42."]
+    eos = char_tokenizer.eos_token_id
+    scripts = [char_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in texts]
+
+    class KillingStepper(ScriptedStepper):
+        """Kills the server once, at the first step after a call was sent to it."""
+
+        killed = False
+
+        def step(self, tokens, live):
+            if not self.killed and session.sandbox._pending:
+                os.kill(session.sandbox._server.pid, signal.SIGKILL)
+                self.killed = True
+            return super().step(tokens, live)
+
+    stepper = KillingStepper(scripts, len(char_tokenizer))
+    prompt = torch.ones(2, 2, dtype=torch.long)
+    with ToolSession(ToolSettings(timeout_s=60)) as session:
+        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt), 200, 1,
+                                                   1.0, 1.0, True, [eos], session)
+    out = [char_tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+    assert stepper.killed and use.restarts == 1
+    assert "```output\nthe sandbox's server died during this call; it was restarted\n```" in out[0]
+    assert "```output\n42\n```" in out[1]
+    assert use.calls.tolist() == [1, 1] and use.errors.tolist() == [1, 0]

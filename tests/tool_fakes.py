@@ -33,6 +33,7 @@ class FakeOutcome:
 
 class InProcessTools:
     isolation = {"process": "none: the test's own process (a stand-in for the sandbox)"}
+    restarts = 0  # a process of its own never dies under it
 
     def __init__(self, max_calls: int = 4):
         self.settings = ToolSettings(max_calls=max_calls)
