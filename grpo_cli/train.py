@@ -228,37 +228,39 @@ class Run:
 def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
            recipe_file: Path | None = None) -> RunSummary:
     """The loop: a handful of named phases per step, each a function below with a typed result."""
-    run = set_up(recipe, resume, recipe_dir, console, world, recipe_file)
-    guard = NonFiniteGuard(recipe.train.max_bad_steps)
     grpo = recipe.grpo
-    with Scorer({**GRADERS, **run.rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts, \
-            open_session(grpo.tools, grpo.max_tool_calls, grpo.tool_timeout_s, grpo.tool_memory_mb) as run.tools:
-        if run.tools is not None:
-            console.message(f"tool python: each call sandboxed ({isolation_note(run.tools)})")
-        if run.eval_set is not None and run.step == 0:
-            first_evaluation(run, scorer, interrupts)
-        console.start(recipe.train.steps, run.step)
-        try:
-            while run.step < recipe.train.steps:
-                run.step += 1
-                batch, scored, stats, clock = take_step(run, scorer, interrupts)
-                figures = metrics.gather(run.world, rewards_all=scored.rewards_all, scores=scored.scores,
-                                         rollout=batch.rollout, overlong=scored.overlong, stats=stats,
-                                         peak_memory_gib=peak_memory_gib(run.policy.device))
-                row = step_row(run, figures, batch, scored, stats, clock)
-                log_step(run, row, figures, batch, scored, stats)
-                guard.record(run.step, stats.problems, run.last_saved)
-                evaluate_if_due(run, scorer, interrupts)
-                # Ctrl-C or SIGTERM on any process stops all
-                stop = run.world.reduce(float(interrupts.requested), "max") > 0
-                save_if_due(run, stop)
-                if stop and run.step < recipe.train.steps:
-                    signum = interrupts.signum or signal.SIGINT
-                    raise Stopped(f"stopped by {NAMES[signum]} after step {run.step}; saved {run.last_saved}. "
-                                  "Continue with the same command and --resume.", signum)
-        finally:
-            console.stop()
-            run.log.close()
+    # the sandbox before the model: a machine that cannot confine the code refuses before anything heavy loads
+    with open_session(grpo.tools, grpo.max_tool_calls, grpo.tool_timeout_s, grpo.tool_memory_mb) as tools:
+        run = set_up(recipe, resume, recipe_dir, console, world, recipe_file)
+        run.tools = tools
+        guard = NonFiniteGuard(recipe.train.max_bad_steps)
+        with Scorer({**GRADERS, **run.rule_fns}) as scorer, Interrupts(console.message, not world.active) as interrupts:
+            if run.tools is not None:
+                console.message(f"tool python: each call sandboxed ({isolation_note(run.tools)})")
+            if run.eval_set is not None and run.step == 0:
+                first_evaluation(run, scorer, interrupts)
+            console.start(recipe.train.steps, run.step)
+            try:
+                while run.step < recipe.train.steps:
+                    run.step += 1
+                    batch, scored, stats, clock = take_step(run, scorer, interrupts)
+                    figures = metrics.gather(run.world, rewards_all=scored.rewards_all, scores=scored.scores,
+                                             rollout=batch.rollout, overlong=scored.overlong, stats=stats,
+                                             peak_memory_gib=peak_memory_gib(run.policy.device))
+                    row = step_row(run, figures, batch, scored, stats, clock)
+                    log_step(run, row, figures, batch, scored, stats)
+                    guard.record(run.step, stats.problems, run.last_saved)
+                    evaluate_if_due(run, scorer, interrupts)
+                    # Ctrl-C or SIGTERM on any process stops all
+                    stop = run.world.reduce(float(interrupts.requested), "max") > 0
+                    save_if_due(run, stop)
+                    if stop and run.step < recipe.train.steps:
+                        signum = interrupts.signum or signal.SIGINT
+                        raise Stopped(f"stopped by {NAMES[signum]} after step {run.step}; saved {run.last_saved}. "
+                                      "Continue with the same command and --resume.", signum)
+            finally:
+                console.stop()
+                run.log.close()
 
     evals = [r["eval/accuracy"] for r in read_jsonl(run.run_dir / METRICS) if "eval/accuracy" in r]
     return RunSummary(run_dir=run.run_dir, step=run.step, checkpoint=run.last_saved,
