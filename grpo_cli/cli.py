@@ -421,11 +421,14 @@ def validate(
     except Skipped as why:
         checked = None
         console.print(f"data check skipped: {why}.", style="yellow", highlight=False)
+    if loaded.grpo.tools:
+        try:  # a machine that cannot confine the tool's code makes the recipe unusable here
+            print_sandbox(console, loaded.grpo)
+        except UserError as error:
+            _fail(error)
     console.print(f"{recipe}: valid.", style="green")
     if checked is not None:
         print_data_check(console, checked)
-    if loaded.grpo.tools:
-        print_sandbox(console, loaded.grpo)
     if no_config is not None:
         console.print(no_config, style="yellow", highlight=False)
         return

@@ -151,7 +151,7 @@ def test_validate_shows_the_sandbox_a_recipe_with_the_tool_gets(tiny_model_path)
     result = runner.invoke(app, ["validate", "quickstart", "--set", "grpo.tools=[python]", "--set", "model.lora.r=4"])
     assert result.exit_code == 0, result.output
     assert "sandbox on this machine" in result.output and "-> '42'" in result.output
-    for layer in ("process", "network", "filesystem", "limits"):
+    for layer in ("process", "network", "filesystem", "system calls", "keyring", "limits"):
         assert layer in result.output
     plain = runner.invoke(app, ["validate", "quickstart"])
     assert plain.exit_code == 0 and "sandbox" not in plain.output
