@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sandbox's tests again, as a user other than root (issue 32). As root, each call runs as nobody; a
+# The sandbox's tests again, as a user other than root. As root, each call runs as nobody; a
 # trainer that is not root keeps its uid in the call and relies on other layers (a user namespace, Landlock,
 # the system-call filter), and the tests must hold there too. Run as root: it creates the user
 # (GRPO_TEST_USER, default grpo-unprivileged) and copies the package where that user can read it, with a

@@ -260,7 +260,7 @@ def test_a_dead_server_is_restarted_its_calls_fail_and_the_next_ones_run():
             sandbox.run("print(1)")
 
 
-# --- what an attacker tried (issue 32): each test fails with its hole open ----------------------------------
+# --- what an attacker tried: each test fails with its hole open ---------------------------------------------
 
 def test_the_code_holds_no_descriptor_but_stdin_stdout_and_stderr(box):
     outcome = box.run("import os\nopen_fds = []\nfor fd in range(3, 1024):\n    try:\n        os.fstat(fd)\n"
