@@ -128,6 +128,13 @@ def _canonical(name: str) -> str:
             return str(builtin_model.ensure(name.removeprefix("builtin:")).resolve())
         except KeyError:
             return name
+    from grpo_cli import gguf_model
+
+    if gguf_model.is_gguf(name):
+        try:
+            return str(gguf_model.locate(name).resolve())
+        except UserError:
+            return name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 

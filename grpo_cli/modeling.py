@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from grpo_cli import adapters, builtin_model, checkpoint, hub
+from grpo_cli import adapters, builtin_model, checkpoint, gguf_model, hub
 from grpo_cli.errors import UserError
 from grpo_cli.recipe import ModelSpec
 from grpo_cli.recipe import load as load_recipe
@@ -143,7 +143,9 @@ def pick_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 
 def resolve(name: str, progress=None) -> str:
-    """A loadable path or hub id for model.name; builds the builtin model on first use."""
+    """A loadable path or hub id for model.name; builds the builtin model, or converts a GGUF file, on first use."""
+    if gguf_model.is_gguf(name):
+        return str(gguf_model.ensure(name, progress))
     if name.startswith("builtin:"):
         try:
             return str(builtin_model.ensure(name.removeprefix("builtin:"), progress=progress))
@@ -180,7 +182,7 @@ def load_tokenizer(path: str, local_files_only: bool = False):
 def _load_failure(what: str, path: str, exc: Exception) -> str:
     return (
         f"could not load the {what} for {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-        "model.name must be builtin:tiny-math, a local model directory, or a hub id that is reachable "
+        "model.name must be builtin:tiny-math, a local model directory, a GGUF file, or a hub id that is reachable "
         "(or already in the hub cache with HF_HUB_OFFLINE=1)."
     )
 

@@ -48,7 +48,12 @@ class LoraSpec(Section):
 
 
 class ModelSpec(Section):
-    name: str = Field("builtin:tiny-math", description="builtin:tiny-math, a local model directory, or a hub id")
+    name: str = Field("builtin:tiny-math", description="builtin:tiny-math, a local model directory, a hub id, or a "
+                      "GGUF file: a path, package:PACKAGE/FILE.gguf (a file an installed package ships), or "
+                      "ORG/REPO/FILE.gguf on the hub")
+    gguf_file: str | None = Field(
+        None, description="a GGUF file inside model.name (a folder, a package: or a hub repository); the same as "
+        "writing model.name: NAME/FILE.gguf, which is what the run's saved recipe holds")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "auto", description="weights' dtype; auto = bfloat16 on a GPU that has it, else float32"
     )
@@ -62,6 +67,20 @@ class ModelSpec(Section):
         "into the base and train a fresh model.lora (or, with lora null, every weight) on top")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_file_joins_name(cls, values):
+        # one spelling from here on, so every command (and a resume's comparison of model.name) sees the same
+        if isinstance(values, Mapping) and values.get("gguf_file") is not None:
+            file, name = values["gguf_file"], values.get("name", "builtin:tiny-math")
+            if not isinstance(file, str) or not file.lower().endswith(".gguf"):
+                raise ValueError(f"model.gguf_file must name a .gguf file, got {file!r}")
+            if not isinstance(name, str) or name.startswith("builtin:") or name.lower().endswith(".gguf"):
+                raise ValueError("model.gguf_file names a file inside model.name: set model.name to the folder, "
+                                 "package: or hub repository that holds it")
+            values = {**values, "name": name.rstrip("/") + "/" + file, "gguf_file": None}
+        return values
 
 
 class HubDataset(Section):

