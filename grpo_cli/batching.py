@@ -70,14 +70,17 @@ def plan(lengths: list[int], max_rows: int | None = None, max_tokens: int | None
 
 
 def split(rollout: Rollout, max_rows: int | None = None, max_tokens: int | None = None,
-          spread: float | None = None) -> list[MicroBatch]:
+          spread: float | None = None, only: list[int] | None = None) -> list[MicroBatch]:
     """The rollout cut into micro-batches (see `plan`), each trimmed of columns that are padding in
-    all its rows. The defaults give the plain path: rows in order, `max_rows` at a time."""
+    all its rows. The defaults give the plain path: rows in order, `max_rows` at a time. `only`: these
+    rows of the rollout and no others (None: all)."""
     prompt_lengths = rollout.attention_mask[:, : rollout.prompt_len].sum(1)  # [N]
     # planned on completion lengths (they vary most), counted with the longest prompt for the token cap
     totals = (rollout.lengths + rollout.prompt_len).tolist()
+    chosen = list(range(len(totals))) if only is None else list(only)
     batches = []
-    for indices in plan(totals, max_rows, max_tokens, spread):
+    for planned in plan([totals[i] for i in chosen], max_rows, max_tokens, spread):
+        indices = [chosen[i] for i in planned]
         rows = torch.tensor(indices, device=rollout.input_ids.device)
         groups, prompt_index = torch.unique(rows // rollout.group_size, return_inverse=True)  # [u], [n]
         first_rows = groups * rollout.group_size  # [u] a row holding each prompt

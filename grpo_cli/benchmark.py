@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from grpo_cli import threads
 from grpo_cli.data import Examples, build_examples, describe, listed, load_rows, read_json_rows
 from grpo_cli.errors import UserError
 from grpo_cli.evaluation import EvalReport, evaluate, grade_predictions
@@ -199,6 +200,8 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     np.random.seed(options.seed)
     torch.manual_seed(options.seed)
     loaded = load_for_inference(options.model, options.device, options.dtype, progress=on_message, best=options.best)
+    if next(loaded.model.parameters()).device.type == "cpu":
+        threads.apply(on_message)
     rows, named, data_name = _load_set(options, loaded.recipe)
     builtin = options.model.startswith("builtin:") or (
         loaded.recipe is not None and loaded.recipe.model.name.startswith("builtin:"))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_cli import allocator, checkpoint, lora_linear, metrics
+from grpo_cli import allocator, checkpoint, lora_linear, metrics, threads
 from grpo_cli.checkpoint import rng_state
 from grpo_cli.advantages import group_advantages, overlong_penalty, total_reward
 from grpo_cli.batching import AUTO_TOKENS, SPREAD, MicroBatch, split
@@ -216,6 +216,7 @@ class Run:
     started: float  # perf_counter() when the process began training
     truncation: TruncationWatch = field(default_factory=TruncationWatch)
     tools: ToolSession | None = None  # with grpo.tools: the sandbox, open while the loop runs
+    cpu_threads: threads.Watch | None = None  # on the CPU: torch's thread count, kept to the CPUs free
 
     @property
     def policy(self):
@@ -250,6 +251,8 @@ def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
                     row = step_row(run, figures, batch, scored, stats, clock)
                     log_step(run, row, figures, batch, scored, stats)
                     guard.record(run.step, stats.problems, run.last_saved)
+                    if run.cpu_threads is not None:
+                        run.cpu_threads.recheck(console.message)
                     evaluate_if_due(run, scorer, interrupts)
                     # Ctrl-C or SIGTERM on any process stops all
                     stop = run.world.reduce(float(interrupts.requested), "max") > 0
@@ -288,6 +291,10 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message, device=world.device(recipe.model.device))
     if policy.device.type == "cpu":
         allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
+        cpu_threads = threads.apply(console.message if world.main else None,
+                                    processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    else:
+        cpu_threads = None
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
     if grpo.max_new_tokens == "auto":
@@ -341,7 +348,7 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
         # only when a micro-batch repeats a prompt, which would differ between processes.
         shared_prompts=fast and can_share_prompts(policy.model) and parallel.strategy != "fsdp",
-        step=step, last_saved=resume_from, best=best, started=started,
+        step=step, last_saved=resume_from, best=best, started=started, cpu_threads=cpu_threads,
     )
 
 
@@ -427,6 +434,9 @@ def take_step(run: Run, scorer: Scorer, interrupts: Interrupts) -> tuple[StepBat
         ref_logp, old_logp = fixed_logprobs(run, batch.rollout, micro_batches, clock)
         with clock.timing("scoring"):
             scored = score(run, batch)
+        learning = rows_with_gradient(run, scored, ref_logp is None and old_logp is None)
+        if learning is not None:
+            micro_batches = micro_batches_of(run, batch.rollout, learning)
         with clock.timing("update"):
             update(run, UpdateBatch(rollout=batch.rollout, micro_batches=micro_batches, advantages=scored.advantages,
                                     ref_logp=ref_logp, old_logp=old_logp, shared_prompts=run.shared_prompts),
@@ -443,12 +453,29 @@ def take_step(run: Run, scorer: Scorer, interrupts: Interrupts) -> tuple[StepBat
     return batch, scored, stats, clock
 
 
-def micro_batches_of(run: Run, rollout: Rollout) -> list[MicroBatch]:
-    """Micro-batches of similar length (the fast engine also bounds their tokens)."""
+def micro_batches_of(run: Run, rollout: Rollout, only: list[int] | None = None) -> list[MicroBatch]:
+    """Micro-batches of similar length (the fast engine also bounds their tokens); `only`: these rows."""
     grpo = run.recipe.grpo
     if grpo.engine == "fast":
-        return split(rollout, grpo.micro_batch_size, AUTO_TOKENS, SPREAD)
-    return split(rollout, grpo.micro_batch_size)
+        return split(rollout, grpo.micro_batch_size, AUTO_TOKENS, SPREAD, only=only)
+    return split(rollout, grpo.micro_batch_size, only=only)
+
+
+def rows_with_gradient(run: Run, scored: Scored, nothing_fixed: bool) -> list[int] | None:
+    """The completions the update has to run, or None for all of them.
+
+    A completion whose advantage is 0 (every member of a group scored the same) adds exactly nothing to
+    the clipped surrogate's gradient, in every loss variant; only the KL and the entropy bonus would
+    still pull on it. So without them, on one process, and where no pass over the whole batch was made
+    already (`nothing_fixed`), the update skips such completions. The loss keeps its denominators (the
+    step's completions and tokens), so the gradient is the same; early in a run, when most groups are
+    all wrong, most of the update's work goes. The step's token count and clip fraction still count
+    them (they have no clipped tokens); its entropy is over the completions that ran."""
+    grpo = run.recipe.grpo
+    if not nothing_fixed or grpo.kl_beta > 0 or grpo.entropy_bonus or run.world.active:
+        return None
+    learning = (scored.advantages != 0).nonzero().flatten().tolist()
+    return None if len(learning) == len(scored.advantages) else learning
 
 
 def fixed_logprobs(run: Run, rollout: Rollout, micro_batches: list[MicroBatch], clock: StepClock):

@@ -142,6 +142,14 @@ def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: U
     its keys and values, and its backward runs once at the end with what they sent it. (DDP syncs
     gradients inside one backward per forward, so there each micro-batch runs its own prompts.)"""
     step_loss = 0.0
+    ran = sum(len(micro.rows) for micro in batch.micro_batches)
+    if ran < batch.rollout.input_ids.shape[0]:  # completions left out carry no gradient (train.rows_with_gradient)
+        left_out = plan.loss_mask.sum() - sum(plan.loss_mask[micro.rows].sum() for micro in batch.micro_batches)
+        stats.tokens += float(left_out)
+    if not batch.micro_batches:  # every advantage 0: the gradient is exactly zero, and AdamW still steps on it
+        for parameter in parallel.policy.trainable_parameters():
+            parameter.grad = torch.zeros_like(parameter)
+        return step_loss
     states = leaves = None
     if batch.shared_prompts and parallel.strategy == "single":
         states = parallel.train_call(step_prompts_of=batch.rollout)

@@ -101,8 +101,8 @@ def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path, monkeypatch)
     sizes = []  # per step, the rows of each micro-batch
     split = train_module.split
 
-    def recorded(*args):
-        batches = split(*args)
+    def recorded(*args, **kwargs):
+        batches = split(*args, **kwargs)
         sizes.append([len(b.rows) for b in batches])
         return batches
 
@@ -119,6 +119,66 @@ def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path, monkeypatch)
         for key in a:
             if isinstance(a[key], float):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def adapters_of(run_dir, step):
+    return load_file(str(run_dir / f"checkpoints/step-{step}/adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo"])
+def test_completions_without_gradient_are_skipped_and_the_run_is_the_same(tmp_path, tiny_model_path, monkeypatch,
+                                                                           loss):
+    """With kl_beta 0 a completion whose advantage is 0 adds nothing to the gradient: skipping it in the
+    update changes no figure but the entropy's (over the completions that ran) and no weight."""
+    from grpo_cli import train as train_module
+
+    sections = {"grpo": {"kl_beta": 0.0, "group_size": 4, "prompts_per_step": 3, "loss": loss},
+                "rewards": [{"rule": "correctness"}], "train": {"steps": 3, "lr": 5e-3, "warmup_steps": 0, "seed": 0}}
+    chosen = []
+    original = train_module.rows_with_gradient
+
+    def recorded(*args):
+        chosen.append(original(*args))
+        return chosen[-1]
+
+    monkeypatch.setattr(train_module, "rows_with_gradient", recorded)
+    run(tmp_path, "skipping", **sections)
+    assert len(chosen) == 3 and any(rows is not None and len(rows) < 12 for rows in chosen), chosen
+    monkeypatch.setattr(train_module, "rows_with_gradient", lambda *args: None)
+    run(tmp_path, "every", **sections)
+    for a, b in zip(metrics(tmp_path / "skipping"), metrics(tmp_path / "every"), strict=True):
+        for key in a:
+            if isinstance(a[key], float) and key != "entropy":
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    skipped, every = adapters_of(tmp_path / "skipping", 3), adapters_of(tmp_path / "every", 3)
+    for name in every:
+        torch.testing.assert_close(skipped[name], every[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_step_where_every_advantage_is_0_still_steps_adamw_on_zero_gradients(tmp_path, tiny_model_path,
+                                                                              monkeypatch):
+    """No completion runs, yet the weights move as a zero gradient moves them (weight decay, momentum),
+    not as a missing one would leave them."""
+    from grpo_cli import train as train_module
+
+    (tmp_path / "flat.py").write_text("def flat(completion, answer):\n    return 1.0\n")
+    sections = {"grpo": {"kl_beta": 0.0}, "rewards": [{"rule": "python", "function": "flat:flat"}],
+                "train": {"steps": 2, "lr": 5e-3, "warmup_steps": 0, "seed": 0, "weight_decay": 0.5}}
+
+    def trained(name):
+        recipe = recipe_module.validate(small_recipe(tmp_path / name, **sections))
+        train(recipe, recipe_dir=tmp_path, console=TrainConsole(quiet=True))
+        return adapters_of(tmp_path / name, 2)
+
+    chosen = []
+    original = train_module.rows_with_gradient
+    monkeypatch.setattr(train_module, "rows_with_gradient", lambda *args: chosen.append(original(*args)) or chosen[-1])
+    skipped = trained("skipping")
+    assert chosen == [[], []]  # nothing ran in either step
+    monkeypatch.setattr(train_module, "rows_with_gradient", lambda *args: None)
+    every = trained("every")
+    for name in every:
+        torch.testing.assert_close(skipped[name], every[name], rtol=1e-5, atol=1e-7)
 
 
 def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_path, monkeypatch):
