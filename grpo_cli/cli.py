@@ -438,7 +438,8 @@ def validate(
         loaded = with_max_new_tokens(loaded, checked.max_new_tokens)  # auto resolved, for the memory estimate
     total, trainable = count_parameters(loaded, config)
     on_gpu = loaded.model.device == "cuda" or (loaded.model.device == "auto" and torch.cuda.is_available())
-    guess = estimate(loaded, config, total, trainable, on_gpu=on_gpu)
+    guess = estimate(loaded, config, total, trainable, on_gpu=on_gpu,
+                     prompt_tokens=checked.longest if checked is not None else None)
     table = Table(title="what it trains, and an estimate of peak memory", title_justify="left")
     table.add_column("")
     table.add_column("", justify="right")

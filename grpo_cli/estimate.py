@@ -26,6 +26,10 @@ from grpo_cli.logprobs import chunk_tokens_for
 from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, Recipe
 
 ASSUMED_PROMPT_TOKENS = 256  # the recipe does not know its prompts' length; a GSM8K chat prompt is ~150-250
+# On the CPU the peak is the process's resident set, which also holds the interpreter and the libraries:
+# importing torch, transformers, peft and grpo's training modules takes about this much (measured on Linux x86-64,
+# torch 2.13 CPU). A GPU's figure is torch's allocated memory, which holds none of it.
+CPU_RUNTIME_GIB = 0.4
 GIB = 2**30
 
 
@@ -99,7 +103,10 @@ def quantized_parameters(config) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
 
-def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = True) -> Estimate:
+def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = True,
+             prompt_tokens: int | None = None) -> Estimate:
+    """`prompt_tokens`: the longest training prompt when the data was read (grpo validate reads it), else
+    ASSUMED_PROMPT_TOKENS."""
     spec, grpo = recipe.model, recipe.grpo
     width = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2 if on_gpu else 4}[spec.dtype]
     hidden, layers = config.hidden_size, config.num_hidden_layers
@@ -112,7 +119,7 @@ def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = 
     parts["training state (grads, AdamW)"] = trainable * (trained_bytes + 8) / GIB
     if spec.lora is None and grpo.kl_beta > 0:
         parts["frozen reference copy"] = total * width / GIB
-    prompt, completion = ASSUMED_PROMPT_TOKENS, grpo.max_new_tokens
+    prompt, completion = prompt_tokens or ASSUMED_PROMPT_TOKENS, grpo.max_new_tokens
     if completion == "auto":  # not resolved (the data was not read): as train would for prompts of the assumed length
         context = getattr(config, "max_position_embeddings", None)
         completion = min(AUTO_MAX_NEW_TOKENS_CAP, max(context - prompt, 1)) if context else AUTO_MAX_NEW_TOKENS_CAP
@@ -120,11 +127,19 @@ def estimate(recipe: Recipe, config, total: int, trainable: int, on_gpu: bool = 
     kv_tokens = grpo.prompts_per_step * prompt + completions * completion if grpo.engine == "fast" \
         else completions * (prompt + completion)
     kv_cache = 2 * layers * kv_heads * head_dim * kv_tokens * width / GIB
-    pass_tokens = min(AUTO_TOKENS, completions * (prompt + completion)) if grpo.micro_batch_size is None \
-        else grpo.micro_batch_size * (prompt + completion)
+    if grpo.engine == "fast" and recipe.distributed.strategy != "fsdp":
+        # the step's prompts run once and every micro-batch continues from them (logprobs.can_share_prompts);
+        # their activations stay until the one backward into them
+        rows = completions if grpo.micro_batch_size is None else grpo.micro_batch_size
+        pass_tokens = grpo.prompts_per_step * prompt + min(AUTO_TOKENS, rows * completion)
+    else:
+        pass_tokens = min(AUTO_TOKENS, completions * (prompt + completion)) if grpo.micro_batch_size is None \
+            else grpo.micro_batch_size * (prompt + completion)
     per_token_layer = (2 if spec.gradient_checkpointing else 34) * hidden * width / 2
     activations = pass_tokens * layers * per_token_layer / GIB
     logits = 3 * chunk_tokens_for(config.vocab_size) * config.vocab_size * 4 / GIB
+    if not on_gpu:
+        parts["Python, torch and libraries (CPU resident set)"] = CPU_RUNTIME_GIB
     if kv_cache > activations + logits:
         parts["rollout KV cache (largest phase)"] = kv_cache
     else:
