@@ -6,8 +6,11 @@ standard formulas, not a measurement: weights at their dtype (nf4: half a byte a
 weight), fp32 adapters, gradients and AdamW moments for what trains, a frozen copy
 for a full fine-tune with KL, then the larger of the rollout's KV cache and the
 update's activations (about 34 bytes x hidden size per token and layer in 16 bits,
-2 with activation checkpointing) plus one chunk of logits. Expect it within a
-factor of about 1.5 of what a GPU shows; allocator slack is not in it.
+2 with activation checkpointing) plus one chunk of logits, and on the CPU the interpreter and
+libraries. Prompts are as long as the longest training prompt when the data was read. Measured
+on the CPU against the peak resident set it came within 1.5x for every configuration in
+docs/performance.md (scripts/memory_check.py); on a GPU the same formulas give torch's allocated
+peak, allocator slack not included, not measured yet.
 
 A hub model's config is read from the local Hugging Face cache when it is there, without
 the network; otherwise the hub is asked once, briefly, whether it answers (hub.py).

@@ -117,8 +117,8 @@ def _require_gguf_package():
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise UserError("reading a GGUF file needs the gguf package: pip install gguf "
-                        "(or pip install 'grpo-cli[gguf]').") from None
+        raise UserError("reading a GGUF file needs the gguf package, one of grpo's dependencies: "
+                        "pip install gguf") from None
 
 
 def sha256(path: Path) -> str:

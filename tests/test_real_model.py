@@ -181,3 +181,18 @@ def test_train_export_eval_round_trip_from_the_command_line(smollm2_path, tmp_pa
 
 
 BFLOAT16_TOLERANCE = 0.02  # of the largest logit: bf16 keeps 8 bits of mantissa, and the two paths round apart
+
+
+def test_validate_the_shipped_real_model_recipe(smollm2_path):
+    """grpo validate on the GGUF recipe: the file read (no second conversion), the data read with its tokenizer,
+    the memory estimate with the interpreter's share on the CPU."""
+    from typer.testing import CliRunner
+
+    from grpo_cli.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(ROOT / "recipes" / "smollm2-arithmetic.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "valid." in result.output and "converting" not in result.output
+    assert "8,192 tokens" in result.output  # SmolLM2's context, from the converted config
+    assert "134,515,008" in result.output  # parameters: the tied head counted once
+    assert "Python, torch and libraries" in result.output and "estimated peak" in result.output
