@@ -130,11 +130,9 @@ def _canonical(name: str) -> str:
             return name
     from grpo_cli import gguf_model
 
-    if gguf_model.is_gguf(name):
-        try:
-            return str(gguf_model.locate(name).resolve())
-        except UserError:
-            return name
+    converted = gguf_model.identity(name)  # a GGUF file, or the directory converted from one: its content's hash
+    if converted is not None:
+        return converted
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 

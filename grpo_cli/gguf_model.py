@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -197,6 +198,20 @@ def _check_types(path: Path, reader) -> None:
         raise UserError(f"{path.name} stores tensors as {', '.join(refused)}, which the gguf package (the reader "
                         "transformers uses) cannot dequantize. Use a file quantized to another type (Q8_0, Q4_K_M, "
                         "F16 ... are read), or the model's safetensors release.")
+
+
+def identity(name: str) -> str | None:
+    """`gguf:<hash>` for a GGUF name or for a directory converted from one (what a trained adapter records as
+    its base: the converted directory, in whatever cache it was made), else None. The same file gives the
+    same identity under any name, path or cache, on any machine."""
+    if is_gguf(name):
+        try:
+            return f"gguf:{sha256(locate(name))[:16]}"
+        except (UserError, OSError):
+            return None
+    path = Path(name)
+    match = re.fullmatch(r"([0-9a-f]{16})-v\d+", path.name)
+    return f"gguf:{match.group(1)}" if match and path.parent.name == "gguf" else None
 
 
 def ensure(name: str, progress=None) -> Path:

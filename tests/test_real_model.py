@@ -196,3 +196,14 @@ def test_validate_the_shipped_real_model_recipe(smollm2_path):
     assert "8,192 tokens" in result.output  # SmolLM2's context, from the converted config
     assert "134,515,008" in result.output  # parameters: the tied head counted once
     assert "Python, torch and libraries" in result.output and "estimated peak" in result.output
+
+
+def test_an_adapter_trained_on_the_gguf_is_recognised_as_its_base(smollm2_path, tmp_path):
+    """A checkpoint records the converted directory as its base; the GGUF name, any other spelling of the file,
+    and that directory in another cache are the same base."""
+    from grpo_cli import adapters
+
+    copy = tmp_path / "elsewhere" / "gguf" / smollm2_path.name  # the same conversion in another cache
+    assert adapters.same_base(str(smollm2_path), SMOLLM2)
+    assert adapters.same_base(str(copy), str(gguf_model.locate(SMOLLM2)))
+    assert not adapters.same_base(str(smollm2_path), "builtin:tiny-math")
