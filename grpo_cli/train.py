@@ -461,18 +461,24 @@ def micro_batches_of(run: Run, rollout: Rollout, only: list[int] | None = None) 
     return split(rollout, grpo.micro_batch_size, only=only)
 
 
+SURROGATE_LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")  # loss.py's: each completion's term is A x f(ratio)
+
+
 def rows_with_gradient(run: Run, scored: Scored, nothing_fixed: bool) -> list[int] | None:
     """The completions the update has to run, or None for all of them.
 
     A completion whose advantage is 0 (every member of a group scored the same) adds exactly nothing to
-    the clipped surrogate's gradient, in every loss variant; only the KL and the entropy bonus would
-    still pull on it. So without them, on one process, and where no pass over the whole batch was made
+    the clipped surrogate's gradient, in each of the shipped losses (SURROGATE_LOSSES: advantage times a
+    function of the ratio); only the KL and the entropy bonus would still pull on it. A loss registered
+    elsewhere may do more with a completion, so it runs them all. So with a shipped loss and without the
+    KL and the entropy bonus, on one process, and where no pass over the whole batch was made
     already (`nothing_fixed`), the update skips such completions. The loss keeps its denominators (the
     step's completions and tokens), so the gradient is the same; early in a run, when most groups are
     all wrong, most of the update's work goes. The step's token count and clip fraction still count
     them (they have no clipped tokens); its entropy is over the completions that ran."""
     grpo = run.recipe.grpo
-    if not nothing_fixed or grpo.kl_beta > 0 or grpo.entropy_bonus or run.world.active:
+    if not nothing_fixed or grpo.kl_beta > 0 or grpo.entropy_bonus or run.world.active \
+            or grpo.loss not in SURROGATE_LOSSES:
         return None
     learning = (scored.advantages != 0).nonzero().flatten().tolist()
     return None if len(learning) == len(scored.advantages) else learning

@@ -155,6 +155,25 @@ def test_completions_without_gradient_are_skipped_and_the_run_is_the_same(tmp_pa
         torch.testing.assert_close(skipped[name], every[name], rtol=1e-4, atol=1e-6)
 
 
+def test_only_what_cannot_pull_on_a_flat_completion_skips_it():
+    """Skipped only with a shipped loss, no KL, no entropy bonus, one process, and no pass already made over
+    the whole batch; a loss registered elsewhere runs every completion."""
+    from types import SimpleNamespace
+
+    from grpo_cli.train import rows_with_gradient
+
+    def rows(advantages=(0.0, 0.0, 1.0, -1.0), nothing_fixed=True, processes=1, **grpo):
+        settings = SimpleNamespace(**{"kl_beta": 0.0, "entropy_bonus": 0.0, "loss": "grpo", **grpo})
+        run = SimpleNamespace(recipe=SimpleNamespace(grpo=settings), world=SimpleNamespace(active=processes > 1))
+        return rows_with_gradient(run, SimpleNamespace(advantages=torch.tensor(advantages)), nothing_fixed)
+
+    assert rows() == [2, 3] and rows(loss="gspo") == [2, 3] and rows(advantages=(0.0, 0.0)) == []
+    assert rows(advantages=(0.5, -0.5)) is None  # nothing to skip
+    for other in ({"loss": "my_loss"}, {"kl_beta": 0.04}, {"entropy_bonus": 0.01}, {"processes": 2},
+                  {"nothing_fixed": False}):
+        assert rows(**other) is None, other
+
+
 def test_a_step_where_every_advantage_is_0_still_steps_adamw_on_zero_gradients(tmp_path, tiny_model_path,
                                                                               monkeypatch):
     """No completion runs, yet the weights move as a zero gradient moves them (weight decay, momentum),
