@@ -67,7 +67,7 @@ class GgufInfo:
                 f"tensors {types}")
 
 
-def locate(name: str, progress=None) -> Path:
+def locate(name: str) -> Path:
     """The GGUF file `name` stands for (see the module's docstring)."""
     if name.startswith(PACKAGE):
         package, _, inner = name.removeprefix(PACKAGE).partition("/")
@@ -219,7 +219,7 @@ def ensure(name: str, progress=None) -> Path:
 
     A file lock serialises concurrent converters; the conversion goes to a temporary directory
     renamed into place when complete, so a crash never leaves a half-written model behind."""
-    path = locate(name, progress)
+    path = locate(name)
     root = cache_root() / "gguf"
     target = root / f"{sha256(path)[:16]}-v{FORMAT_VERSION}"
     if not (target / INFO_FILE).exists():

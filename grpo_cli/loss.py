@@ -150,3 +150,9 @@ def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None
     extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
     objective = surrogate + token_mean(extra, mask)  # [n]
     return _terms(-objective / settings.step_completions, kl, binds.unsqueeze(1).expand_as(mask), mask)
+
+
+# The losses whose every completion's term is its advantage times a function of its ratios, plus the KL and the
+# entropy bonus: with neither of those, a completion whose advantage is 0 adds nothing to the gradient, so the
+# update need not run it (train.rows_with_gradient). A loss registered elsewhere is not assumed to be one.
+SURROGATE_LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")

@@ -3,7 +3,8 @@
 torch starts one OpenMP thread per core it may run on, and each parallel region waits for all of
 them. On a machine where another process keeps a core busy, the thread that lands on that core
 runs late every time and the others spin waiting for it: on 2 cores beside one busy process the
-quickstart's step took four times as long with torch's default as with one thread. So the CPUs
+quickstart's step takes several times as long with torch's default as with one thread
+(scripts/busy_cpu.py measures it). So the CPUs
 this process may use (its affinity mask, capped by a cgroup CPU quota) are sampled for a moment,
 and a CPU that others keep more than half busy is not counted. An explicit choice always wins:
 GRPO_NUM_THREADS, else OMP_NUM_THREADS, as the user set it. A run with train.deterministic (the
@@ -98,12 +99,12 @@ class CpuSample:
 
 def others_busy(before: CpuSample, after: CpuSample, allowed: list[int]) -> float:
     """CPUs' worth of work other processes did on `allowed` between the samples (ours taken off)."""
-    busy = total = 0
+    busy = total = counted = 0
     for cpu in allowed:
         if cpu in before.cpus and cpu in after.cpus:
             busy += after.cpus[cpu][0] - before.cpus[cpu][0]
             total += after.cpus[cpu][1] - before.cpus[cpu][1]
-    counted = sum(1 for cpu in allowed if cpu in before.cpus and cpu in after.cpus)
+            counted += 1
     if total <= 0 or counted == 0:
         return 0.0
     per_cpu = total / counted  # ticks one CPU had in the interval
@@ -135,8 +136,8 @@ def free_cpus(sample_s: float = SAMPLE_S) -> tuple[int, int]:
     return free_count(others_busy(before, after, allowed), usable), usable
 
 
-def choose() -> ThreadChoice:
-    """The thread count to use and why (for the start-up line)."""
+def override() -> ThreadChoice | None:
+    """The count the user set (GRPO_NUM_THREADS, else OMP_NUM_THREADS), or None."""
     for name in OVERRIDES:
         value = os.environ.get(name, "").strip()
         if value:
@@ -146,6 +147,14 @@ def choose() -> ThreadChoice:
                 continue
             if threads >= 1:
                 return ThreadChoice(threads, f"{name}={threads}")
+    return None
+
+
+def choose() -> ThreadChoice:
+    """The thread count to use and why (for the start-up line)."""
+    chosen = override()
+    if chosen is not None:
+        return chosen
     free, usable = free_cpus()
     if free == usable:
         return ThreadChoice(free, f"{usable} CPUs, all free; GRPO_NUM_THREADS=N to choose")
@@ -190,15 +199,18 @@ def apply(progress=None, processes: int = 1, deterministic: bool = False, resume
     keep the count for the whole run, and `resumed`, the count the run used before a resume, is kept."""
     import torch
 
-    choice = choose()
-    overridden = any(choice.why.startswith(f"{name}=") for name in OVERRIDES)
-    if deterministic and resumed is not None and not overridden:
+    choice = override()
+    overridden = choice is not None
+    if not overridden and deterministic and resumed is not None:  # the run's count is known: no CPUs sampled
         choice = ThreadChoice(resumed, "the count the run had before it was resumed: train.deterministic keeps it, "
                                        "as float sums depend on it; GRPO_NUM_THREADS=N to choose")
-    elif processes > 1 and not overridden:
-        choice = ThreadChoice(max(1, choice.threads // processes), f"{choice.why}; shared by {processes} processes")
-    elif deterministic and not overridden:
-        choice = ThreadChoice(choice.threads, f"{choice.why}; kept for the run, as train.deterministic needs")
+    elif not overridden:
+        choice = choose()
+        if processes > 1:
+            choice = ThreadChoice(max(1, choice.threads // processes),
+                                  f"{choice.why}; shared by {processes} processes")
+        elif deterministic:
+            choice = ThreadChoice(choice.threads, f"{choice.why}; kept for the run, as train.deterministic needs")
     torch.set_num_threads(choice.threads)
     if progress:
         progress(f"CPU threads: {choice.threads} ({choice.why})")

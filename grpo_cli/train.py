@@ -30,6 +30,7 @@ from grpo_cli.distributed import Parallel, World, check_recipe, connect, disconn
 from grpo_cli.guard import NAMES, Dropped, Interrupts, NonFiniteGuard, Stopped, out_of_memory, terminate_at_once
 from grpo_cli.evaluation import evaluate
 from grpo_cli.logprobs import can_share_prompts
+from grpo_cli.loss import SURROGATE_LOSSES
 from grpo_cli.modeling import load_policy
 from grpo_cli.prompt_room import fit_to_context, resolve_max_new_tokens, with_max_new_tokens
 from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS, Recipe, dump
@@ -466,14 +467,11 @@ def micro_batches_of(run: Run, rollout: Rollout, only: list[int] | None = None) 
     return split(rollout, grpo.micro_batch_size, only=only)
 
 
-SURROGATE_LOSSES = ("grpo", "dapo", "dr_grpo", "gspo")  # loss.py's: each completion's term is A x f(ratio)
-
-
 def rows_with_gradient(run: Run, scored: Scored, nothing_fixed: bool) -> list[int] | None:
     """The completions the update has to run, or None for all of them.
 
     A completion whose advantage is 0 (every member of a group scored the same) adds exactly nothing to
-    the clipped surrogate's gradient, in each of the shipped losses (SURROGATE_LOSSES: advantage times a
+    the clipped surrogate's gradient, in each of the shipped losses (loss.SURROGATE_LOSSES: advantage times a
     function of the ratio); only the KL and the entropy bonus would still pull on it. A loss registered
     elsewhere may do more with a completion, so it runs them all. So with a shipped loss and without the
     KL and the entropy bonus, on one process, and where no pass over the whole batch was made

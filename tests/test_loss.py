@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from grpo_cli.loss import LOSSES, LossSettings, dapo, dr_grpo, grpo, gspo, k3_kl
+from grpo_cli.loss import LOSSES, SURROGATE_LOSSES, LossSettings, dapo, dr_grpo, grpo, gspo, k3_kl
 from grpo_cli.recipe import RecipeError, validate
 
 S = LossSettings(clip_low=0.2, clip_high=0.2)
@@ -33,6 +33,17 @@ def test_every_registered_loss_is_a_recipe_choice_and_trains_on_a_small_batch(na
     assert terms.per_completion.shape == (2,) and torch.isfinite(terms.per_completion).all()
     assert terms.kl.shape == (2,) and terms.tokens.item() == 4
     assert (logp.grad[MASK == 0] == 0).all() and (logp.grad[MASK == 1] != 0).all()  # padding takes no part
+
+
+@pytest.mark.parametrize("name", SURROGATE_LOSSES)
+def test_a_completion_with_advantage_0_adds_nothing_without_kl_or_entropy(name):
+    """What lets the update skip such completions (train.rows_with_gradient): its gradient is exactly 0, while
+    the other completion's, its ratio inside the clip range, is not."""
+    logp = LOGP.clone().requires_grad_(True)
+    step = settings_with(step_completions=2, step_tokens=4, max_new_tokens=3)
+    terms = LOSSES[name](logp, logp.detach() - 0.05, torch.tensor([0.0, 1.5]), MASK, step)  # ratio 1.05: unclipped
+    terms.per_completion.sum().backward()
+    assert (logp.grad[0] == 0).all() and (logp.grad[1][MASK[1] == 1] != 0).all()
 
 
 def test_an_unknown_loss_is_refused_with_the_names_it_could_be():
