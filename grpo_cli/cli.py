@@ -10,7 +10,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from grpo_cli import __version__
 from grpo_cli.errors import UserError
-from grpo_cli.guard import Terminated, terminate_at_once
+from grpo_cli.run.guard import Terminated, terminate_at_once
 
 
 
@@ -88,7 +88,7 @@ def _stopped_by_signal(exit_code: int, what: str) -> None:
 
 
 def _fail(error: UserError) -> None:
-    from grpo_cli.guard import Stopped
+    from grpo_cli.run.guard import Stopped
 
     where = f"[rank {_rank()}] " if _rank() else ""
     if isinstance(error, Stopped):
@@ -112,10 +112,10 @@ def train(
 
     Example: grpo train recipes/quickstart.yaml --set train.steps=50
     """
-    from grpo_cli import catalog
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.console import TrainConsole
-    from grpo_cli.train import train as run_training
+    from grpo_cli.config import catalog
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.run.console import TrainConsole
+    from grpo_cli.run.train import train as run_training
 
     try:
         recipe = catalog.resolve(recipe)
@@ -198,9 +198,9 @@ def eval_command(
 
     from rich.console import Console
 
-    from grpo_cli.benchmark import EvalOptions, parse_template_kwargs, run
-    from grpo_cli.console import TaskProgress, print_eval
-    from grpo_cli.run_log import write_whole
+    from grpo_cli.commands.benchmark import EvalOptions, parse_template_kwargs, run
+    from grpo_cli.run.console import TaskProgress, print_eval
+    from grpo_cli.run.log import write_whole
 
     console = Console()
     try:
@@ -249,11 +249,11 @@ def score(
 
     from rich.console import Console
 
-    from grpo_cli import catalog
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.console import print_scores
-    from grpo_cli.run_log import write_whole
-    from grpo_cli.scored_groups import score_completions
+    from grpo_cli.config import catalog
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.run.console import print_scores
+    from grpo_cli.run.log import write_whole
+    from grpo_cli.commands.score import score_completions
 
     try:
         with terminate_at_once():
@@ -288,7 +288,7 @@ def export(
 
     Example: grpo export runs/quickstart --out models/quickstart;  grpo export runs/quickstart --best --out models/best
     """
-    from grpo_cli.export import export as run_export
+    from grpo_cli.export.build import export as run_export
 
     try:
         with terminate_at_once():
@@ -315,7 +315,7 @@ def plot(
 
     Example: grpo plot runs/quickstart;  grpo plot runs/a runs/b --out compare.png
     """
-    from grpo_cli.plot import plot_runs
+    from grpo_cli.commands.plot import plot_runs
 
     try:
         written = plot_runs(runs, out or runs[0] / "plot.png")
@@ -335,8 +335,8 @@ def samples(
     """
     from rich.console import Console
 
-    from grpo_cli.console import print_scores
-    from grpo_cli.scored_groups import logged_groups
+    from grpo_cli.run.console import print_scores
+    from grpo_cli.commands.score import logged_groups
 
     try:
         shown, groups = logged_groups(run, step)
@@ -355,7 +355,7 @@ def recipes_list(context: typer.Context) -> None:
     """
     if context.invoked_subcommand is not None:
         return
-    from grpo_cli.catalog import shipped
+    from grpo_cli.config.catalog import shipped
 
     width = max(len(r.name) for r in shipped())
     for recipe in shipped():
@@ -370,7 +370,7 @@ def recipes_show(name: str = typer.Argument(..., help="A name from grpo recipes.
 
     Example: grpo recipes show quickstart > my-recipe.yaml
     """
-    from grpo_cli.catalog import find
+    from grpo_cli.config.catalog import find
 
     try:
         typer.echo(find(name).read_text(), nl=False)
@@ -393,10 +393,10 @@ def validate(
     from rich.syntax import Syntax
     from rich.table import Table
 
-    from grpo_cli import catalog
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.data_check import Skipped, check_data
-    from grpo_cli.estimate import count_parameters, estimate, model_config
+    from grpo_cli.config import catalog
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.data.check import Skipped, check_data
+    from grpo_cli.commands.estimate import count_parameters, estimate, model_config
 
     console = Console()
     try:
@@ -433,7 +433,7 @@ def validate(
         console.print(no_config, style="yellow", highlight=False)
         return
     if checked is not None:
-        from grpo_cli.prompt_room import with_max_new_tokens
+        from grpo_cli.data.prompt_room import with_max_new_tokens
 
         loaded = with_max_new_tokens(loaded, checked.max_new_tokens)  # auto resolved, for the memory estimate
     total, trainable = count_parameters(loaded, config)
@@ -466,7 +466,7 @@ def sandbox_run(
 
     Example: grpo sandbox run attempt.py --timeout 2 --memory-mb 512
     """
-    from grpo_cli.sandbox_run import check_tool_limits, run_file
+    from grpo_cli.commands.sandbox_run import check_tool_limits, run_file
 
     try:
         check_tool_limits({"tool_timeout_s": "--timeout", "tool_memory_mb": "--memory-mb"},
@@ -487,7 +487,7 @@ def print_sandbox(console, grpo) -> None:
     """What confines the tool's code on this machine: the sandbox started once, as training will start it."""
     from rich.table import Table
 
-    from grpo_cli.tool_rollout import open_session
+    from grpo_cli.rollout.with_tools import open_session
 
     with open_session(grpo.tools, grpo.max_tool_calls, grpo.tool_timeout_s, grpo.tool_memory_mb) as session:
         probe = session.sandbox.run("print(6 * 7)")
@@ -524,7 +524,7 @@ def print_data_check(console, checked) -> None:
 
 def too_long_note(checked, prompts: int) -> str:
     """The training prompts that leave too little of the context, which training skips, and what would keep them."""
-    from grpo_cli.recipe import MIN_AUTO_MAX_NEW_TOKENS
+    from grpo_cli.config.recipe import MIN_AUTO_MAX_NEW_TOKENS
 
     room = checked.context - checked.longest
     least = f"{MIN_AUTO_MAX_NEW_TOKENS} tokens" if checked.auto else \

@@ -104,7 +104,7 @@ def prompts(args) -> list[dict]:
     """prompts_per_step x (warmup + steps) rows of question and answer."""
     count = args.prompts * (args.warmup + args.steps)
     if args.shape == "tiny" or args.shape in PRETRAINED:
-        from grpo_cli.builtin_task import train_split
+        from grpo_cli.data.builtin_task import train_split
 
         return [{"question": p.question, "answer": p.answer} for p in train_split()[:count]]
     import random
@@ -144,10 +144,10 @@ def reset_peak_resident() -> bool:
 
 
 def run_ours(args, model: str, rows: list[dict], work: Path) -> dict:
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.console import TrainConsole
-    from grpo_cli.run_log import read_jsonl
-    from grpo_cli.train import train
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.run.console import TrainConsole
+    from grpo_cli.run.log import read_jsonl
+    from grpo_cli.run.train import train
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -203,8 +203,8 @@ def run_trl(args, model: str, rows: list[dict], work: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo_cli.modeling import resolve
-    from grpo_cli.rewards import correctness, length
+    from grpo_cli.model.loading import resolve
+    from grpo_cli.rewards.rules import correctness, length
 
     path = resolve(model)  # a GGUF name: grpo's converted directory (gguf_model.ensure), the weights grpo trains
     cuda = torch.cuda.is_available()
@@ -349,7 +349,7 @@ def main() -> None:
         return worker(args)
 
     if args.shape in PRETRAINED:
-        from grpo_cli import gguf_model
+        from grpo_cli.model import gguf as gguf_model
 
         # converted here, on first use, so that no worker's load time or peak memory includes the conversion
         gguf_model.ensure(PRETRAINED[args.shape])

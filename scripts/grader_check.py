@@ -29,8 +29,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from grpo_cli.answers import gold_answer
-from grpo_cli.scoring import Scorer
+from grpo_cli.rewards.answers import gold_answer
+from grpo_cli.rewards.scoring import Scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")

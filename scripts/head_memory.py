@@ -37,7 +37,7 @@ def status(field: str) -> float:
 def measure(args) -> None:
     import torch
 
-    from grpo_cli import logprobs
+    from grpo_cli.model import logprobs
 
     label, chunk, entropy, entropy_grad = CASES[args.case]
     torch.manual_seed(0)

@@ -40,10 +40,10 @@ CONFIGS = {  # name -> (recipe, --set overrides)
 
 def estimated(recipe_path: str, sets: list[str]) -> float:
     """GiB, as grpo validate computes it."""
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.data_check import check_data
-    from grpo_cli.estimate import count_parameters, estimate, model_config
-    from grpo_cli.prompt_room import with_max_new_tokens
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.data.check import check_data
+    from grpo_cli.commands.estimate import count_parameters, estimate, model_config
+    from grpo_cli.data.prompt_room import with_max_new_tokens
 
     loaded = recipe_module.load(ROOT / recipe_path, overrides=sets)
     config = model_config(loaded)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PHASES = {  # grpo_cli.train's names -> the label printed
+PHASES = {  # grpo_cli.run.train's names -> the label printed
     "sample_step": "rollout",
     "logprobs_no_grad": "reference / old-policy pass",
     "update_policy": "update",
@@ -39,9 +39,9 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli import train as train_module
-    from grpo_cli.console import TrainConsole
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.run import train as train_module
+    from grpo_cli.run.console import TrainConsole
 
     walls: dict[str, float] = {}
     profiled = {"on": False, "prof": None, "tokens": 0, "decode_steps": 0}

@@ -9,7 +9,7 @@ import argparse
 import statistics
 import time
 
-from grpo_cli.sandbox import Sandbox
+from grpo_cli.tools.sandbox import Sandbox
 
 
 def median_seconds(box: Sandbox, code: str, repeats: int) -> float:

@@ -16,10 +16,10 @@ import time
 
 import torch
 
-from grpo_cli import builtin_task
-from grpo_cli import rollout as rollout_module
-from grpo_cli.modeling import load_for_inference
-from grpo_cli.tool_rollout import ToolSession, ToolSettings
+from grpo_cli.data import builtin_task
+from grpo_cli.rollout import sampling as rollout_module
+from grpo_cli.model.loading import load_for_inference
+from grpo_cli.rollout.with_tools import ToolSession, ToolSettings
 
 
 class TimedAppends:

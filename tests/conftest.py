@@ -25,7 +25,7 @@ def grpo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model_path(grpo_cache) -> Path:
-    from grpo_cli import builtin_model
+    from grpo_cli.model import builtin as builtin_model
 
     return builtin_model.ensure()
 
@@ -33,7 +33,7 @@ def tiny_model_path(grpo_cache) -> Path:
 @pytest.fixture(scope="session")
 def tools_model_path(grpo_cache) -> Path:
     """builtin:tiny-math-tools, built once (about three minutes) before any test or subprocess needs it."""
-    from grpo_cli import builtin_model
+    from grpo_cli.model import builtin as builtin_model
 
     return builtin_model.ensure(builtin_model.TOOLS_NAME)
 
@@ -43,8 +43,8 @@ def trained_lora_policy(**spec):
     are not zero, as after some training: every adapter's gradient path carries signal."""
     import torch
 
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     spec = {"dtype": "float32", "lora": {"r": 8, "alpha": 16}, **spec}
     policy = load_policy(ModelSpec(name="builtin:tiny-math", **spec), kl_beta=0.0)
@@ -89,6 +89,6 @@ def smollm2_path(grpo_cache) -> Path:
         if os.environ.get("GRPO_REQUIRE_REAL_MODEL") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    from grpo_cli import gguf_model
+    from grpo_cli.model import gguf as gguf_model
 
     return gguf_model.ensure(SMOLLM2)

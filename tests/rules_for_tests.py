@@ -37,7 +37,7 @@ def ctrl_c_ignored(completion, answer):
 
 def hangs_on_slow(completion, answer):
     """Grades like `correctness`, except that it never finishes when either text is 'slow'."""
-    from grpo_cli.answers import is_correct
+    from grpo_cli.rewards.answers import is_correct
 
     if "slow" in (completion, answer):
         time.sleep(60)  # interruptible: the worker's alarm stops it

@@ -8,11 +8,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from grpo_cli import adapters, checkpoint
+from grpo_cli.model import adapters
+from grpo_cli.checkpoint import store as checkpoint
 from grpo_cli.cli import app
 from grpo_cli.errors import UserError
-from grpo_cli.export import export
-from grpo_cli.modeling import load_for_inference, resolve
+from grpo_cli.export.build import export
+from grpo_cli.model.loading import load_for_inference, resolve
 
 runner = CliRunner()
 PROMPT = "What is 47 + 85?"
@@ -155,9 +156,9 @@ NO_EVAL = {"eval": None}
 
 def train_run(run_dir, resume=False, **sections):
     from conftest import small_recipe
-    from grpo_cli import recipe as recipe_module
-    from grpo_cli.console import TrainConsole
-    from grpo_cli.train import train
+    from grpo_cli.config import recipe as recipe_module
+    from grpo_cli.run.console import TrainConsole
+    from grpo_cli.run.train import train
 
     sections = {"train": TWO_STEPS, "data": NO_EVAL, "output": {"save_every": 1}, **sections}
     train(recipe_module.validate(small_recipe(run_dir, **sections)), resume=resume, console=TrainConsole(quiet=True))
@@ -165,7 +166,7 @@ def train_run(run_dir, resume=False, **sections):
 
 
 def kls(run_dir) -> dict[int, float]:
-    from grpo_cli.run_log import METRICS, read_jsonl
+    from grpo_cli.run.log import METRICS, read_jsonl
 
     return {row["step"]: row["kl"] for row in read_jsonl(run_dir / METRICS) if row.get("kl") is not None}
 
@@ -202,7 +203,7 @@ def test_continue_measures_the_kl_to_the_starting_adapter_not_to_the_bare_base(s
                                                                              monkeypatch):
     from safetensors.torch import load_file
 
-    from grpo_cli import modeling
+    from grpo_cli.model import loading as modeling
 
     assert kls(continued)[1] < 1e-5  # step 1: the policy is the reference, base plus the starting adapter
     begin = load_file(str(step_dir(sft_run, 2) / "adapter_model.safetensors"))
@@ -217,8 +218,8 @@ def test_continue_measures_the_kl_to_the_starting_adapter_not_to_the_bare_base(s
 def test_a_resumed_continue_run_keeps_the_starting_adapter_as_reference(sft_run, continued, tmp_path):
     import shutil
 
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import load as load_recipe
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import load as load_recipe
 
     recipe = load_recipe(continued / "recipe.yaml")
     policy = load_policy(recipe.model.model_copy(update={"device": "cpu"}), recipe.grpo.kl_beta)
@@ -270,8 +271,8 @@ def test_merge_trains_a_fresh_lora_over_the_merged_adapter(sft_run, tmp_path):
 
 
 def test_recipe_lora_values_that_continue_does_not_use_are_told(sft_run):
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     start = str(step_dir(sft_run, 2))
     messages = []
@@ -289,8 +290,8 @@ def test_recipe_lora_values_that_continue_does_not_use_are_told(sft_run):
 def test_an_adapter_for_another_base_is_refused(peft_adapter, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     other = tmp_path / "other-base"
     other.mkdir()
@@ -325,17 +326,17 @@ def shutil_copy(source, target):
 ])
 def test_settings_that_do_not_fit_an_adapter_are_refused(model, message, tmp_path):
     from conftest import small_recipe
-    from grpo_cli import recipe as recipe_module
+    from grpo_cli.config import recipe as recipe_module
 
     with pytest.raises(UserError, match=message):
         recipe_module.validate(small_recipe(tmp_path, model={"name": "builtin:tiny-math", **model}))
 
 
 def test_a_continued_adapter_stays_plain_peft_lora_for_the_fast_engine(sft_run):
-    from grpo_cli import lora_linear
-    from grpo_cli.modeling import load_policy, lora_layers
-    from grpo_cli.recipe import ModelSpec
-    from grpo_cli.rollout import foldable_lora_layers
+    from grpo_cli.model import lora_linear
+    from grpo_cli.model.loading import load_policy, lora_layers
+    from grpo_cli.config.recipe import ModelSpec
+    from grpo_cli.rollout.sampling import foldable_lora_layers
 
     policy = load_policy(ModelSpec(adapter=str(step_dir(sft_run, 2)), dtype="float32", device="cpu"), kl_beta=0.04)
     layers = lora_layers(policy.model)
@@ -399,8 +400,8 @@ NOT_WHOLE = {  # (what is changed, the part of the message that says it)
 def test_an_adapter_whose_tensors_are_not_the_models_lora_weights_is_refused(kind, peft_adapter, tmp_path):
     """PEFT loads by name and passes over names it does not know: renamed tensors used to train and evaluate the
     bare base model with exit 0 (step-0 accuracy 23.5% against the adapter's 60.5%)."""
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     change, message = NOT_WHOLE[kind]
     adapter = adapter_copy(peft_adapter, tmp_path / kind, change)
@@ -426,8 +427,8 @@ def test_resume_refuses_a_checkpoint_whose_adapter_does_not_load_whole(sft_run, 
 
     from safetensors.torch import load_file, save_file
 
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import load as load_recipe
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import load as load_recipe
 
     copied = tmp_path / "step-2"
     shutil.copytree(step_dir(sft_run, 2), copied)
@@ -453,8 +454,8 @@ def garble(file):
 
 @pytest.mark.parametrize("damage", [truncate, garble], ids=["truncated", "garbage"])
 def test_an_adapter_file_that_cannot_be_read_is_called_unreadable_not_unfit(damage, peft_adapter, tmp_path):
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     adapter = adapter_copy(peft_adapter, tmp_path / "damaged")
     damage(adapter / "adapter_model.safetensors")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from grpo_cli.advantages import STD_EPS, group_advantages
+from grpo_cli.update.advantages import STD_EPS, group_advantages
 
 
 def test_hand_computed_group():
@@ -54,7 +54,7 @@ def test_no_scaling_only_centers_each_group():
 
 
 def test_overlong_penalty_hand_values():
-    from grpo_cli.advantages import overlong_penalty
+    from grpo_cli.update.advantages import overlong_penalty
 
     lengths = torch.tensor([10, 12, 14, 15, 16])
     # max 16, buffer 4: free up to 12 tokens, then -0.5 per... -(L - 12) / 4 x penalty 0.5
@@ -63,7 +63,7 @@ def test_overlong_penalty_hand_values():
 
 
 def test_total_reward_skips_missing_values():
-    from grpo_cli.advantages import total_reward
+    from grpo_cli.update.advantages import total_reward
 
     values = [[1.0, float("nan")], [0.0, 2.0]]
     assert total_reward(values, torch.tensor([1.0, 0.5])).tolist() == [1.0, 1.0]

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(glibc() is None or not hasattr(glibc(), "mallinf
 
 CHILD = """
 import ctypes, torch
-from grpo_cli import allocator
+from grpo_cli.run import allocator
 
 class Info(ctypes.Structure):  # glibc's struct mallinfo2
     _fields_ = [(name, ctypes.c_size_t) for name in

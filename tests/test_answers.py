@@ -1,6 +1,6 @@
 import pytest
 
-from grpo_cli.answers import _parse, extract_final_answer, find_final, gold_answer, is_correct, is_equivalent
+from grpo_cli.rewards.answers import _parse, extract_final_answer, find_final, gold_answer, is_correct, is_equivalent
 
 
 @pytest.mark.parametrize("completion, expected", [
@@ -233,7 +233,7 @@ def test_normalize_keeps_the_meaning_of_every_correct_answer_we_hold():
     from conftest import TEST_DATA
     from math_verify import verify
 
-    from grpo_cli.answers import normalize
+    from grpo_cli.rewards.answers import normalize
 
     answers = {json.loads(line)["answer"] for line in open(TEST_DATA / "math500_test.jsonl")}
     answers |= {gold_answer(json.loads(line)["gold"]) for path in (TEST_DATA / "grader").glob("*.jsonl")
@@ -255,7 +255,7 @@ def test_normalize_keeps_the_meaning_of_every_correct_answer_we_hold():
     ("-3 2/5", "-3\\frac{2}{5}"),
 ])
 def test_each_rewrite(answer, rewritten):
-    from grpo_cli.answers import normalize
+    from grpo_cli.rewards.answers import normalize
 
     assert normalize(answer) == rewritten
     assert is_equivalent(answer, rewritten)
@@ -272,6 +272,6 @@ def test_each_rewrite(answer, rewritten):
     "4, 9, \\text{ and } 17",
 ])
 def test_rewrites_leave_other_answers_alone(answer):
-    from grpo_cli.answers import normalize
+    from grpo_cli.rewards.answers import normalize
 
     assert normalize(answer) == answer

@@ -1,7 +1,7 @@
 import torch
 
-from grpo_cli.batching import plan, split
-from grpo_cli.rollout import Rollout
+from grpo_cli.update.batching import plan, split
+from grpo_cli.rollout.sampling import Rollout
 
 
 def test_plan_covers_every_row_once_longest_first():

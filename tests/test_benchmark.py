@@ -5,12 +5,12 @@ import json
 import pytest
 
 from conftest import TEST_DATA, small_recipe
-from grpo_cli import recipe as recipe_module
-from grpo_cli.benchmark import BOXED_SYSTEM_PROMPT, EvalOptions, run
-from grpo_cli.console import TrainConsole
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.commands.benchmark import BOXED_SYSTEM_PROMPT, EvalOptions, run
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_a_scoring_worker_that_runs_the_script_again_stops_before_loading_the_mo
     # What a spawned worker sees while it re-runs an unguarded script (multiprocessing's own flag).
     import multiprocessing
 
-    from grpo_cli import benchmark
+    from grpo_cli.commands import benchmark
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -189,8 +189,8 @@ def test_chat_template_kwargs_for_grpo_eval(tiny_model_path, tmp_path, monkeypat
     opens is graded with the completion, and a variable the template ignores is refused."""
     import shutil
 
-    from grpo_cli import benchmark
-    from grpo_cli.benchmark import parse_template_kwargs
+    from grpo_cli.commands import benchmark
+    from grpo_cli.commands.benchmark import parse_template_kwargs
     from thinking_template import THINKING_TEMPLATE
 
     evaluated = []

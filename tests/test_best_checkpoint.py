@@ -8,14 +8,15 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import small_recipe
-from grpo_cli import checkpoint, train as train_module
-from grpo_cli import recipe as recipe_module
-from grpo_cli.benchmark import EvalOptions, run as run_benchmark
-from grpo_cli.console import TrainConsole
+from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.run import train as train_module
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.commands.benchmark import EvalOptions, run as run_benchmark
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.export import export
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.export.build import export
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 
 def recipe_for(run_dir, steps, max_new_tokens=8, **output):

@@ -4,7 +4,8 @@ import pytest
 import sympy
 from sympy.parsing.sympy_parser import implicit_multiplication, parse_expr, standard_transformations
 
-from grpo_cli import builtin_model, builtin_task
+from grpo_cli.model import builtin as builtin_model
+from grpo_cli.data import builtin_task
 
 
 IMPLICIT = standard_transformations + (implicit_multiplication,)

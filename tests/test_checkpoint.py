@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, small_recipe
-from grpo_cli import checkpoint
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
+from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.train import train
+from grpo_cli.run.train import train
 
 ADAPTER = "adapter_model.safetensors"
 FOUR_STEPS = {"train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
@@ -120,7 +120,7 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(run_dir):
 
 def test_restoring_a_damaged_checkpoint_fails_before_any_weight_is_loaded(run_dir):
     """The last line of defence, for a caller that picked the checkpoint with the cheap `latest()`."""
-    from grpo_cli.modeling import load_policy
+    from grpo_cli.model.loading import load_policy
 
     flip_a_byte(step(run_dir, 4) / ADAPTER)
     assert checkpoint.latest(run_dir) == step(run_dir, 4)
@@ -149,8 +149,8 @@ def test_train_resume_falls_back_to_the_newest_intact_checkpoint(run_dir, traine
 
 
 def test_eval_and_export_refuse_a_damaged_checkpoint(run_dir, tmp_path):
-    from grpo_cli.export import export
-    from grpo_cli.modeling import load_for_inference
+    from grpo_cli.export.build import export
+    from grpo_cli.model.loading import load_for_inference
 
     flip_a_byte(step(run_dir, 4) / ADAPTER)
     with pytest.raises(UserError, match=ADAPTER):
@@ -171,7 +171,7 @@ def test_grpo_eval_on_a_damaged_checkpoint_is_a_message_and_exit_2(run_dir):
 
 def test_an_old_manifest_without_checksums_still_loads(run_dir):
     """Checkpoints written before checksums: sizes are checked as before, and they load."""
-    from grpo_cli.modeling import load_for_inference
+    from grpo_cli.model.loading import load_for_inference
 
     for n in (2, 4):
         make_old_style(step(run_dir, n))
@@ -187,7 +187,7 @@ def test_an_old_manifest_without_checksums_still_loads(run_dir):
 @pytest.mark.parametrize("old_style", [False, True], ids=["with checksums", "old manifest"])
 @pytest.mark.parametrize("damage", ["garbage header", "truncated"])
 def test_a_corrupt_safetensors_file_is_a_user_error(run_dir, damage, old_style):
-    from grpo_cli.modeling import load_for_inference, load_policy
+    from grpo_cli.model.loading import load_for_inference, load_policy
 
     ckpt = step(run_dir, 4)
     weights = ckpt / ADAPTER
@@ -208,8 +208,8 @@ def test_a_corrupt_safetensors_file_is_a_user_error(run_dir, damage, old_style):
 
 
 def test_a_corrupt_full_model_checkpoint_is_a_user_error(tmp_path, tiny_model_path):
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     ckpt = step(tmp_path / "run", 1)
     shutil.copytree(tiny_model_path, ckpt)

@@ -317,7 +317,7 @@ def test_validate_refuses_data_without_the_prompt_field_as_training_would(tmp_pa
 
 
 def test_validate_reports_prompts_too_long_for_the_context_and_refuses_when_none_fits(tmp_path, tiny_model_path):
-    from grpo_cli.builtin_model import build_config, build_tokenizer
+    from grpo_cli.model.builtin import build_config, build_tokenizer
 
     assert build_config(build_tokenizer()).max_position_embeddings == 256
     rows = [{"question": "What is 2 + 3?", "answer": "5"}, {"question": "x" * 200, "answer": "1"}]

@@ -3,12 +3,12 @@ import json
 import pytest
 
 from conftest import TEST_DATA
-from grpo_cli import builtin_task
-from grpo_cli.answers import is_equivalent
-from grpo_cli.builtin_model import build_tokenizer
-from grpo_cli.data import PromptOrder, build_examples, load_examples, load_rows, template_variables
+from grpo_cli.data import builtin_task
+from grpo_cli.rewards.answers import is_equivalent
+from grpo_cli.model.builtin import build_tokenizer
+from grpo_cli.data.examples import PromptOrder, build_examples, load_examples, load_rows, template_variables
 from grpo_cli.errors import UserError
-from grpo_cli.recipe import DataSpec, HubDataset
+from grpo_cli.config.recipe import DataSpec, HubDataset
 from thinking_template import QWEN3_STYLE_TEMPLATE, thinking_tokenizer
 
 

@@ -3,11 +3,11 @@ import torch
 from conftest import trained_lora_policy
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from grpo_cli import decoder
-from grpo_cli.model_calls import position_ids
-from grpo_cli.modeling import load_policy
-from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import foldable_lora_layers, generate
+from grpo_cli.rollout import decoder
+from grpo_cli.model.calls import position_ids
+from grpo_cli.model.loading import load_policy
+from grpo_cli.config.recipe import ModelSpec
+from grpo_cli.rollout.sampling import foldable_lora_layers, generate
 
 SHAPE = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -195,7 +195,7 @@ def test_static_step_reads_only_valid_slots():
 
 
 def test_the_replayable_step_samples_the_same_tokens_and_drops_rows_later(tiny_model_path):
-    from grpo_cli.rollout import _decode_shared, eos_token_ids
+    from grpo_cli.rollout.sampling import _decode_shared, eos_token_ids
 
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
     policy.model.eval()

@@ -10,7 +10,8 @@ import transformers
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from grpo_cli import decoder, rollout
+from grpo_cli.rollout import decoder
+from grpo_cli.rollout import sampling as rollout
 
 SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128,

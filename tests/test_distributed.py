@@ -12,13 +12,13 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, small_recipe
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
-from grpo_cli.distributed import World, check_recipe
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
+from grpo_cli.distributed.world import World, check_recipe
 from grpo_cli.errors import UserError
-from grpo_cli.metrics import MACHINE_METRICS
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.run.metrics import MACHINE_METRICS
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04},
             "train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},

@@ -1,6 +1,6 @@
 import pytest
 
-from grpo_cli.diversity import answer_diversity, group_diversity, text_diversity
+from grpo_cli.rewards.diversity import answer_diversity, group_diversity, text_diversity
 
 
 def test_answer_diversity_counts_distinct_final_answers():

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import TEST_DATA
-from grpo_cli.answers import gold_answer
-from grpo_cli.evaluation import EvalReport, grade, grade_predictions
-from grpo_cli.scoring import Scorer
+from grpo_cli.rewards.answers import gold_answer
+from grpo_cli.run.evaluation import EvalReport, grade, grade_predictions
+from grpo_cli.rewards.scoring import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,9 @@ def test_a_grading_past_the_time_limit_is_counted_and_shown(tmp_path):
     import rules_for_tests as bad
     from rich.console import Console
 
-    from grpo_cli.benchmark import Evaluation
-    from grpo_cli.console import print_eval
-    from grpo_cli.scoring import GRADERS
+    from grpo_cli.commands.benchmark import Evaluation
+    from grpo_cli.run.console import print_eval
+    from grpo_cli.rewards.scoring import GRADERS
 
     rules = {**GRADERS, "correctness": bad.hangs_on_slow, "equivalent": bad.hangs_on_slow}
     with Scorer(rules, call_timeout_s=0.5) as slow_scorer:
@@ -137,8 +137,8 @@ def test_a_grading_past_the_time_limit_is_counted_and_shown(tmp_path):
 def test_no_timeouts_shows_no_warning():
     from rich.console import Console
 
-    from grpo_cli.benchmark import Evaluation
-    from grpo_cli.console import print_eval
+    from grpo_cli.commands.benchmark import Evaluation
+    from grpo_cli.run.console import print_eval
 
     with Scorer() as scorer:
         report = EvalReport(grade(["4"], [["#### 4"]], scorer), 1.0)

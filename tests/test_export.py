@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import small_recipe
-from grpo_cli import builtin_task, checkpoint, recipe as recipe_module
-from grpo_cli.benchmark import EvalOptions, run as run_eval
-from grpo_cli.console import TrainConsole
+from grpo_cli.data import builtin_task
+from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.commands.benchmark import EvalOptions, run as run_eval
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.export import export
-from grpo_cli.train import train
+from grpo_cli.export.build import export
+from grpo_cli.run.train import train
 
 FOUR_STEPS = {"train": {"steps": 4, "lr": 5e-3, "warmup_steps": 0, "seed": 0}}
 
@@ -69,7 +71,7 @@ torch.save(model(input_ids=ids).logits, {str(lora_export.out.parent / 'logits.pt
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr
     exported = torch.load(lora_export.out.parent / "logits.pt")
-    from grpo_cli.modeling import load_for_inference
+    from grpo_cli.model.loading import load_for_inference
 
     trained_model = load_for_inference(str(lora_run))
     ids = trained_model.tokenizer("What is 12 + 30?", return_tensors="pt")["input_ids"]
@@ -409,8 +411,8 @@ def test_a_template_run_shows_its_format_string_and_an_example_built_with_it(run
 def test_a_chat_run_exports_the_template_it_trained_with_and_its_card_shows_the_messages(run_copy, tmp_path):
     from transformers import AutoTokenizer
 
-    from grpo_cli import builtin_model
-    from grpo_cli.data import render_prompt
+    from grpo_cli.model import builtin as builtin_model
+    from grpo_cli.data.examples import render_prompt
 
     system = "Show your work, then the answer after ####."
     run_dir = _prompted_with(run_copy, chat=True, system_prompt=system)
@@ -436,8 +438,8 @@ def test_a_chat_run_exports_the_template_it_trained_with_and_its_card_shows_the_
 def test_the_card_of_a_thinking_run_prompts_with_its_chat_template_kwargs():
     """The card's snippet passes data.chat_template_kwargs to apply_chat_template, so it renders the prompt
     training used (the opened <think> included); the example prompt shown is that same prompt."""
-    from grpo_cli.data import render_prompt
-    from grpo_cli.export import prompting
+    from grpo_cli.data.examples import render_prompt
+    from grpo_cli.export.build import prompting
     from thinking_template import thinking_tokenizer
 
     tokenizer = thinking_tokenizer()

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from grpo_cli import gguf_model
+from grpo_cli.model import gguf as gguf_model
 from grpo_cli.errors import UserError
-from grpo_cli.recipe import ModelSpec
+from grpo_cli.config.recipe import ModelSpec
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is in the test extra: pip install -e '.[test]'")
 

@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import small_recipe
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 VARIANTS = {
     "grpo": {},

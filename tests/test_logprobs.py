@@ -3,12 +3,12 @@ import copy
 import pytest
 import torch
 
-from grpo_cli import logprobs
-from grpo_cli.logprobs import chunk_tokens_for, completion_logprobs
-from grpo_cli.model_calls import position_ids
-from grpo_cli.modeling import load_policy
-from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import generate
+from grpo_cli.model import logprobs
+from grpo_cli.model.logprobs import chunk_tokens_for, completion_logprobs
+from grpo_cli.model.calls import position_ids
+from grpo_cli.model.loading import load_policy
+from grpo_cli.config.recipe import ModelSpec
+from grpo_cli.rollout.sampling import generate
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +130,8 @@ def test_models_that_postprocess_logits_take_the_full_forward(policy, rollout):
 
 
 def test_shared_prompt_pass_equals_the_plain_pass(policy):
-    from grpo_cli.batching import split
-    from grpo_cli.logprobs import micro_batch_logprobs
+    from grpo_cli.update.batching import split
+    from grpo_cli.model.logprobs import micro_batch_logprobs
 
     torch.manual_seed(2)
     rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 8?"],
@@ -156,8 +156,8 @@ def test_shared_prompt_pass_equals_the_plain_pass(policy):
 def test_one_prompt_pass_for_the_step_equals_one_per_micro_batch(policy):
     # The step's prompts run once; each micro-batch continues from that pass, and the prompt pass's
     # backward runs once with the gradients all micro-batches sent it.
-    from grpo_cli.batching import split
-    from grpo_cli.logprobs import as_leaves, backward_into_prompts, micro_batch_logprobs, step_prompts
+    from grpo_cli.update.batching import split
+    from grpo_cli.model.logprobs import as_leaves, backward_into_prompts, micro_batch_logprobs, step_prompts
 
     torch.manual_seed(3)
     rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 8?"],
@@ -202,7 +202,7 @@ def test_the_head_never_sees_more_than_a_chunk(policy, rollout):
 
 
 def test_entropy_matches_the_full_distribution(policy, rollout):
-    from grpo_cli.logprobs import _completion_pass
+    from grpo_cli.model.logprobs import _completion_pass
 
     with torch.no_grad():
         logp, entropy = _completion_pass(policy.model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len,
@@ -218,7 +218,7 @@ def test_entropy_matches_the_full_distribution(policy, rollout):
 def test_entropy_carries_gradients_only_when_trained_on(policy, rollout):
     """As a metric the entropy has no graph: under the chunk checkpoints a recomputed branch that
     backward never reaches would keep a chunk of [K, V] tensors alive per chunk until the end."""
-    from grpo_cli.logprobs import _completion_pass
+    from grpo_cli.model.logprobs import _completion_pass
 
     out = {}
     for grad in (False, True):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import trained_lora_policy
 
-from grpo_cli import lora_linear
-from grpo_cli.logprobs import completion_logprobs
-from grpo_cli.modeling import load_policy, lora_layers
-from grpo_cli.recipe import ModelSpec
+from grpo_cli.model import lora_linear
+from grpo_cli.model.logprobs import completion_logprobs
+from grpo_cli.model.loading import load_policy, lora_layers
+from grpo_cli.config.recipe import ModelSpec
 
 
 def lora_policy(**lora):
@@ -127,7 +127,7 @@ def test_layers_peft_computes_differently_are_left_alone(lora):
 
 def test_with_activation_checkpointing_the_gradients_are_the_same(monkeypatch):
     # the GPU recipes recompute each layer in backward; our function must survive the recomputation
-    from grpo_cli.logprobs import can_share_prompts
+    from grpo_cli.model.logprobs import can_share_prompts
 
     calls = []
     apply = lora_linear._LoraLinear.apply

@@ -9,16 +9,16 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from test_decoder import check_against_forward
 
-from grpo_cli import lora_linear
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
-from grpo_cli.export import export
-from grpo_cli.logprobs import completion_logprobs
-from grpo_cli.modeling import load_policy, lora_layers
-from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import foldable_lora_layers, folded_lora
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.model import lora_linear
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
+from grpo_cli.export.build import export
+from grpo_cli.model.logprobs import completion_logprobs
+from grpo_cli.model.loading import load_policy, lora_layers
+from grpo_cli.config.recipe import ModelSpec
+from grpo_cli.rollout.sampling import foldable_lora_layers, folded_lora
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -73,7 +73,7 @@ def test_dora_is_never_computed_as_plain_lora_by_the_fast_engine(monkeypatch):
 
 
 def test_validate_counts_dora_s_magnitudes(tmp_path):
-    from grpo_cli.estimate import count_parameters, model_config
+    from grpo_cli.commands.estimate import count_parameters, model_config
 
     recipe = recipe_module.validate(small_recipe(tmp_path, model={"lora": {"r": 8, "alpha": 16, "use_dora": True}}))
     plain = recipe_module.validate(small_recipe(tmp_path))

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from grpo_cli.loss import LOSSES, SURROGATE_LOSSES, LossSettings, dapo, dr_grpo, grpo, gspo, k3_kl
-from grpo_cli.recipe import RecipeError, validate
+from grpo_cli.update.loss import LOSSES, SURROGATE_LOSSES, LossSettings, dapo, dr_grpo, grpo, gspo, k3_kl
+from grpo_cli.config.recipe import RecipeError, validate
 
 S = LossSettings(clip_low=0.2, clip_high=0.2)
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import ROOT
-from grpo_cli import metrics
-from grpo_cli.metrics import CATALOGUE, StepFigures, gather, step_row
-from grpo_cli.plot import PANELS
-from grpo_cli.update import UpdateStats
+from grpo_cli.run import metrics
+from grpo_cli.run.metrics import CATALOGUE, StepFigures, gather, step_row
+from grpo_cli.commands.plot import PANELS
+from grpo_cli.update.policy import UpdateStats
 
 
 def figures(**overrides) -> StepFigures:
@@ -106,7 +106,7 @@ def test_the_row_builder_refuses_a_column_missing_from_the_catalogue(monkeypatch
 
 def test_the_documentation_shows_the_catalogue():
     document = (ROOT / "docs" / "runs.md").read_text()
-    assert metrics.markdown_table() in document, "paste grpo_cli.metrics.markdown_table() into docs/runs.md"
+    assert metrics.markdown_table() in document, "paste grpo_cli.run.metrics.markdown_table() into docs/runs.md"
 
 
 def test_the_console_and_the_plot_read_catalogued_names():

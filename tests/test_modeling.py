@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from grpo_cli.errors import UserError
-from grpo_cli.logprobs import completion_logprobs
-from grpo_cli.modeling import load_policy, resolve
-from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import generate
+from grpo_cli.model.logprobs import completion_logprobs
+from grpo_cli.model.loading import load_policy, resolve
+from grpo_cli.config.recipe import ModelSpec
+from grpo_cli.rollout.sampling import generate
 
 
 def _logprobs(model, rollout):
@@ -53,7 +53,7 @@ def test_4bit_lora_gradients_survive_an_eval_pass_on_cpu(rollout):
     # kernel has no backward; the policy must keep training correctly after each rollout.
     import bitsandbytes as bnb
 
-    from grpo_cli.modeling import lora_layers
+    from grpo_cli.model.loading import lora_layers
 
     policy = load_policy(ModelSpec(name="builtin:tiny-math", load_in_4bit=True), kl_beta=0.0)
     bases = [layer.get_base_layer() for layer in lora_layers(policy.model)]
@@ -113,9 +113,9 @@ def test_a_hub_model_neither_cached_nor_reachable_is_refused_at_once(monkeypatch
     import transformers
     from huggingface_hub import constants
 
-    from grpo_cli import modeling
+    from grpo_cli.model import loading as modeling
     from grpo_cli.errors import UserError
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.config.recipe import ModelSpec
 
     probes = []
 
@@ -148,7 +148,7 @@ def test_a_cached_hub_model_loads_without_asking_the_hub(monkeypatch):
     import transformers
     from huggingface_hub import constants
 
-    from grpo_cli import modeling
+    from grpo_cli.model import loading as modeling
 
     class Session:
         def head(self, url, timeout=None):

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from grpo_cli.protocols import k_values, majority_vote, pass_at_k
+from grpo_cli.run.protocols import k_values, majority_vote, pass_at_k
 
 
 def brute_force_pass_at_k(correct: list[bool], k: int) -> float:

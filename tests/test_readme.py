@@ -3,7 +3,7 @@ runs, and every link between the README and the docs pages leads somewhere."""
 
 from pathlib import Path
 
-from grpo_cli.recipe import RULE_SPECS, Recipe, _section_type
+from grpo_cli.config.recipe import RULE_SPECS, Recipe, _section_type
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -95,7 +95,9 @@ def test_the_layout_page_lists_every_module_and_script():
     import re
 
     page = (ROOT / "docs" / "layout.md").read_text()
-    listed = set(re.findall(r"^  (\w+\.(?:py|sh)) ", page, flags=re.M))
-    present = {p.name for p in (ROOT / "grpo_cli").glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    listed = set(re.findall(r"^  ([\w/]+\.(?:py|sh)) ", page, flags=re.M))
+    package = ROOT / "grpo_cli"
+    present = {p.relative_to(package).as_posix() for p in package.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
     present |= {p.name for p in (ROOT / "scripts").iterdir() if p.suffix in (".py", ".sh")}
     assert sorted(present - listed) == [] and sorted(listed - present) == []

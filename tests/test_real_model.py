@@ -14,17 +14,18 @@ import torch
 import yaml
 from conftest import ROOT, SMOLLM2
 
-from grpo_cli import decoder, gguf_model
-from grpo_cli.data import build_examples
-from grpo_cli.model_calls import position_ids
-from grpo_cli.recipe import DataSpec
+from grpo_cli.rollout import decoder
+from grpo_cli.model import gguf as gguf_model
+from grpo_cli.data.examples import build_examples
+from grpo_cli.model.calls import position_ids
+from grpo_cli.config.recipe import DataSpec
 
 SYSTEM = "Put the final answer in \\boxed{}."
 
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
-    from grpo_cli.modeling import load_tokenizer
+    from grpo_cli.model.loading import load_tokenizer
 
     return load_tokenizer(str(smollm2_path))
 
@@ -201,7 +202,7 @@ def test_validate_the_shipped_real_model_recipe(smollm2_path):
 def test_an_adapter_trained_on_the_gguf_is_recognised_as_its_base(smollm2_path, tmp_path):
     """A checkpoint records the converted directory as its base; the GGUF name, any other spelling of the file,
     and that directory in another cache are the same base."""
-    from grpo_cli import adapters
+    from grpo_cli.model import adapters
 
     copy = tmp_path / "elsewhere" / "gguf" / smollm2_path.name  # the same conversion in another cache
     assert adapters.same_base(str(smollm2_path), SMOLLM2)

@@ -2,8 +2,8 @@ import textwrap
 
 import pytest
 
-from grpo_cli import recipe
-from grpo_cli.recipe import RecipeError, load
+from grpo_cli.config import recipe
+from grpo_cli.config.recipe import RecipeError, load
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -230,7 +230,7 @@ def test_chat_template_kwargs_are_a_mapping_for_chat_prompts_only(tmp_path):
 
 
 def test_resume_refuses_new_chat_template_kwargs():
-    from grpo_cli.recipe import changes, validate
+    from grpo_cli.config.recipe import changes, validate
 
     before = validate({"data": {"chat": True}})
     fixed, _ = changes(before, validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}}}))

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.recipe import load
+from grpo_cli.config.recipe import load
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from pydantic import Field
 
-from grpo_cli.rewards import REWARD_RULES, RuleOptions, reward_rule
+from grpo_cli.rewards.rules import REWARD_RULES, RuleOptions, reward_rule
 
 
 class MentionsOptions(RuleOptions):
@@ -24,7 +24,7 @@ def mentions(completion: str, answer: str, word: str = "wait") -> float:
 @pytest.fixture
 def registries():
     """What a test registers is gone after it."""
-    from grpo_cli.loss import LOSSES
+    from grpo_cli.update.loss import LOSSES
 
     rules, losses = dict(REWARD_RULES), dict(LOSSES)
     yield
@@ -35,9 +35,9 @@ def registries():
 
 
 def test_a_rule_registered_once_is_a_recipe_key_scored_as_training_scores_it(registries, tmp_path):
-    from grpo_cli.recipe import RecipeError, validate
-    from grpo_cli.scored_groups import score_completions
-    from grpo_cli.scoring import GRADERS
+    from grpo_cli.config.recipe import RecipeError, validate
+    from grpo_cli.commands.score import score_completions
+    from grpo_cli.rewards.scoring import GRADERS
 
     reward_rule(MentionsOptions)(mentions)  # as `@reward_rule(MentionsOptions)` on its definition
 
@@ -72,9 +72,9 @@ def test_a_loss_registered_once_is_a_recipe_choice_and_the_update_uses_it(regist
 
     import torch
 
-    from grpo_cli import update
-    from grpo_cli.loss import LOSSES, LossSettings, grpo, register_loss
-    from grpo_cli.recipe import RecipeError, validate
+    from grpo_cli.update import policy as update
+    from grpo_cli.update.loss import LOSSES, LossSettings, grpo, register_loss
+    from grpo_cli.config.recipe import RecipeError, validate
 
     @register_loss
     def halved(logp, old_logp, advantages, mask, settings, ref_logp=None, entropy=None):
@@ -94,8 +94,8 @@ def test_a_loss_registered_once_is_a_recipe_choice_and_the_update_uses_it(regist
 
 
 def test_a_registration_that_cannot_work_is_refused_when_made(registries):
-    from grpo_cli.loss import grpo, register_loss
-    from grpo_cli.rewards import correctness
+    from grpo_cli.update.loss import grpo, register_loss
+    from grpo_cli.rewards.rules import correctness
 
     with pytest.raises(ValueError, match="a reward rule named 'correctness' is registered already"):
         reward_rule()(correctness)

@@ -1,7 +1,7 @@
 import pytest
 
 from brief_answers import BARE_BOXES, FACTORED, GOLD, REFLECTED, WRONG_DISCRIMINANT
-from grpo_cli.rewards import RULE_FUNCTIONS, correctness, count_steps, reflection_bonus, step_format
+from grpo_cli.rewards.rules import RULE_FUNCTIONS, correctness, count_steps, reflection_bonus, step_format
 
 BRIEF_WEIGHTS = {"correctness": 1.0, "step_format": 0.2, "reflection_bonus": 0.1}
 
@@ -87,20 +87,20 @@ def test_format_sees_what_the_template_already_opened():
     ("", "<think>2+2=4</think>", 0.0),                                    # nothing after the block
 ])
 def test_think_format(prefill, completion, score):
-    from grpo_cli.rewards import think_format
+    from grpo_cli.rewards.rules import think_format
 
     assert think_format(prefill + completion, "4") == score
 
 
 def test_think_format_is_a_recipe_rule():
-    from grpo_cli.recipe import validate
+    from grpo_cli.config.recipe import validate
 
     recipe = validate({"rewards": [{"rule": "correctness"}, {"rule": "think_format", "weight": 0.2}]})
     assert [r.key for r in recipe.rewards] == ["correctness", "think_format"]
 
 
 def test_length_rule():
-    from grpo_cli.rewards import length
+    from grpo_cli.rewards.rules import length
 
     assert length("", "x") == 1.0
     assert length("a" * 250, "x", max_chars=1000) == 0.75
@@ -108,7 +108,7 @@ def test_length_rule():
 
 
 def test_repetition_rule():
-    from grpo_cli.rewards import repetition
+    from grpo_cli.rewards.rules import repetition
 
     assert repetition("a b c d e", "x", ngram=3) == 0.0  # 3 distinct trigrams
     # "a b a b a b": trigrams aba, bab, aba, bab -> 2 distinct of 4 -> -0.5
@@ -122,7 +122,7 @@ def write_module(tmp_path, name, source):
 
 
 def test_custom_rule_gets_the_arguments_it_asks_for(tmp_path):
-    from grpo_cli.rewards import load_custom
+    from grpo_cli.rewards.rules import load_custom
 
     write_module(tmp_path, "custom_a", "def brevity(completion, prompt):\n    return -len(completion) / len(prompt)\n"
                  "def everything(completion, answer, **fields):\n    return fields['kind'] == 'add'\n")
@@ -138,7 +138,7 @@ def test_custom_rule_gets_the_arguments_it_asks_for(tmp_path):
 ])
 def test_custom_rule_mistakes_are_explained(tmp_path, source, function, message):
     from grpo_cli.errors import UserError
-    from grpo_cli.rewards import load_custom
+    from grpo_cli.rewards.rules import load_custom
 
     write_module(tmp_path, function.split(":")[0], source)
     with pytest.raises(UserError, match=message):
@@ -147,7 +147,7 @@ def test_custom_rule_mistakes_are_explained(tmp_path, source, function, message)
 
 def test_missing_custom_module(tmp_path):
     from grpo_cli.errors import UserError
-    from grpo_cli.rewards import load_custom
+    from grpo_cli.rewards.rules import load_custom
 
     with pytest.raises(UserError, match="Put no_such_rules.py next to the recipe"):
         load_custom("no_such_rules:f", 1.0, tmp_path)
@@ -157,8 +157,8 @@ def test_builtin_rules_grade_the_models_own_text_and_a_python_rule_gets_the_whol
     """Every channel by which what the code printed could pass for the model's work, through the scorer as
     training and grpo score run it: builtin rules see the transcript without the printed text (values worked
     out by hand on that text); a python rule sees all of it, and where the printed text is."""
-    from grpo_cli.rewards import load_custom
-    from grpo_cli.scoring import GRADERS, Scorer
+    from grpo_cli.rewards.rules import load_custom
+    from grpo_cli.rewards.scoring import GRADERS, Scorer
     from tool_fakes import called
 
     write_module(tmp_path, "custom_tools", "def printed(completion, tool_outputs):\n"

@@ -18,14 +18,14 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, small_recipe
-from grpo_cli import checkpoint
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
+from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.guard import Halted
-from grpo_cli.metrics import MACHINE_METRICS
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.run.guard import Halted
+from grpo_cli.run.metrics import MACHINE_METRICS
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 SIX_STEPS = {"train": {"steps": 6, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
              "output": {"save_every": 2, "eval_every": 3, "samples_every": 1}}
@@ -147,7 +147,7 @@ def test_keep_last_prunes_only_complete_older_checkpoints(tmp_path, tiny_model_p
 
 def nan_loss_on(monkeypatch, steps: set[int]):
     """Make the loss NaN during the given training steps (counted by optimizer-step calls)."""
-    import grpo_cli.update as update
+    import grpo_cli.update.policy as update
 
     original = update.LOSSES["grpo"]
     calls = {"step": 0}
@@ -165,7 +165,7 @@ def nan_loss_on(monkeypatch, steps: set[int]):
         return original_update(*args, **kwargs)
 
     monkeypatch.setitem(update.LOSSES, "grpo", poisoned)
-    monkeypatch.setattr("grpo_cli.train.update_policy", counting)
+    monkeypatch.setattr("grpo_cli.run.train.update_policy", counting)
 
 
 def test_a_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, tiny_model_path):
@@ -210,7 +210,7 @@ def test_weights_wrecked_by_a_finite_step_are_not_called_intact(tmp_path, tiny_m
 @pytest.mark.parametrize("phase, target", [("reference pass", "logprobs_no_grad"), ("update", "update_policy")])
 def test_out_of_memory_names_its_phase_saves_the_step_before_and_says_what_to_lower(tmp_path, monkeypatch, straight,
                                                                                     phase, target):
-    import grpo_cli.train as train_module
+    import grpo_cli.run.train as train_module
 
     original = getattr(train_module, target)  # called once a step in this recipe (kl_beta > 0, one update)
     calls = {"n": 0}
@@ -239,7 +239,7 @@ def test_out_of_memory_after_an_applied_update_does_not_save_it_as_the_step_befo
                                                                                   tiny_model_path):
     """With two updates per rollout, running out in the second leaves weights the first update moved:
     they are neither step 1's nor step 2's, so nothing is saved under step 1's name."""
-    import grpo_cli.update as update
+    import grpo_cli.update.policy as update
 
     original = update._accumulate
     calls = {"n": 0}
@@ -386,8 +386,8 @@ def test_a_script_that_calls_train_without_the_main_guard_gets_told_how_to_fix_i
     # every worker loaded the model before failing, the pool started another, and the run waited forever.
     recipe = sections(tmp_path / "run", data={"train": "builtin:arithmetic", "eval": None})
     (tmp_path / "unguarded.py").write_text(
-        "import grpo_cli.scoring\nfrom grpo_cli import recipe\nfrom grpo_cli.train import train\n\n"
-        "grpo_cli.scoring.START_LIMIT_S = 5.0\n"
+        "import grpo_cli.rewards.scoring\nfrom grpo_cli.config import recipe\nfrom grpo_cli.run.train import train\n\n"
+        "grpo_cli.rewards.scoring.START_LIMIT_S = 5.0\n"
         f"train(recipe.validate({recipe!r}))\nprint('trained')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
@@ -408,8 +408,8 @@ def test_a_script_that_calls_train_without_the_main_guard_gets_told_how_to_fix_i
 # ---- SIGTERM beyond the stop after a step (test_ctrl_c_or_sigterm_saves_and_stops_then_resume_continues_exactly)
 
 def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, monkeypatch, straight):
-    import grpo_cli.train as train_module
-    from grpo_cli.guard import Stopped
+    import grpo_cli.run.train as train_module
+    from grpo_cli.run.guard import Stopped
 
     original = train_module.sample_step
     calls = {"n": 0}
@@ -434,8 +434,8 @@ def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, m
 
 
 def test_sigterm_before_training_starts_stops_at_once_without_a_traceback(tmp_path, monkeypatch, tiny_model_path):
-    import grpo_cli.train as train_module
-    from grpo_cli.guard import Terminated
+    import grpo_cli.run.train as train_module
+    from grpo_cli.run.guard import Terminated
 
     def terminated_while_loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -451,7 +451,7 @@ def test_sigterm_before_training_starts_stops_at_once_without_a_traceback(tmp_pa
 def test_sigterm_during_grpo_eval_writes_nothing_and_exits_143(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    import grpo_cli.benchmark as benchmark
+    import grpo_cli.commands.benchmark as benchmark
     from grpo_cli.cli import app
 
     def terminated(*args, **kwargs):
@@ -467,7 +467,7 @@ def test_sigterm_during_grpo_eval_writes_nothing_and_exits_143(tmp_path, monkeyp
 
 
 def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
-    from grpo_cli.run_log import write_whole
+    from grpo_cli.run.log import write_whole
 
     target = tmp_path / "results.json"
     write_whole(target, "old")
@@ -511,7 +511,7 @@ def test_a_second_process_on_a_run_directory_is_refused_naming_the_first(tmp_pat
 
 def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_rerun(tmp_path, monkeypatch,
                                                                                       tiny_model_path):
-    import grpo_cli.train as train_module
+    import grpo_cli.run.train as train_module
 
     def fails(*args, **kwargs):  # a mistake that shows only once training starts
         raise UserError("reward rule python: my_rules.score failed on the first completion")
@@ -546,7 +546,7 @@ def test_resume_never_overwrites_the_recipe_file_it_was_given(tmp_path, tiny_mod
 
 
 def test_resume_applies_a_changed_learning_rate_and_weight_decay(tmp_path, straight):
-    from grpo_cli.update import lr_factor
+    from grpo_cli.update.policy import lr_factor
 
     run_dir = tmp_path / "run"
     shutil.copytree(straight, run_dir)

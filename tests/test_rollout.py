@@ -2,9 +2,9 @@ import pytest
 import torch
 from conftest import trained_lora_policy
 
-from grpo_cli.modeling import load_policy
-from grpo_cli.recipe import ModelSpec
-from grpo_cli.rollout import foldable_lora_layers, folded_lora, generate
+from grpo_cli.model.loading import load_policy
+from grpo_cli.config.recipe import ModelSpec
+from grpo_cli.rollout.sampling import foldable_lora_layers, folded_lora, generate
 
 
 def test_groups_masks_and_texts(tiny_model_path):

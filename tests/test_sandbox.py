@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_cli.sandbox import Limits, Outcome, Sandbox
+from grpo_cli.tools.sandbox import Limits, Outcome, Sandbox
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the isolation checked here is Linux's")
 
@@ -288,7 +288,7 @@ def test_garbage_on_any_descriptor_never_kills_the_server(box, garbage):
 
 
 def test_reports_are_read_strictly():
-    from grpo_cli.sandbox_server import read_report
+    from grpo_cli.tools.sandbox_server import read_report
 
     assert read_report(b'{"exit": 0}\n') == {"exit": 0}
     assert read_report(b'{"signal": 9}\n') == {"signal": 9}
@@ -327,7 +327,7 @@ def test_files_and_bytes_written_are_bounded(box):
 
 
 def test_remove_tree_deletes_deeper_than_recursion_and_paths_allow(tmp_path):
-    from grpo_cli.sandbox_server import remove_tree
+    from grpo_cli.tools.sandbox_server import remove_tree
 
     top = tmp_path / "top"
     top.mkdir()
@@ -373,7 +373,7 @@ REFUSED = ["socket", "keyctl", "add_key", "request_key", "memfd_create", "ptrace
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_system_calls_a_maths_tool_never_needs_are_refused(box, name):
-    from grpo_cli import sandbox_filter
+    from grpo_cli.tools import sandbox_filter
 
     if not sandbox_filter.supported():
         pytest.skip(f"no system-call filter for {os.uname().machine}")
@@ -384,7 +384,7 @@ def test_system_calls_a_maths_tool_never_needs_are_refused(box, name):
 
 
 def test_clone_into_new_namespaces_is_refused_and_plain_fork_and_threads_work(box):
-    from grpo_cli import sandbox_filter
+    from grpo_cli.tools import sandbox_filter
 
     if not sandbox_filter.supported():
         pytest.skip(f"no system-call filter for {os.uname().machine}")
@@ -406,7 +406,7 @@ def test_memory_cannot_be_held_outside_the_address_space_limit(box):
 def test_each_call_has_a_fresh_keyring_out_of_the_codes_reach(box):
     if "new, empty session keyring" not in box.isolation["keyring"]:
         pytest.skip(box.isolation["keyring"])
-    from grpo_cli import sandbox_filter
+    from grpo_cli.tools import sandbox_filter
 
     keyctl = sandbox_filter.syscall_numbers()["keyctl"]
     read_session = (f"import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -428,10 +428,10 @@ def test_a_user_other_than_root_without_user_namespaces_is_refused():
                     "as an unprivileged user too: scripts/test_sandbox_unprivileged.sh)")
     import subprocess
 
-    from grpo_cli import sandbox_filter
+    from grpo_cli.tools import sandbox_filter
 
     # the filter refuses unshare() to this child, as a machine without unprivileged user namespaces would
-    program = ("from grpo_cli.sandbox import Sandbox, SandboxRefused\ntry:\n    Sandbox()\n"
+    program = ("from grpo_cli.tools.sandbox import Sandbox, SandboxRefused\ntry:\n    Sandbox()\n"
                "except SandboxRefused as e:\n    print(e)")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO, timeout=120,
                           preexec_fn=sandbox_filter.install)

@@ -59,7 +59,7 @@ def test_a_file_that_is_not_there_or_not_text_is_refused(tmp_path):
 
 
 def test_as_a_subprocess(tmp_path):
-    from grpo_cli import sandbox_filter
+    from grpo_cli.tools import sandbox_filter
 
     if not sandbox_filter.supported():
         pytest.skip("the call below is refused by the system-call filter, which this machine's kernel or CPU lacks")

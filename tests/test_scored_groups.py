@@ -3,10 +3,10 @@ import json
 import pytest
 
 from brief_answers import BARE_BOXES, FACTORED, GOLD, QUESTION, REFLECTED, WRONG_DISCRIMINANT
-from grpo_cli.advantages import STD_EPS
+from grpo_cli.update.advantages import STD_EPS
 from grpo_cli.errors import UserError
-from grpo_cli.recipe import validate
-from grpo_cli.scored_groups import score_completions
+from grpo_cli.config.recipe import validate
+from grpo_cli.commands.score import score_completions
 
 RECIPE = validate({"rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "step_format", "weight": 0.2},
                                {"rule": "reflection_bonus", "weight": 0.1}]})
@@ -52,7 +52,7 @@ def test_a_chat_template_prefill_is_scored_with_the_completion(tmp_path):
 
 
 def test_a_thinking_template_opens_the_block_that_think_format_grades(tmp_path, monkeypatch):
-    from grpo_cli import scored_groups
+    from grpo_cli.commands import score as scored_groups
     from thinking_template import thinking_tokenizer
 
     monkeypatch.setattr(scored_groups, "_prompt_tokenizer", lambda recipe: thinking_tokenizer())

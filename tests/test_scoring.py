@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import rules_for_tests as bad
-from grpo_cli.rewards import RULE_FUNCTIONS, correctness, step_format
-from grpo_cli import scoring
-from grpo_cli.scoring import ERROR, OK, Scorer
+from grpo_cli.rewards.rules import RULE_FUNCTIONS, correctness, step_format
+from grpo_cli.rewards import scoring
+from grpo_cli.rewards.scoring import ERROR, OK, Scorer
 
 
 def test_pool_scores_match_the_pure_functions():
@@ -93,7 +93,7 @@ def test_unknown_rule_is_refused():
 
 
 def test_custom_rules_get_their_context_skip_and_fail_cleanly():
-    from grpo_cli.rewards import CustomRule
+    from grpo_cli.rewards.rules import CustomRule
 
     rules = {"skips": CustomRule(function=bad.skips_odd, timeout_s=2.0),
              "text": CustomRule(function=bad.returns_text, timeout_s=2.0),

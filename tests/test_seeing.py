@@ -9,13 +9,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import ROOT, small_recipe
-from grpo_cli import recipe as recipe_module
+from grpo_cli.config import recipe as recipe_module
 from grpo_cli.cli import app
-from grpo_cli.console import TrainConsole, dashboard
+from grpo_cli.run.console import TrainConsole, dashboard
 from grpo_cli.errors import UserError
-from grpo_cli.metrics import DASHBOARD
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.run.metrics import DASHBOARD
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 runner = CliRunner()
 
@@ -187,9 +187,9 @@ def test_a_shipped_recipe_by_name(tmp_path, tiny_model_path, monkeypatch):
 
 
 def test_4_bit_estimate_keeps_embeddings_and_norms_in_16_bits(tiny_model_path):
-    from grpo_cli import builtin_model
-    from grpo_cli.estimate import GIB, count_parameters, estimate, quantized_parameters
-    from grpo_cli.recipe import load
+    from grpo_cli.model import builtin as builtin_model
+    from grpo_cli.commands.estimate import GIB, count_parameters, estimate, quantized_parameters
+    from grpo_cli.config.recipe import load
 
     config = builtin_model.build_config(builtin_model.build_tokenizer())
     # 4 layers of q 128x128, k and v 128x64, o 128x128, gate and up 128x384, down 384x128; the tied
@@ -220,7 +220,7 @@ def test_plot_gives_each_rule_its_colour_and_puts_legends_beside_the_axes(tmp_pa
     import matplotlib.colors
     import matplotlib.pyplot as plt
 
-    from grpo_cli.plot import draw
+    from grpo_cli.commands.plot import draw
 
     rules = ["correctness", "step_format", "reflection_bonus"]
     figure = draw([_metrics(tmp_path / "a", rules), _metrics(tmp_path / "b", rules[:2])])
@@ -256,7 +256,7 @@ def hub(monkeypatch, tiny_model_path):
     import transformers
     from huggingface_hub import constants
 
-    from grpo_cli import builtin_model
+    from grpo_cli.model import builtin as builtin_model
 
     state = {"cached": False, "answers": False, "probes": 0, "fetched": 0}
 
@@ -328,7 +328,7 @@ def test_validate_fetches_from_the_hub_when_it_answers(hub, tmp_path, monkeypatc
 
 
 def test_transcripts_show_code_and_output_apart():
-    from grpo_cli.console import TRANSCRIPT_STYLES, _transcript
+    from grpo_cli.run.console import TRANSCRIPT_STYLES, _transcript
 
     shown = _transcript("Compute.\n```python\nprint(17 * 23)\n```\n```output\n391\n```\n#### 391")
     assert shown.plain == "Compute. ```python print(17 * 23) ``` ```output 391 ``` #### 391"
@@ -341,7 +341,7 @@ def test_transcripts_show_code_and_output_apart():
 def test_plot_shows_the_share_that_ran_code_beside_accuracy_for_a_run_with_the_tool(tmp_path):
     import matplotlib.pyplot as plt
 
-    from grpo_cli.plot import draw
+    from grpo_cli.commands.plot import draw
 
     figure = draw([_metrics(tmp_path / "tools", ["correctness"], tools=True), _metrics(tmp_path / "text", ["correctness"])])
     try:

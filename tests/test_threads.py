@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from grpo_cli import threads
+from grpo_cli.run import threads
 
 SPIN = "import time\nend = time.time() + 30\nwhile time.time() < end: pass\n"
 

@@ -1,8 +1,8 @@
 """The tool-integrated format in text (tool_calls.py), and what the grader reads from a transcript."""
 
-from grpo_cli import builtin_task
-from grpo_cli.answers import extract_final_answer, is_correct, split_thinking
-from grpo_cli.tool_calls import (after_last_output, closed_code, count_calls, escape_fences, model_text, output_block,
+from grpo_cli.data import builtin_task
+from grpo_cli.rewards.answers import extract_final_answer, is_correct, split_thinking
+from grpo_cli.tools.calls import (after_last_output, closed_code, count_calls, escape_fences, model_text, output_block,
                                  printed_spans, split_transcript)
 from tool_fakes import called
 

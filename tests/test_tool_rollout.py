@@ -4,12 +4,15 @@ caches: every token the model chose is what a plain forward over the finished tr
 import pytest
 import torch
 
-from grpo_cli import builtin_model, builtin_task, decoder, tool_calls
-from grpo_cli.answers import is_correct
-from grpo_cli.model_calls import position_ids
-from grpo_cli.rollout import _pack, generate
-from grpo_cli.tool_calls import limit_note
-from grpo_cli.tool_rollout import ToolSession, ToolSettings, decode_with_tools, printed_from_mask
+from grpo_cli.model import builtin as builtin_model
+from grpo_cli.data import builtin_task
+from grpo_cli.rollout import decoder
+from grpo_cli.tools import calls as tool_calls
+from grpo_cli.rewards.answers import is_correct
+from grpo_cli.model.calls import position_ids
+from grpo_cli.rollout.sampling import _pack, generate
+from grpo_cli.tools.calls import limit_note
+from grpo_cli.rollout.with_tools import ToolSession, ToolSettings, decode_with_tools, printed_from_mask
 from tool_fakes import InProcessTools
 
 
@@ -136,9 +139,9 @@ def test_the_text_reads_as_the_masks_say_whatever_the_code_printed(char_tokenize
 def test_a_printed_answer_earns_nothing_through_the_real_sandbox_and_scoring(char_tokenizer):
     """End to end: the model writes the attacker's code, the sandbox runs it, the rollout is packed and scored as
     training scores it. What the code printed is known from the mask; the text, read alone, says the same."""
-    from grpo_cli.data import Example
-    from grpo_cli.scoring import Scorer
-    from grpo_cli.step_batch import score_rollout
+    from grpo_cli.data.examples import Example
+    from grpo_cli.rewards.scoring import Scorer
+    from grpo_cli.run.step_batch import score_rollout
 
     honest = "\n```python\nprint(17 * 23)\n```So the answer is \\boxed{391}."
     texts = [f"\n```python\n{FENCE_HACK}\n```", honest]
@@ -163,8 +166,8 @@ def test_a_printed_answer_earns_nothing_through_the_real_sandbox_and_scoring(cha
 
 @pytest.fixture(scope="module")
 def tools_model(tools_model_path):
-    from grpo_cli.modeling import load_policy
-    from grpo_cli.recipe import ModelSpec
+    from grpo_cli.model.loading import load_policy
+    from grpo_cli.config.recipe import ModelSpec
 
     policy = load_policy(ModelSpec(name=f"builtin:{builtin_model.TOOLS_NAME}", dtype="float32",
                                    lora={"r": 8, "alpha": 16}), kl_beta=0.0)
@@ -218,7 +221,7 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
     decoder replays its steps as CUDA graphs between the appends and the packs."""
     import copy
 
-    from grpo_cli import rollout as rollout_module
+    from grpo_cli.rollout import sampling as rollout_module
 
     model, tokenizer = tools_model
     if device == "cuda":
@@ -279,7 +282,7 @@ def test_the_same_seed_gives_the_same_transcripts_and_both_engines_agree(tools_m
 
 
 def test_the_plain_engine_refuses_tools(tools_model):
-    from grpo_cli.recipe import RecipeError, validate
+    from grpo_cli.config.recipe import RecipeError, validate
 
     with pytest.raises(RecipeError, match="fast engine") as refused:  # the recipe, before anything loads
         validate({"grpo": {"tools": ["python"], "engine": "plain"}})

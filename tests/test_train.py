@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, small_recipe
-from grpo_cli import recipe as recipe_module
-from grpo_cli.console import TrainConsole
+from grpo_cli.config import recipe as recipe_module
+from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
-from grpo_cli.metrics import MACHINE_METRICS
-from grpo_cli.run_log import read_jsonl
-from grpo_cli.train import train
+from grpo_cli.run.metrics import MACHINE_METRICS
+from grpo_cli.run.log import read_jsonl
+from grpo_cli.run.train import train
 
 REQUIRED = {"step", "reward_mean", "reward_std", "accuracy", "kl", "clip_frac", "loss", "completion_len",
             "frac_zero_std", "step_seconds", "rollout_seconds", "score_seconds", "update_seconds"}
@@ -99,7 +99,7 @@ def test_a_used_run_directory_is_refused_without_resume(tmp_path, tiny_model_pat
 
 
 def test_micro_batches_give_the_same_run(tmp_path, tiny_model_path, monkeypatch):
-    from grpo_cli import train as train_module
+    from grpo_cli.run import train as train_module
 
     sizes = []  # per step, the rows of each micro-batch
     split = train_module.split
@@ -133,7 +133,7 @@ def test_completions_without_gradient_are_skipped_and_the_run_is_the_same(tmp_pa
                                                                            loss):
     """With kl_beta 0 a completion whose advantage is 0 adds nothing to the gradient: skipping it in the
     update changes no figure but the entropy's (over the completions that ran) and no weight."""
-    from grpo_cli import train as train_module
+    from grpo_cli.run import train as train_module
 
     sections = {"grpo": {"kl_beta": 0.0, "group_size": 4, "prompts_per_step": 3, "loss": loss},
                 "rewards": [{"rule": "correctness"}], "train": {"steps": 3, "lr": 5e-3, "warmup_steps": 0, "seed": 0}}
@@ -167,7 +167,7 @@ def test_only_what_cannot_pull_on_a_flat_completion_skips_it():
     the whole batch; a loss registered elsewhere runs every completion."""
     from types import SimpleNamespace
 
-    from grpo_cli.train import rows_with_gradient
+    from grpo_cli.run.train import rows_with_gradient
 
     def rows(advantages=(0.0, 0.0, 1.0, -1.0), nothing_fixed=True, processes=1, **grpo):
         settings = SimpleNamespace(**{"kl_beta": 0.0, "entropy_bonus": 0.0, "loss": "grpo", **grpo})
@@ -185,7 +185,7 @@ def test_a_step_where_every_advantage_is_0_still_steps_adamw_on_zero_gradients(t
                                                                               monkeypatch):
     """No completion runs, yet the weights move as a zero gradient moves them (weight decay, momentum),
     not as a missing one would leave them."""
-    from grpo_cli import train as train_module
+    from grpo_cli.run import train as train_module
 
     (tmp_path / "flat.py").write_text("def flat(completion, answer):\n    return 1.0\n")
     sections = {"grpo": {"kl_beta": 0.0}, "rewards": [{"rule": "python", "function": "flat:flat"}],
@@ -211,7 +211,7 @@ def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_pa
     sections = {"model": {"name": "builtin:tiny-math", "dtype": "float32", "lora": None},
                 "grpo": {"updates_per_rollout": 2, "micro_batch_size": 4},
                 "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 0, "seed": 0}}
-    from grpo_cli import train as train_module
+    from grpo_cli.run import train as train_module
 
     applied = []  # optimizer steps taken, per training step
     update_policy = train_module.update_policy
@@ -238,7 +238,7 @@ def test_full_fine_tune_with_several_updates_per_rollout(tmp_path, tiny_model_pa
 def count_reference_passes(monkeypatch) -> list[bool]:
     """Record, for every log-prob pass the trainer runs through `Parallel.logprobs`, whether it was
     the reference's."""
-    from grpo_cli.distributed import Parallel
+    from grpo_cli.distributed.parallel import Parallel
 
     passes = []
     logprobs = Parallel.logprobs
@@ -268,8 +268,8 @@ def test_4bit_base(tmp_path, tiny_model_path, monkeypatch):
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
-    from grpo_cli import train as train_module
-    from grpo_cli.modeling import lora_layers
+    from grpo_cli.run import train as train_module
+    from grpo_cli.model.loading import lora_layers
 
     def base_weights(model):
         """Every weight outside the adapters, 4-bit ones both as stored and dequantized."""
@@ -425,7 +425,7 @@ def test_a_cap_that_cuts_off_completions_is_warned_about_and_an_ample_one_is_not
 
 
 def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_count():
-    from grpo_cli.train import TRUNCATION_WARN_EVERY, TruncationWatch
+    from grpo_cli.run.train import TRUNCATION_WARN_EVERY, TruncationWatch
 
     watch, cut, fine = TruncationWatch(), torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.zeros(4)
     warned = {step: watch.check(step, cut if step not in (5, 6, 30) else fine, 16) for step in range(1, 33)}
@@ -439,8 +439,8 @@ def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_cou
 
 
 def test_auto_max_new_tokens_is_the_context_left_after_the_longest_prompt_capped():
-    from grpo_cli.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS
-    from grpo_cli.prompt_room import auto_max_new_tokens
+    from grpo_cli.config.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOKENS
+    from grpo_cli.data.prompt_room import auto_max_new_tokens
 
     assert auto_max_new_tokens([25, 12], 256) == 231  # the builtin model: its whole context is 256 tokens
     assert auto_max_new_tokens([300], 32768) == AUTO_MAX_NEW_TOKENS_CAP == 1024  # a Qwen-class model
@@ -493,8 +493,8 @@ def test_a_run_with_the_tool_trains_on_the_model_tokens_only_and_logs_the_calls(
     output blocks out; the token count that normalizes the loss counts actions only."""
     import contextlib
 
-    from grpo_cli import train as train_module
-    from grpo_cli.loss import LOSSES
+    from grpo_cli.run import train as train_module
+    from grpo_cli.update.loss import LOSSES
     from tool_fakes import InProcessTools
 
     monkeypatch.setattr(train_module, "open_session", lambda *args: contextlib.nullcontext(InProcessTools(2)))

@@ -2,7 +2,7 @@
 template that opens the think block for the assistant when enable_thinking is true (Qwen3 opens it
 by default; this one makes the variable visible in every prompt)."""
 
-from grpo_cli import builtin_model
+from grpo_cli.model import builtin as builtin_model
 
 THINKING_TEMPLATE = builtin_model.CHAT_TEMPLATE.replace(
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",

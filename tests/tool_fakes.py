@@ -9,8 +9,8 @@ import io
 import itertools
 from dataclasses import dataclass
 
-from grpo_cli.tool_calls import output_block
-from grpo_cli.tool_rollout import ToolSettings
+from grpo_cli.tools.calls import output_block
+from grpo_cli.rollout.with_tools import ToolSettings
 
 
 def called(code: str, printed: str, after: str = "") -> str:

@@ -1,0 +1,1 @@
+"""The commands beside train: eval, score, plot, validate's estimate, sandbox run."""

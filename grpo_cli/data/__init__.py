@@ -1,0 +1,1 @@
+"""Data: datasets to prompts and gold answers, the builtin task, the data order, prompts that fit the context."""

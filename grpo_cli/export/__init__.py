@@ -1,0 +1,1 @@
+"""grpo export: merging adapters into a model plain transformers loads, verified."""

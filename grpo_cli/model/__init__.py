@@ -1,0 +1,1 @@
+"""Models: resolving a name (hub, GGUF, builtin), loading with LoRA / 4-bit, adapters, the LoRA layers' fast path."""

@@ -1,0 +1,1 @@
+"""Rollouts: sampling G completions per prompt, the lean decoder, decoding with the code tool."""

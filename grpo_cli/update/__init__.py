@@ -1,0 +1,1 @@
+"""The update: group-relative advantages, the losses, per-token log-probs, micro-batches, the optimizer step."""
