@@ -19,6 +19,7 @@ import torch
 from grpo_cli.data import builtin_task
 from grpo_cli.rollout import sampling as rollout_module
 from grpo_cli.model.loading import load_for_inference
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rollout.with_tools import ToolSession, ToolSettings
 
 
@@ -65,8 +66,8 @@ def main() -> None:
             for mode in ("text", "tools"):
                 torch.manual_seed(repeat)
                 started = time.perf_counter()
-                out = rollout_module.generate(loaded.model, loaded.tokenizer, prompts, args.max_new_tokens,
-                                              samples_per_prompt=args.group_size,
+                sampling = Sampling(max_new_tokens=args.max_new_tokens, samples_per_prompt=args.group_size)
+                out = rollout_module.generate(loaded.model, loaded.tokenizer, prompts, sampling,
                                               tools=session if mode == "tools" else None)
                 figures[mode].append(time.perf_counter() - started)
                 if mode == "tools":

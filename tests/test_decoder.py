@@ -8,6 +8,7 @@ from grpo_cli.model.calls import position_ids
 from grpo_cli.model.loading import load_policy
 from grpo_cli.config.recipe import ModelSpec
 from grpo_cli.rollout.sampling import foldable_lora_layers, generate
+from grpo_cli.rollout.settings import Sampling
 
 SHAPE = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
@@ -154,7 +155,8 @@ def test_sampling_draws_the_same_tokens_either_way(tiny_model_path, made):
     for lean in (True, False):
         torch.manual_seed(7)
         made.clear()
-        out[lean] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=6, lean=lean)
+        out[lean] = generate(policy.model, policy.tokenizer, prompts,
+                             Sampling(max_new_tokens=40, samples_per_prompt=6, lean=lean))
         decoders[lean] = len(made)
     assert decoders == {True: 1, False: 0}  # the two ways are two: the lean decoder, then transformers' forward
     assert torch.equal(out[True].input_ids, out[False].input_ids)
@@ -170,8 +172,8 @@ def test_qwen3_samples_the_same_tokens_either_way(tiny_model_path, made):
     out = {}
     for lean in (True, False):
         torch.manual_seed(7)
-        out[lean] = generate(model, tokenizer, ["What is 2 + 3?", "What is 7 * 38?"], 12, samples_per_prompt=4,
-                             lean=lean)
+        out[lean] = generate(model, tokenizer, ["What is 2 + 3?", "What is 7 * 38?"],
+                             Sampling(max_new_tokens=12, samples_per_prompt=4, lean=lean))
     assert len(made) == 1  # the lean decoder ran once, in the first run
     assert torch.equal(out[True].input_ids, out[False].input_ids)
 
@@ -210,8 +212,9 @@ def test_the_replayable_step_samples_the_same_tokens_and_drops_rows_later(tiny_m
         lean.keep = lambda rows: kept.append(len(rows)) or keep(rows)
         torch.manual_seed(7)
         with torch.no_grad():
-            tokens[mode] = _decode_shared(lean, tokenizer, enc["input_ids"], enc["attention_mask"], 40, 6, 1.0, 1.0,
-                                          False, eos_token_ids(policy.model, tokenizer))
+            tokens[mode] = _decode_shared(lean, tokenizer, enc["input_ids"], enc["attention_mask"],
+                                          Sampling(max_new_tokens=40, samples_per_prompt=6),
+                                          eos_token_ids(policy.model, tokenizer))
         keeps[mode] = kept[1:]  # after the prefill's
     def completions(raw):  # each row through its first EOS; rows not yet dropped sample on after it
         return [row[: (row == 1).nonzero()[0].item() + 1 if (row == 1).any() else len(row)].tolist() for row in raw]

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from grpo_cli.rollout import decoder
 from grpo_cli.rollout import sampling as rollout
+from grpo_cli.rollout.settings import Sampling
 
 SHAPE = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128,
@@ -84,7 +85,7 @@ def test_qwen3_moe_falls_back_to_transformers_forward(tiny_model_path, monkeypat
     monkeypatch.setattr(rollout, "_TransformersStepper", Forward)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)  # the builtin's: 101 tokens, pad 0, EOS 1
     torch.manual_seed(0)
-    out = rollout.generate(tiny_model("Qwen3-MoE"), tokenizer, ["What is 2 + 3?", "What is 7 * 38?"], 6,
-                           samples_per_prompt=2)
+    out = rollout.generate(tiny_model("Qwen3-MoE"), tokenizer, ["What is 2 + 3?", "What is 7 * 38?"],
+                           Sampling(max_new_tokens=6, samples_per_prompt=2))
     assert built == {"lean": 0, "forward": 1}
     assert out.input_ids.shape[0] == 4 and out.completion_mask.sum() > 0

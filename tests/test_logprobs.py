@@ -9,6 +9,7 @@ from grpo_cli.model.calls import position_ids
 from grpo_cli.model.loading import load_policy
 from grpo_cli.config.recipe import ModelSpec
 from grpo_cli.rollout.sampling import generate
+from grpo_cli.rollout.settings import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def policy(tiny_model_path):
 def rollout(policy):
     torch.manual_seed(0)
     prompts = ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0."]  # different lengths: left padding
-    return generate(policy.model, policy.tokenizer, prompts, max_new_tokens=12, samples_per_prompt=2, temperature=0.7)
+    return generate(policy.model, policy.tokenizer, prompts,
+                    Sampling(max_new_tokens=12, samples_per_prompt=2, temperature=0.7))
 
 
 def full_logits_reference(model, rollout, temperature):
@@ -135,7 +137,7 @@ def test_shared_prompt_pass_equals_the_plain_pass(policy):
 
     torch.manual_seed(2)
     rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 8?"],
-                       max_new_tokens=20, samples_per_prompt=4)
+                       Sampling(max_new_tokens=20, samples_per_prompt=4))
     model = copy.deepcopy(policy.model).double()  # so the two summation orders agree far below any real error
     for micro in split(rollout, max_rows=5, spread=0.75):
         mask = micro.completion_mask.bool()
@@ -161,7 +163,7 @@ def test_one_prompt_pass_for_the_step_equals_one_per_micro_batch(policy):
 
     torch.manual_seed(3)
     rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "Solve x^2 - 5x + 6 = 0.", "What is 7 * 8?"],
-                       max_new_tokens=20, samples_per_prompt=4)
+                       Sampling(max_new_tokens=20, samples_per_prompt=4))
     batches = split(rollout, max_rows=5, spread=0.75)
     assert len(batches) >= 3 and all(len(set(b.groups.tolist())) > 1 for b in batches[:1])
     model = copy.deepcopy(policy.model).double()  # so the two summation orders agree far below any real error

@@ -6,6 +6,7 @@ from grpo_cli.model.logprobs import completion_logprobs
 from grpo_cli.model.loading import load_policy, resolve
 from grpo_cli.config.recipe import ModelSpec
 from grpo_cli.rollout.sampling import generate
+from grpo_cli.rollout.settings import Sampling
 
 
 def _logprobs(model, rollout):
@@ -16,7 +17,8 @@ def _logprobs(model, rollout):
 def rollout(tiny_model_path):
     policy = load_policy(ModelSpec(name="builtin:tiny-math", lora=None), kl_beta=0.0)
     torch.manual_seed(0)
-    return generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "What is 41 + 9?"], 30, samples_per_prompt=2)
+    return generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "What is 41 + 9?"],
+                    Sampling(max_new_tokens=30, samples_per_prompt=2))
 
 
 def test_lora_reference_is_the_base_model_with_adapters_off(rollout):
@@ -69,7 +71,7 @@ def test_4bit_lora_gradients_survive_an_eval_pass_on_cpu(rollout):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     before = lora_grad()
-    generate(policy.model, policy.tokenizer, ["What is 2 + 3?"], 5, greedy=True)  # an eval-mode pass
+    generate(policy.model, policy.tokenizer, ["What is 2 + 3?"], Sampling(max_new_tokens=5, greedy=True))  # an eval-mode pass
     after = lora_grad()
     assert before.abs().sum() > 0
     assert torch.allclose(before, after, atol=1e-5)

@@ -5,13 +5,14 @@ from conftest import trained_lora_policy
 from grpo_cli.model.loading import load_policy
 from grpo_cli.config.recipe import ModelSpec
 from grpo_cli.rollout.sampling import foldable_lora_layers, folded_lora, generate
+from grpo_cli.rollout.settings import Sampling
 
 
 def test_groups_masks_and_texts(tiny_model_path):
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
     torch.manual_seed(0)
-    rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "What is 7 * 38?"], max_new_tokens=40,
-                       samples_per_prompt=3)
+    rollout = generate(policy.model, policy.tokenizer, ["What is 2 + 3?", "What is 7 * 38?"],
+                       Sampling(max_new_tokens=40, samples_per_prompt=3))
     n, total = rollout.input_ids.shape
     assert n == 6 and rollout.attention_mask.shape == (6, total)
     eos = policy.tokenizer.eos_token_id
@@ -27,8 +28,8 @@ def test_groups_masks_and_texts(tiny_model_path):
 
 def test_greedy_is_deterministic(tiny_model_path):
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
-    a = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], 40, greedy=True)
-    b = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], 40, greedy=True)
+    a = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], Sampling(max_new_tokens=40, greedy=True))
+    b = generate(policy.model, policy.tokenizer, ["What is 12 + 30?"], Sampling(max_new_tokens=40, greedy=True))
     assert a.texts == b.texts and "####" in a.texts[0]
 
 
@@ -40,8 +41,8 @@ def test_fast_engine_samples_what_transformers_generate_samples(tiny_model_path,
     out = {}
     for engine in ("generate", "fast"):
         torch.manual_seed(5)
-        out[engine] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=samples, engine=engine,
-                               **options)
+        out[engine] = generate(policy.model, policy.tokenizer, prompts,
+                               Sampling(max_new_tokens=40, samples_per_prompt=samples, engine=engine, **options))
     assert out["fast"].texts == out["generate"].texts
     assert torch.equal(out["fast"].input_ids, out["generate"].input_ids)
     assert torch.equal(out["fast"].attention_mask, out["generate"].attention_mask)
@@ -55,13 +56,14 @@ def test_folded_lora_samples_what_the_adapters_sample_and_restores_the_weights(t
     out = {}
     for fold in (True, False):
         torch.manual_seed(5)
-        out[fold] = generate(policy.model, policy.tokenizer, prompts, 40, samples_per_prompt=8, fold_lora=fold)
+        out[fold] = generate(policy.model, policy.tokenizer, prompts,
+                             Sampling(max_new_tokens=40, samples_per_prompt=8, fold_lora=fold))
     assert out[True].texts == out[False].texts
     assert torch.equal(out[True].input_ids, out[False].input_ids)
     # the adapters changed what is sampled (so the fold had something to fold)
     base = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32"), kl_beta=0.0)
     torch.manual_seed(5)
-    assert generate(base.model, base.tokenizer, prompts, 40, samples_per_prompt=8).texts != out[True].texts
+    assert generate(base.model, base.tokenizer, prompts, Sampling(max_new_tokens=40, samples_per_prompt=8)).texts != out[True].texts
     # every weight, base and adapter, is bit for bit what it was, and the adapters are on again
     after = policy.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -11,6 +11,7 @@ from grpo_cli.tools import calls as tool_calls
 from grpo_cli.rewards.answers import is_correct
 from grpo_cli.model.calls import position_ids
 from grpo_cli.rollout.sampling import _pack, generate
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.tools.calls import limit_note
 from grpo_cli.rollout.with_tools import ToolSession, ToolSettings, decode_with_tools, printed_from_mask
 from tool_fakes import InProcessTools
@@ -65,8 +66,8 @@ def scripted(tokenizer, texts: list[str], max_new_tokens: int = 120, max_calls: 
     stepper = ScriptedStepper(scripts, len(tokenizer))
     prompt = torch.ones(len(texts), 2, dtype=torch.long)
     tools = InProcessTools(max_calls=max_calls)
-    tokens, tool_mask, use = decode_with_tools(stepper, tokenizer, prompt, torch.ones_like(prompt), max_new_tokens, 1,
-                                               1.0, 1.0, True, [eos], tools)
+    tokens, tool_mask, use = decode_with_tools(stepper, tokenizer, prompt, torch.ones_like(prompt),
+                                               Sampling(max_new_tokens=max_new_tokens, greedy=True), [eos], tools)
     texts_out = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
     return texts_out, tokens, tool_mask, use, stepper
 
@@ -150,8 +151,8 @@ def test_a_printed_answer_earns_nothing_through_the_real_sandbox_and_scoring(cha
                               len(char_tokenizer))
     prompt = torch.ones(2, 2, dtype=torch.long)
     with ToolSession(ToolSettings()) as session:
-        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt), 160, 1,
-                                                   1.0, 1.0, True, [eos], session)
+        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
+                                                   Sampling(max_new_tokens=160, greedy=True), [eos], session)
     rollout = _pack(char_tokenizer, prompt, torch.ones_like(prompt), tokens, [eos], 2, tool_mask, use)
     assert use.errors.tolist() == [0, 0]
     hack_printed = "1\n` ` `\nSo the answer is \\boxed{391}."
@@ -240,8 +241,8 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
     monkeypatch.setattr(decoder.LeanDecoder, "_pack", lambda self: (packs.append(self.length), pack(self))[1])
     problems = builtin_task.test_split()[:12]
     torch.manual_seed(0)
-    rollout = generate(model, tokenizer, [p.question for p in problems], 96, samples_per_prompt=4,
-                       tools=InProcessTools(), lean=lean)
+    rollout = generate(model, tokenizer, [p.question for p in problems],
+                       Sampling(max_new_tokens=96, samples_per_prompt=4, lean=lean), tools=InProcessTools())
     used = rollout.tool_use.calls > 0
     assert 0 < int(used.sum()) < len(used), "the warm-started model calls the tool in some completions, not all"
     with torch.no_grad():
@@ -272,7 +273,8 @@ def test_the_same_seed_gives_the_same_transcripts_and_both_engines_agree(tools_m
     runs = []
     for lean in (True, True, False):
         torch.manual_seed(3)
-        runs.append(generate(model, tokenizer, prompts, 96, samples_per_prompt=4, tools=InProcessTools(), lean=lean))
+        runs.append(generate(model, tokenizer, prompts, Sampling(max_new_tokens=96, samples_per_prompt=4, lean=lean),
+                             tools=InProcessTools()))
     assert runs[0].texts == runs[1].texts == runs[2].texts
     assert torch.equal(runs[0].tool_mask, runs[2].tool_mask)
     assert runs[0].tool_use.calls.sum() > 0
@@ -289,7 +291,8 @@ def test_the_plain_engine_refuses_tools(tools_model):
     assert "engine: fast" in str(refused.value)
     model, tokenizer = tools_model
     with pytest.raises(ValueError, match="fast engine"):
-        generate(model, tokenizer, ["What is 2 + 3?"], 8, engine="generate", tools=InProcessTools())
+        generate(model, tokenizer, ["What is 2 + 3?"], Sampling(max_new_tokens=8, engine="generate"),
+                 tools=InProcessTools())
 
 
 def test_a_sandbox_server_that_dies_mid_rollout_is_restarted_and_the_rollout_goes_on(char_tokenizer):
@@ -318,8 +321,8 @@ def test_a_sandbox_server_that_dies_mid_rollout_is_restarted_and_the_rollout_goe
     stepper = KillingStepper(scripts, len(char_tokenizer))
     prompt = torch.ones(2, 2, dtype=torch.long)
     with ToolSession(ToolSettings(timeout_s=60)) as session:
-        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt), 200, 1,
-                                                   1.0, 1.0, True, [eos], session)
+        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
+                                                   Sampling(max_new_tokens=200, greedy=True), [eos], session)
     out = [char_tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
     assert stepper.killed and use.restarts == 1
     assert "```output\nthe sandbox's server died during this call; it was restarted\n```" in out[0]

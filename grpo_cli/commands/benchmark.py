@@ -25,6 +25,7 @@ from grpo_cli.run.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.model.loading import load_for_inference
 from grpo_cli.config.recipe import DataSpec, GrpoSpec, HubDataset, out_of_bounds, reserved_template_kwargs
 from grpo_cli.rollout.sampling import generate
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rewards.scoring import Scorer, refuse_inside_a_starting_worker
 from grpo_cli.tools.calls import TOOLS, count_calls
 from grpo_cli.rollout.with_tools import open_session
@@ -217,10 +218,12 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     sampled = options.samples > 1
     tools = _tool_settings(options, loaded.recipe)
     with Scorer() as scorer, open_session(**tools) as session:
-        report = evaluate(loaded.model, loaded.tokenizer, items, max_new, scorer, samples=options.samples,
-                          temperature=options.temperature, top_p=options.top_p, batch_size=options.batch_size,
-                          add_special_tokens=not spec.chat, on_progress=on_progress,
-                          sampler=lambda **kwargs: generate(loaded.model, **kwargs, tools=session))
+        sampling = Sampling.for_evaluation(max_new, options.samples, options.temperature, options.top_p,
+                                           add_special_tokens=not spec.chat)
+        report = evaluate(loaded.model, loaded.tokenizer, items, sampling, scorer, batch_size=options.batch_size,
+                          on_progress=on_progress,
+                          sampler=lambda tokenizer, prompts, sampling: generate(loaded.model, tokenizer, prompts,
+                                                                                sampling, tools=session))
     settings = {
         "model": loaded.source, "data": data_name, "rows": len(rows), "n": len(items), "skipped_rows": examples.skipped,
         "skipped_note": examples.skip_note(),  # each reason with its count and first rows

@@ -19,6 +19,7 @@ seed, and learns the same up to float rounding (tested on CPU with gloo).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +28,7 @@ from grpo_cli.errors import UserError
 from grpo_cli.distributed.world import World
 from grpo_cli.model.calls import causal_lm
 from grpo_cli.rollout.sampling import generate as run_generate
+from grpo_cli.rollout.settings import Sampling
 
 
 class PolicyPasses(torch.nn.Module):
@@ -82,12 +84,15 @@ class Parallel:
             self.module.set_requires_gradient_sync(syncing)
         return contextlib.nullcontext()
 
-    def generate(self, **kwargs):
-        """A rollout (rollout.generate's arguments but the model) through the module; under FSDP2
+    def generate(self, tokenizer, prompts: list[str], sampling: Sampling, tools=None, lockstep: bool = True):
+        """A rollout (rollout.generate) of this process's `prompts` through the module; under FSDP2
         the weights are gathered for it, unless an enclosing `gathered()` already did. LoRA is not
-        folded into FSDP2's gathered weights: they are its buffers, not ours to swap."""
+        folded into FSDP2's gathered weights: they are its buffers, not ours to swap. `lockstep`: the
+        processes sample as one (a training step's); an evaluation's take different items, each alone."""
+        sampling = replace(sampling, fold_lora=self.strategy != "fsdp")
         with self.gathered():
-            return self.module(generate={**kwargs, "fold_lora": self.strategy != "fsdp"})
+            return self.module(generate={"tokenizer": tokenizer, "prompts": prompts, "sampling": sampling,
+                                         "world": self.world if lockstep else None, "tools": tools})
 
     def gathered(self, reference: bool = False):
         """Context: under FSDP2, every weight of the policy (or of the frozen reference copy) gathered,

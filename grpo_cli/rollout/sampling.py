@@ -30,6 +30,7 @@ from grpo_cli.rollout import decoder
 from grpo_cli.run.guard import drop_point
 from grpo_cli.model.calls import COMPACT_FRACTION, cache_argument, draw_tokens, new_cache, position_ids, returned_cache
 from grpo_cli.tools.calls import Span
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rollout.with_tools import ToolSession, ToolUse, decode_with_tools, printed_from_mask
 from grpo_cli.model.loading import adapters_disabled, is_plain_lora_linear, lora_layers
 
@@ -133,52 +134,47 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size, t
     )
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, samples_per_prompt: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False, add_special_tokens: bool = True,
-             engine: str = "fast", world=None, fold_lora: bool = True, lean: bool = True,
-             cuda_graphs: bool = True, tools: ToolSession | None = None) -> Rollout:
-    """`samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
+def generate(model, tokenizer, prompts: list[str], sampling: Sampling, world=None,
+             tools: ToolSession | None = None) -> Rollout:
+    """`sampling.samples_per_prompt` completions for each prompt, consecutive per prompt. N = len(prompts) x samples.
 
     `world` (a distributed.World): `prompts` are this rank's part of the step (see _decode_shared).
-    `fold_lora`: the fast engine may fold LoRA into the weights it samples with (see `folded_lora`).
-    `lean`: the fast engine may run supported architectures through `decoder.LeanDecoder`.
-    `cuda_graphs`: on a GPU, that decoder replays its decode steps as CUDA graphs.
-    `tools`: completions may call the code tool (tool_rollout.py); the fast engine only."""
-    if tools is not None and engine != "fast":
+    `tools`: completions may call the code tool (rollout/with_tools.py); the fast engine only."""
+    if tools is not None and sampling.engine != "fast":
         raise ValueError("tool calls need the fast engine: transformers' generate cannot pause a row for a call")
     device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=sampling.add_special_tokens).to(device)
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     tool_mask = tool_use = None
     with torch.no_grad():
-        if engine == "fast":
-            lean_here = lean and decoder.supports(model)
+        if sampling.engine == "fast":
+            lean_here = sampling.lean and decoder.supports(model)
             if lean_here:
-                capacity = enc["input_ids"].shape[1] + max_new_tokens
-                mode = "graph" if cuda_graphs and device.type == "cuda" else "eager"
-                stepper = decoder.LeanDecoder(model, capacity, foldable_lora_layers(model) if fold_lora else [], mode)
+                capacity = enc["input_ids"].shape[1] + sampling.max_new_tokens
+                mode = "graph" if sampling.cuda_graphs and device.type == "cuda" else "eager"
+                stepper = decoder.LeanDecoder(model, capacity,
+                                              foldable_lora_layers(model) if sampling.fold_lora else [], mode)
             else:
                 stepper = _TransformersStepper(model)
-            with contextlib.nullcontext() if lean_here else folded_lora(model, fold_lora):
-                arguments = (stepper, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                             samples_per_prompt, temperature, top_p, greedy, eos_ids)
+            with contextlib.nullcontext() if lean_here else folded_lora(model, sampling.fold_lora):
+                arguments = (stepper, tokenizer, enc["input_ids"], enc["attention_mask"], sampling, eos_ids)
                 if tools is None:
                     completion = _decode_shared(*arguments, world)  # [N, C]
                 else:
                     completion, tool_mask, tool_use = decode_with_tools(*arguments, tools, world)  # [N, C] x2
         else:
-            completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens,
-                                          samples_per_prompt, temperature, top_p, greedy, eos_ids)  # [N, C]
+            completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], sampling,
+                                          eos_ids)  # [N, C]
     model.train(was_training)
-    prompt_ids = enc["input_ids"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
-    prompt_mask = enc["attention_mask"].repeat_interleave(samples_per_prompt, dim=0)  # [N, P]
-    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples_per_prompt, tool_mask, tool_use)
+    samples = sampling.samples_per_prompt
+    prompt_ids = enc["input_ids"].repeat_interleave(samples, dim=0)  # [N, P]
+    prompt_mask = enc["attention_mask"].repeat_interleave(samples, dim=0)  # [N, P]
+    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples, tool_mask, tool_use)
 
 
-def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
-                     greedy, eos_ids) -> torch.Tensor:
+def _decode_generate(model, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids) -> torch.Tensor:
     from transformers import StoppingCriteria
 
     class _DropPoint(StoppingCriteria):
@@ -189,11 +185,12 @@ def _decode_generate(model, tokenizer, input_ids, attention_mask, max_new_tokens
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     # top_k=0 turns off generate's default top-k=50 filter: we sample from the policy we train.
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p,
-                                                    "top_k": 0}
-    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                               num_return_sequences=samples, eos_token_id=eos_ids, stopping_criteria=[_DropPoint()],
-                               pad_token_id=tokenizer.pad_token_id, use_cache=True, **sampling)  # [N, P+C]
+    drawing = {"do_sample": False} if sampling.greedy else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                               max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.samples_per_prompt,
+                               eos_token_id=eos_ids, stopping_criteria=[_DropPoint()],
+                               pad_token_id=tokenizer.pad_token_id, use_cache=True, **drawing)  # [N, P+C]
     return sequences[:, input_ids.shape[1] :]
 
 
@@ -238,8 +235,8 @@ class _TransformersStepper:
         return out.logits[:, -1].float()
 
 
-def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens, samples, temperature, top_p,
-                   greedy, eos_ids, world=None) -> torch.Tensor:
+def _decode_shared(stepper, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids,
+                   world=None) -> torch.Tensor:
     """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows.
     `stepper`: a `decoder.LeanDecoder` or `_TransformersStepper`.
 
@@ -248,7 +245,8 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     process sampling the whole step.
     """
     device = input_ids.device
-    logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V]: logits of the active rows
+    max_new_tokens = sampling.max_new_tokens
+    logits = stepper.prefill(input_ids, attention_mask, sampling.samples_per_prompt)  # [n, V]: the active rows
     n_rows = logits.shape[0]
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     active = torch.arange(n_rows, device=device)  # row numbers of the active rows
@@ -259,8 +257,8 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, max_new_tokens
     compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        chosen = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, temperature, top_p,
-                             greedy)  # [n]
+        chosen = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, sampling.temperature,
+                             sampling.top_p, sampling.greedy)  # [n]
         tokens[active, step] = chosen
         steps = step + 1
         just_ended = torch.isin(chosen, eos)  # [n]

@@ -33,6 +33,7 @@ import torch
 from grpo_cli.tools import calls as tool_calls
 from grpo_cli.run.guard import drop_point
 from grpo_cli.model.calls import COMPACT_FRACTION, draw_tokens
+from grpo_cli.rollout.settings import Sampling
 
 TOOL_LAG_STEPS = 4  # decode steps a row sits out while its call runs (see the module's docstring)
 PER_ROW = ("calls", "errors", "timeouts", "refused", "seconds")  # ToolUse's fields of one value per completion
@@ -183,15 +184,15 @@ class _Rows:
         return tokenizer.decode(self.tokens[row, self.scanned[row] : int(self.length[row])], skip_special_tokens=True)
 
 
-def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tokens: int, samples: int,
-                      temperature: float, top_p: float, greedy: bool, eos_ids: list[int], session: ToolSession,
-                      world=None) -> tuple[torch.Tensor, torch.Tensor, ToolUse]:
+def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids: list[int],
+                      session: ToolSession, world=None) -> tuple[torch.Tensor, torch.Tensor, ToolUse]:
     """(completion tokens [N, C], tool-output mask [N, C], the calls' ToolUse): rollout._decode_shared's
     contract, with the tool (see the module's docstring). `stepper` must have `append`."""
     device = input_ids.device
     session.start_rollout()
     restarts_before = session.restarts
-    logits = stepper.prefill(input_ids, attention_mask, samples)  # [n, V] of the batch's rows
+    max_new_tokens = sampling.max_new_tokens
+    logits = stepper.prefill(input_ids, attention_mask, sampling.samples_per_prompt)  # [n, V] of the batch's rows
     n_rows = logits.shape[0]
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     pad = tokenizer.pad_token_id
@@ -205,7 +206,8 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, max_new_tok
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
         live = ~(state.ended[active] | state.paused[active])  # [n] the rows that sample this step
         rows = active[live]  # [m]
-        picked = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, temperature, top_p, greedy)  # [m]
+        picked = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, sampling.temperature, sampling.top_p,
+                             sampling.greedy)  # [m]
         state.tokens[rows, state.length[rows]] = picked
         state.length[rows] += 1
         state.ended[rows] |= torch.isin(picked, eos) | (state.length[rows] >= max_new_tokens)

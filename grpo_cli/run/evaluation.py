@@ -19,6 +19,7 @@ from grpo_cli.errors import listed
 from grpo_cli.run.guard import drop_point
 from grpo_cli.run.protocols import k_values, majority_vote, pass_at_k
 from grpo_cli.rollout.sampling import generate
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rewards.scoring import Scorer
 
 GROUP_FIELDS = ("subject", "level", "kind", "model")  # per-value breakdowns when the rows carry these
@@ -76,24 +77,22 @@ class EvalReport:
         return figures
 
 
-def generate_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, samples: int = 1,
-                         temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32,
-                         add_special_tokens: bool = True, on_progress=None, sampler=None) -> list[list[str]]:
-    """`samples` completions per prompt (greedy when samples is 1), in input order.
+def generate_completions(model, tokenizer, prompts: list[str], sampling: Sampling, batch_size: int = 32,
+                         on_progress=None, sampler=None) -> list[list[str]]:
+    """`sampling.samples_per_prompt` completions per prompt, in input order.
 
-    Prompts are batched by token length, so a batch pads to similar lengths. `sampler` takes
-    rollout.generate's arguments but the model (a training run passes its Parallel's generate).
+    Prompts are batched by token length, so a batch pads to similar lengths. `sampler(tokenizer, prompts,
+    sampling)`: rollout.generate but the model (a training run passes its Parallel's generate).
     """
-    sampler = sampler or (lambda **kwargs: generate(model, **kwargs))
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+    sampler = sampler or (lambda tokenizer, prompts, sampling: generate(model, tokenizer, prompts, sampling))
+    samples = sampling.samples_per_prompt
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=sampling.add_special_tokens)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     out: list[list[str]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         drop_point()  # a SIGTERM during a run's evaluation drops it here (guard.Interrupts.droppable)
         batch = order[start : start + batch_size]
-        rollout = sampler(tokenizer=tokenizer, prompts=[prompts[i] for i in batch], max_new_tokens=max_new_tokens,
-                          samples_per_prompt=samples, temperature=temperature, top_p=top_p, greedy=samples == 1,
-                          add_special_tokens=add_special_tokens)
+        rollout = sampler(tokenizer, [prompts[i] for i in batch], sampling)
         for j, index in enumerate(batch):
             out[index] = rollout.texts[j * samples : (j + 1) * samples]
         if on_progress:
@@ -143,13 +142,13 @@ def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields
     return items
 
 
-def evaluate(model, tokenizer, examples: list[Example], max_new_tokens: int, scorer: Scorer, samples: int = 1,
-             temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 32, add_special_tokens: bool = True,
+def evaluate(model, tokenizer, examples: list[Example], sampling: Sampling, scorer: Scorer, batch_size: int = 32,
              on_progress=None, sampler=None) -> EvalReport:
-    """Generate and grade: greedy when samples is 1, else `samples` sampled completions per problem."""
+    """Generate and grade `sampling.samples_per_prompt` completions per problem (Sampling.for_evaluation:
+    greedy for one)."""
     started = time.perf_counter()
-    completions = generate_completions(model, tokenizer, [e.prompt for e in examples], max_new_tokens, samples,
-                                       temperature, top_p, batch_size, add_special_tokens, on_progress, sampler)
+    completions = generate_completions(model, tokenizer, [e.prompt for e in examples], sampling, batch_size,
+                                       on_progress, sampler)
     items = grade([e.answer for e in examples], completions, scorer, [e.row for e in examples],
                   [e.prefill for e in examples])
     return EvalReport(items, time.perf_counter() - started)

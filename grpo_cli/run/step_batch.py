@@ -20,6 +20,7 @@ from grpo_cli.distributed.parallel import Parallel
 from grpo_cli.config.recipe import Recipe
 from grpo_cli.rollout.sampling import Rollout, concat, select_groups
 from grpo_cli.rewards.scoring import Pending, Scorer, Scores
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rollout.with_tools import ToolSession
 
 
@@ -65,12 +66,10 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
     grpo = recipe.grpo
     policy, world = parallel.policy, parallel.world
 
+    sampling = Sampling.for_training(recipe)
+
     def rollout_of(batch: list[Example]):
-        rollout = parallel.generate(tokenizer=policy.tokenizer, prompts=[e.prompt for e in batch],
-                                    max_new_tokens=grpo.max_new_tokens, samples_per_prompt=grpo.group_size,
-                                    temperature=grpo.temperature, top_p=grpo.top_p,
-                                    add_special_tokens=not recipe.data.chat, engine=grpo.engine, world=world,
-                                    cuda_graphs=grpo.cuda_graphs, tools=tools)
+        rollout = parallel.generate(policy.tokenizer, [e.prompt for e in batch], sampling, tools)
         return rollout, score_rollout(scorer, rules, rollout, batch)
 
     batch = [train_set.items[i] for i in order.take(grpo.prompts_per_step)]

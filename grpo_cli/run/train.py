@@ -42,6 +42,7 @@ from grpo_cli.config.recipe import AUTO_MAX_NEW_TOKENS_CAP, MIN_AUTO_MAX_NEW_TOK
 from grpo_cli.config.recipe import load as load_recipe
 from grpo_cli.rewards.rules import rule_functions
 from grpo_cli.rollout.sampling import Rollout
+from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rollout.with_tools import ToolSession, isolation_note, open_session
 from grpo_cli.run.step_batch import StepBatch, sample_step
 from grpo_cli.run.directory import prepare_run_dir, write_recipe
@@ -152,9 +153,10 @@ def run_eval(step: int, parallel: Parallel, eval_set: Examples, recipe: Recipe, 
     world, policy = parallel.world, parallel.policy
     rank_items = eval_set.items[world.rank :: world.size]
     with parallel.gathered():
-        report = evaluate(policy.model, policy.tokenizer, rank_items, recipe.grpo.max_new_tokens, scorer,
-                          add_special_tokens=not recipe.data.chat,
-                          sampler=lambda **kwargs: parallel.generate(**kwargs, tools=tools))
+        sampling = Sampling.for_evaluation(recipe.grpo.max_new_tokens, add_special_tokens=not recipe.data.chat)
+        report = evaluate(policy.model, policy.tokenizer, rank_items, sampling, scorer,
+                          sampler=lambda tokenizer, prompts, sampling: parallel.generate(tokenizer, prompts, sampling,
+                                                                                         tools, lockstep=False))
     correct = world.all_gather_objects([c for item in report.items for c in item.correct])
     accuracy, seconds = sum(correct) / len(correct), world.reduce(report.seconds, "max")
     timeouts = int(world.reduce(report.timeouts))
