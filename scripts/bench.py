@@ -2,7 +2,7 @@
 
     python scripts/bench.py                                  # builtin tiny model, quickstart sizes, CPU
     python scripts/bench.py --shape qwen2.5-0.5b --group-size 8 --max-new-tokens 256 --prompt-tokens 83 \\
-        --gradient-checkpointing                             # the GPU configuration
+        --gradient-checkpointing         # the GPU configuration: 8 prompts x G=8, 83 prompt + 256 new tokens
     python scripts/bench.py --only ours --rounds 1           # without TRL installed
     python scripts/bench.py --shape smollm2                  # SmolLM2-135M-Instruct, chat prompts, CPU
 
@@ -14,7 +14,7 @@ included: grpo's between consecutive metrics rows, TRL's between its step callba
 split (rollout, scoring, update), generated tokens per second, peak memory (GPU: torch's peak allocated;
 CPU: the process's peak resident set), and grpo/TRL ratios. TRL is a bench dependency,
 not a runtime one: pip install trl==1.16.0. On a CPU that another process keeps busy, grpo computes with
-the threads of the CPUs free at start-up (grpo_cli/threads.py) and TRL with torch's default of one per
+the threads of the CPUs free at start-up (grpo_cli/run/threads.py) and TRL with torch's default of one per
 core, which then waits on the busy ones: set OMP_NUM_THREADS for both to compare the same thread count.
 
 Shapes: `tiny` is builtin:tiny-math with builtin:arithmetic prompts. `qwen2.5-0.5b` and

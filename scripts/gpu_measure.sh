@@ -9,7 +9,7 @@
 #   on the GPU:  OUT=/some/dir bash scripts/gpu_measure.sh [seconds, default 520]   (carry .devsite, .grpo-cache)
 #
 # 1. the CUDA-graph decode test (graph replay vs eager logits, recapture after rows leave);
-# 2. grpo vs TRL 1.16, the issue's configuration (Qwen2.5-0.5B shape, 8 prompts x G=8, 83 prompt
+# 2. grpo vs TRL 1.16, the GPU bench's configuration (Qwen2.5-0.5B shape, 8 prompts x G=8, 83 prompt
 #    tokens, 256 new tokens, kl_beta 0.04, LoRA r16, gradient checkpointing);
 # 3. grpo alone without CUDA graphs, same settings (what the graphs are worth);
 # 4. the same with an nf4 base, grpo vs TRL;
@@ -42,12 +42,12 @@ part() {  # part NAME COMMAND...: runs it with the time left, appends its output
   [ "$rc" -ne 0 ] && tail -n 30 "$scratch/$name.err" >> "$report"
 }
 
-issue=(--shape qwen2.5-0.5b --prompts 8 --group-size 8 --max-new-tokens 256 --prompt-tokens 83 --gradient-checkpointing
-       --rounds 1 --warmup 1 --steps 3)
+gpu_bench=(--shape qwen2.5-0.5b --prompts 8 --group-size 8 --max-new-tokens 256 --prompt-tokens 83 --gradient-checkpointing
+           --rounds 1 --warmup 1 --steps 3)
 part cuda-graph-test python -m pytest -q -p no:cacheprovider tests/test_decoder.py -k cuda
-part bench-0.5b python scripts/bench.py "${issue[@]}" --json "$out/bench-0.5b.json"
-part bench-0.5b-no-graphs python scripts/bench.py "${issue[@]}" --only ours --no-cuda-graphs
-part bench-0.5b-nf4 python scripts/bench.py "${issue[@]}" --load-in-4bit --json "$out/bench-0.5b-nf4.json"
+part bench-0.5b python scripts/bench.py "${gpu_bench[@]}" --json "$out/bench-0.5b.json"
+part bench-0.5b-no-graphs python scripts/bench.py "${gpu_bench[@]}" --only ours --no-cuda-graphs
+part bench-0.5b-nf4 python scripts/bench.py "${gpu_bench[@]}" --load-in-4bit --json "$out/bench-0.5b-nf4.json"
 part scaling python scripts/scaling.py --shape qwen2.5-0.5b --prompts 8 --group-size 8 --max-new-tokens 256 \
   --prompt-tokens 83 --steps 3
 if [ -d .grpo-cache ]; then
@@ -63,6 +63,6 @@ long=(--shape qwen2.5-0.5b --prompts 8 --group-size 8 --prompt-tokens 83 --gradi
       --steps 2)
 part long-1024 python scripts/bench.py "${long[@]}" --max-new-tokens 1024 --json "$out/long-1024.json"
 part long-2048 python scripts/bench.py "${long[@]}" --max-new-tokens 2048 --json "$out/long-2048.json"
-part bench-0.5b-nondeterministic python scripts/bench.py "${issue[@]}" --only ours --nondeterministic
+part bench-0.5b-nondeterministic python scripts/bench.py "${gpu_bench[@]}" --only ours --nondeterministic
 rm -rf "$scratch"
 cat "$report"

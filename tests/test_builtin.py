@@ -11,13 +11,13 @@ from grpo_cli.data import builtin_task
 IMPLICIT = standard_transformations + (implicit_multiplication,)
 
 
-def test_the_brief_quadratic_is_in_the_task_family():
+def test_the_reference_quadratic_is_in_the_task_family():
     rng = random.Random(0)
     problems = [builtin_task.quadratic(rng) for _ in range(400)]
-    brief = [p for p in problems if p.question == "Solve x^2 - 5x + 6 = 0."]
-    assert brief, "x^2 - 5x + 6 = 0 should be drawn"
-    assert brief[0].answer == "2, 3"
-    assert brief[0].worked == " (x-2)(x-3)=0, x=2 or x=3. #### 2, 3"
+    drawn = [p for p in problems if p.question == "Solve x^2 - 5x + 6 = 0."]
+    assert drawn, "x^2 - 5x + 6 = 0 should be drawn"
+    assert drawn[0].answer == "2, 3"
+    assert drawn[0].worked == " (x-2)(x-3)=0, x=2 or x=3. #### 2, 3"
 
 
 def test_problem_answers_are_right():

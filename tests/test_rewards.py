@@ -1,22 +1,22 @@
 import pytest
 
-from brief_answers import BARE_BOXES, FACTORED, GOLD, REFLECTED, WRONG_DISCRIMINANT
+from quadratic_answers import BARE_BOXES, FACTORED, GOLD, REFLECTED, WRONG_DISCRIMINANT
 from grpo_cli.rewards.rules import RULE_FUNCTIONS, correctness, count_steps, reflection_bonus, step_format
 
-BRIEF_WEIGHTS = {"correctness": 1.0, "step_format": 0.2, "reflection_bonus": 0.1}
+DEFAULT_WEIGHTS = {"correctness": 1.0, "step_format": 0.2, "reflection_bonus": 0.1}
 
 
 def total(completion):
-    return sum(w * RULE_FUNCTIONS[rule](completion, GOLD) for rule, w in BRIEF_WEIGHTS.items())
+    return sum(w * RULE_FUNCTIONS[rule](completion, GOLD) for rule, w in DEFAULT_WEIGHTS.items())
 
 
-def test_the_brief_ranking():
+def test_the_four_quadratic_answers_rank_as_intended():
     # reflection-then-correct >= worked and correct > bare right answer > worked but wrong
     assert total(REFLECTED) >= total(FACTORED) > total(BARE_BOXES) > total(WRONG_DISCRIMINANT)
     assert total(BARE_BOXES) < 1.0 <= total(REFLECTED)
 
 
-def test_the_brief_rule_by_rule():
+def test_the_four_quadratic_answers_rule_by_rule():
     assert [correctness(t, GOLD) for t in (FACTORED, WRONG_DISCRIMINANT, BARE_BOXES, REFLECTED)] == [1, 0, 1, 1]
     assert [step_format(t, GOLD) for t in (FACTORED, WRONG_DISCRIMINANT, BARE_BOXES, REFLECTED)] == [1, 1, -1, 1]
     assert [reflection_bonus(t, GOLD) for t in (FACTORED, WRONG_DISCRIMINANT, BARE_BOXES, REFLECTED)] == [0, 0, 0, 1]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from brief_answers import BARE_BOXES, FACTORED, GOLD, QUESTION, REFLECTED, WRONG_DISCRIMINANT
+from quadratic_answers import BARE_BOXES, FACTORED, GOLD, QUESTION, REFLECTED, WRONG_DISCRIMINANT
 from grpo_cli.update.advantages import STD_EPS
 from grpo_cli.errors import UserError
 from grpo_cli.config.recipe import validate
@@ -18,7 +18,7 @@ def write(tmp_path, rows):
     return path
 
 
-def test_the_brief_group_scored_as_training_would(tmp_path):
+def test_the_quadratic_group_scored_as_training_would(tmp_path):
     path = write(tmp_path, [{"question": QUESTION, "answer": GOLD,
                              "completions": [FACTORED, WRONG_DISCRIMINANT, BARE_BOXES, REFLECTED]}])
     [group] = score_completions(RECIPE, path)

@@ -2,7 +2,8 @@
 
 Three kinds, all small enough for the builtin tiny model to learn on a CPU:
 two-digit additions, a one-digit times a two-digit number, and monic quadratics
-with two distinct integer roots (the product brief's x^2 - 5x + 6 = 0 is one).
+with two distinct integer roots (x^2 - 5x + 6 = 0, the reward rules'
+reference problem, is one).
 
 Each problem also carries three reference solutions used only to warm-start the
 builtin models: a *worked* one that writes the digit-by-digit steps before the

@@ -12,8 +12,8 @@ prompt pass. Or once for the whole step (`step_prompts`): every micro-batch
 continues from the same prompt pass. Under autograd its keys and values enter the
 micro-batches as leaves whose gradients add up over the micro-batches;
 `backward_into_prompts` then runs the prompt pass's backward once with the sum
-(exact by linearity). On the bench step the three per-micro-batch prompt passes
-cost 35 ms forward and backward against 12 ms for one (2-core CPU).
+(exact by linearity): one prompt pass a step instead of one per micro-batch, forward
+and backward (what that saves: docs/performance.md, "Update").
 """
 
 from __future__ import annotations

@@ -5,18 +5,17 @@ A, B, a multiply by s and an add, the last two each a pass over a [tokens, out] 
 and autograd mirrors them in backward (plus the sum of the two input gradients). This
 autograd function computes the same thing with the scale and the sums inside matmuls:
 forward is the base matmul, x A^T, then one addmm that adds s * (x A^T) B^T to it;
-backward forms the input gradient as one addmm too. On the builtin model it took 9% off
-the update's forward and backward (177.7 -> 163.0 ms, medians of 15 alternating runs,
-2-core CPU), with gradients equal to PEFT's to 4e-7 relative.
+backward forms the input gradient as one addmm too: fewer passes over [tokens, out]
+tensors, with PEFT's gradients (tests/test_lora_linear.py; what it saves:
+docs/performance.md, "Update").
 
 With 16-bit weights PEFT keeps the adapter in float32: it casts x to float32 for A and B,
 adds their float32 output to the 16-bit base output in float32 and rounds the sum back to
 16 bits; the function does the same arithmetic. Autograd under PEFT keeps a float32 copy of
 x for each adapter's gradient (one per projection: q, k and v each keep their own); the
 function keeps x itself, once for the projections that share it, and casts it again in
-backward: on the builtin model in bfloat16 (16 sequences) the storages autograd keeps for
-backward after a forward pass came to 9.6 MB against PEFT's 14.0 MB, with the same
-log-probabilities (tests/test_lora_linear.py holds it under 75%).
+backward: less is kept for backward, with the same log-probabilities (the figures:
+docs/performance.md, "Update"; tests/test_lora_linear.py holds it under 75% of PEFT's).
 
 `install` switches it on for the LoRA layers where PEFT's forward computes exactly that
 formula: one active adapter, no dropout, no DoRA or other variant, a plain nn.Linear base

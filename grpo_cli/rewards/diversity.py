@@ -1,7 +1,7 @@
 """Is the group still exploring? Two diversity measures of a group's completions, logged each step.
 
 When a policy collapses, every sample of a prompt says the same thing and the
-group-relative advantage has nothing left to compare. The product brief asks to
+group-relative advantage has nothing left to compare. These two measures
 watch for it: `answer_diversity` is the fraction of distinct final answers in a
 group, `text_diversity` the fraction of distinct word 3-grams over the group's
 completions ("distinct-3"). Both are 1 for a group of all-different samples and

@@ -1,9 +1,10 @@
 """Reward rules: pure functions (completion, gold answer) -> float, and custom ones from the recipe.
 
-The product brief grades four answers to x^2 - 5x + 6 = 0; with the default
+The reference problem is x^2 - 5x + 6 = 0 with four graded answers; with the default
 weights (correctness 1.0, step_format 0.2, reflection_bonus 0.1) these rules rank
 them: reflection-then-correct 1.3 >= worked and correct 1.2 > bare boxed answer
-0.8 > worked but wrong 0.2 (tests/test_rewards.py holds the four texts).
+0.8 > worked but wrong 0.2 (tests/quadratic_answers.py holds the four texts,
+tests/test_rewards.py checks the ranking).
 
 A completion is scored together with whatever the prompt template already opened
 for it (e.g. a chat template that ends in "<think>"): see `data.Example.prefill`.

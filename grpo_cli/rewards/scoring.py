@@ -59,9 +59,9 @@ def _settled_equivalence(pred: str, gold: str) -> float | None:
 
 
 # Graders whose verdict usually needs no parsing (no answer, equal text, two integers): those
-# items are graded in the calling process, the rest in the pool. Each is microseconds of string
-# work that cannot hang, while a pool busy beside the update takes a core from torch's threads
-# (on the 2-core CI machine it slowed the reference pass 53 -> 66 ms for 128 completions).
+# items are graded in the calling process, the rest in the pool. Each is a little string work
+# that cannot hang, while a pool busy beside the update takes a core from torch's threads and
+# slows the reference pass (docs/performance.md, "Scoring").
 SETTLED_IN_PROCESS: dict[Rule, Callable[[str, str], float | None]] = {
     correctness: _settled_correctness, equivalence: _settled_equivalence}
 

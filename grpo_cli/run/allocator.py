@@ -3,12 +3,10 @@
 glibc's malloc serves a block larger than its mmap threshold (128 KiB, raised up to 32 MiB
 as it sees such blocks freed) with a fresh mmap, and returns freed heap memory to the
 system. A training step allocates and frees thousands of activations of a few hundred KiB
-to a few MiB; served fresh, every page of each one is faulted in again (~0.5 ms for a
-2 MiB multiply on the builtin model). Kept in the heap, they are reused warm: the update's
-forward and backward went from 135-142 ms to 125-128 ms (three alternating pairs, 2-core
-CPU); a whole 30-step quickstart run from 17.7 to 17.2 s wall, its system time from 1.8 to
-0.8 s, peak resident set unchanged at 0.81 GiB (medians of 7 alternating runs). The cost is
-that the resident set does not shrink back after the step's peak.
+to a few MiB; served fresh, every page of each one is faulted in again. Kept in the heap,
+they are reused warm: the update's forward and backward and a whole run take less wall and
+system time, with the same peak resident set (docs/performance.md, "CPU memory"). The cost
+is that the resident set does not shrink back after the step's peak.
 """
 
 from __future__ import annotations

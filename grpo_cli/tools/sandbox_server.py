@@ -18,7 +18,24 @@ comes from P over a pipe of its own (fd 3), so text the code writes to stderr ca
 
 A separate file without grpo_cli imports: isolated mode (-I) puts neither PYTHONPATH nor the script's
 folder on sys.path, so nothing from the trainer's environment steers what this process imports.
+
+Contents, in the order of the `# ---- N. ... ----` banners below:
+
+     1. Set-up: imports, constants, the C library, the system-call filter (sandbox_filter.py, by path)
+     2. The C library: checked calls, credentials, descriptors
+     3. Landlock: the filesystem rights a call keeps
+     4. The filesystem a call sees: the Python installation for nobody, the working folder's tmpfs,
+        removing a working folder
+     5. Isolation: a call's keyring, user, namespaces, id maps and capabilities (C's `_enter`)
+     6. Probing, once at start-up, which layers this machine allows (`probe`); refusing when too few
+     7. Limits: the processes RLIMIT_NPROC counts
+     8. Running a call: C (`_session`), I (`_init`: the limits, the user, Landlock), P (`_run`)
+     9. How a call ended: the report pipe, the error line, signals
+    10. The server: one select loop over the trainer's socket, the calls' pipes and SIGCHLD (`Server`)
+    11. Start-up (`main`): the maths libraries imported and warmed, the probe, the loop
 """
+
+# ---- 1. Set-up: imports, constants, the C library, the system-call filter ----
 
 import builtins
 import ctypes
@@ -51,6 +68,7 @@ PRELOAD = ("math", "cmath", "fractions", "itertools", "functools", "collections"
 LINUX = sys.platform.startswith("linux")
 _libc = ctypes.CDLL(None, use_errno=True) if LINUX else None
 
+
 def _sibling(name: str):
     """A module beside this file, imported by path: isolated mode (-I) leaves this folder off sys.path."""
     import importlib.util
@@ -66,6 +84,9 @@ if _libc:
     _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     _libc.syscall.restype = ctypes.c_long
+
+
+# ---- 2. The C library: checked calls, credentials, descriptors ----
 
 
 def _c(result: int, what: str) -> int:
@@ -87,6 +108,22 @@ def _die_with_parent() -> None:
     if LINUX:
         _c(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
 
+
+def _become(uid: int) -> None:
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+def _close_from(first: int) -> None:
+    try:
+        last = max(map(int, os.listdir("/proc/self/fd")))
+    except OSError:  # no /proc (macOS)
+        last = os.sysconf("SC_OPEN_MAX")
+    os.closerange(first, last + 1)
+
+
+# ---- 3. Landlock ----
 
 # Landlock (kernel 5.13+): an unprivileged process gives up filesystem rights for itself and its children.
 _LL_READ = 1 | 4 | 8  # EXECUTE, READ_FILE, READ_DIR
@@ -130,6 +167,9 @@ def landlock(abi: int, read: list[str], write: list[str]) -> None:
     os.close(ruleset)
 
 
+# ---- 4. The filesystem a call sees: the Python installation, its working folder's tmpfs, removing the folder ----
+
+
 def python_roots() -> list[str]:
     """The folders the code's imports read: the Python installation and every import path, outermost only."""
     found = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *site.getsitepackages(), *sys.path}
@@ -164,6 +204,89 @@ def expose(roots: list[str]) -> list[str]:
     return list(covered)
 
 
+def _private_tmpfs(workdir: str, limits: dict, owner: int | None) -> None:
+    """Cover the working folder with a tmpfs of the call's own mount namespace. Its size and inode count
+    bound what the code writes (folders count as inodes, so a tree's depth is bounded too), and the kernel
+    frees it when the call's last process ends: nothing is left for the server to delete."""
+    _c(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")  # the trainer never sees it
+    options = f"size={limits['disk_mb']}m,nr_inodes={limits['files']},mode=700"
+    if owner is not None:  # root's call, which becomes `owner` later; in a user namespace the mounter owns it
+        options += f",uid={owner},gid={owner}"
+    _c(_libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()), f"tmpfs on {workdir}")
+
+
+def remove_tree(top: str) -> None:
+    """Delete `top` and all beneath it without recursion and without paths longer than two names: each
+    folder found is first moved up into `top` under a random name, so a tree 100,000 folders deep costs
+    no more stack, and no longer paths, than a flat one. Symlinks are removed, never followed."""
+    import uuid
+
+    queue = [top]
+    while queue:
+        folder = queue.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if folder == top:
+                    queue.append(entry.path)
+                else:
+                    queue.append(os.path.join(top, uuid.uuid4().hex))
+                    os.rename(entry.path, queue[-1])
+            else:
+                os.unlink(entry.path)
+        if folder != top:
+            os.rmdir(folder)
+    os.rmdir(top)
+
+
+# ---- 5. Isolation: a call's keyring, user, namespaces, id maps and capabilities ----
+
+
+def _keyring() -> None:
+    """Join a new, empty session keyring: the trainer's (SSH agent keys, login secrets) goes out of reach."""
+    _c(_syscall(seccomp.syscall_numbers()["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None), "keyctl(JOIN_SESSION_KEYRING)")
+
+
+def _map_ids(uid: int, gid: int) -> None:
+    """Map the process's own uid and gid (outside) to themselves in its new user namespace, the one mapping
+    an unprivileged process may write: files on the call's tmpfs need an owner the namespace knows."""
+    # a change of uid (root to nobody) made the process undumpable, which gives /proc/self to root
+    _c(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
+    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def _enter(plan: dict, cfg: dict, workdir: str) -> None:
+    """C's isolation, in order: a fresh keyring; its user (before the user namespace, so that outside of it
+    the call is nobody); its namespaces; its ids mapped in them; the working folder a tmpfs of its own."""
+    if plan["keyring"]:
+        _keyring()
+    if plan["userns"] and plan["uid"] is not None:
+        _become(plan["uid"])
+    outer_uid, outer_gid = os.geteuid(), os.getegid()
+    if plan["ns"]:
+        _unshare(plan["ns"])
+    if plan["userns"] and plan["tmpfs"]:
+        _map_ids(outer_uid, outer_gid)
+    if plan["tmpfs"]:
+        _private_tmpfs(workdir, cfg["limits"], None if plan["userns"] else plan["uid"])
+
+
+def _drop_capabilities() -> None:
+    """Give up every capability. A process that creates a user namespace holds them all inside it, and
+    without an exec nothing takes them away: the code would keep them (mount, chown within the namespace)."""
+    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable, twice (64 bits each), all zero
+    _c(_syscall(seccomp.syscall_numbers()["capset"], ctypes.byref(header), ctypes.byref(data)), "capset")
+
+
+# ---- 6. Probing, once at start-up, which layers this machine allows; refusing when too few ----
+
+
 def _attempt(step) -> str:
     """'' when `step()` succeeds in a throwaway child process, else why it failed."""
     r, w = os.pipe()
@@ -182,12 +305,6 @@ def _attempt(step) -> str:
         why = f.read().decode(errors="replace")
     status = os.waitpid(pid, 0)[1]
     return why or ("" if status == 0 else f"wait status {status}")
-
-
-def _become(uid: int) -> None:
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)
 
 
 def probe(cfg: dict, preloaded: list[str]) -> tuple[dict, dict, str]:
@@ -334,6 +451,9 @@ def _attempt_tmpfs(plan: dict, cfg: dict) -> str:
         remove_tree(workdir)
 
 
+# ---- 7. Limits: the processes RLIMIT_NPROC counts (I sets every limit: _init, section 8) ----
+
+
 def _tasks_of(uid: int) -> int:
     """Processes and threads whose real uid is `uid`, as RLIMIT_NPROC counts them (outside a user
     namespace of the call's own). Racy: the other calls start and end processes meanwhile (see _init)."""
@@ -349,78 +469,7 @@ def _tasks_of(uid: int) -> int:
     return count
 
 
-def _report(fd: int, **record) -> None:
-    os.write(fd, (json.dumps(record) + "\n").encode())
-
-
-def read_report(raw: bytes) -> dict:
-    """C's and I's word on how the call ended, checked strictly: each line one JSON object of exactly one
-    known key and type ({"exit": int}, {"signal": int}, {"setup": str}). Anything else is set aside as
-    {"malformed": ...}, which the call's outcome reports, and never reaches the server's loop as an error."""
-    kinds = {"exit": int, "signal": int, "setup": str}
-    report: dict = {}
-    for line in raw.splitlines():
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: 3000 "[" nest deeper than json's parser goes
-            record = None
-        ok = (isinstance(record, dict) and len(record) == 1 and (key := next(iter(record))) in kinds
-              and type(record[key]) is kinds[key])
-        if ok:
-            report.update(record)
-        else:
-            report["malformed"] = line[:200].decode("utf-8", "replace")
-    return report
-
-
-def _keyring() -> None:
-    """Join a new, empty session keyring: the trainer's (SSH agent keys, login secrets) goes out of reach."""
-    _c(_syscall(seccomp.syscall_numbers()["keyctl"], KEYCTL_JOIN_SESSION_KEYRING, None), "keyctl(JOIN_SESSION_KEYRING)")
-
-
-def _map_ids(uid: int, gid: int) -> None:
-    """Map the process's own uid and gid (outside) to themselves in its new user namespace, the one mapping
-    an unprivileged process may write: files on the call's tmpfs need an owner the namespace knows."""
-    # a change of uid (root to nobody) made the process undumpable, which gives /proc/self to root
-    _c(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
-    for name, text in (("uid_map", f"{uid} {uid} 1"), ("setgroups", "deny"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as f:
-            f.write(text)
-
-
-def _private_tmpfs(workdir: str, limits: dict, owner: int | None) -> None:
-    """Cover the working folder with a tmpfs of the call's own mount namespace. Its size and inode count
-    bound what the code writes (folders count as inodes, so a tree's depth is bounded too), and the kernel
-    frees it when the call's last process ends: nothing is left for the server to delete."""
-    _c(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")  # the trainer never sees it
-    options = f"size={limits['disk_mb']}m,nr_inodes={limits['files']},mode=700"
-    if owner is not None:  # root's call, which becomes `owner` later; in a user namespace the mounter owns it
-        options += f",uid={owner},gid={owner}"
-    _c(_libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options.encode()), f"tmpfs on {workdir}")
-
-
-def _enter(plan: dict, cfg: dict, workdir: str) -> None:
-    """C's isolation, in order: a fresh keyring; its user (before the user namespace, so that outside of it
-    the call is nobody); its namespaces; its ids mapped in them; the working folder a tmpfs of its own."""
-    if plan["keyring"]:
-        _keyring()
-    if plan["userns"] and plan["uid"] is not None:
-        _become(plan["uid"])
-    outer_uid, outer_gid = os.geteuid(), os.getegid()
-    if plan["ns"]:
-        _unshare(plan["ns"])
-    if plan["userns"] and plan["tmpfs"]:
-        _map_ids(outer_uid, outer_gid)
-    if plan["tmpfs"]:
-        _private_tmpfs(workdir, cfg["limits"], None if plan["userns"] else plan["uid"])
-
-
-def _drop_capabilities() -> None:
-    """Give up every capability. A process that creates a user namespace holds them all inside it, and
-    without an exec nothing takes them away: the code would keep them (mount, chown within the namespace)."""
-    header = (ctypes.c_uint32 * 2)(CAPABILITY_VERSION_3, 0)
-    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable, twice (64 bits each), all zero
-    _c(_syscall(seccomp.syscall_numbers()["capset"], ctypes.byref(header), ctypes.byref(data)), "capset")
+# ---- 8. Running a call: C, I and P ----
 
 
 def _session(plan: dict, cfg: dict, workdir: str, code: str, fds: list[int]) -> None:
@@ -449,14 +498,6 @@ def _session(plan: dict, cfg: dict, workdir: str, code: str, fds: list[int]) -> 
             _report(report, setup=f"{type(e).__name__}: {e}")
     finally:
         os._exit(status)
-
-
-def _close_from(first: int) -> None:
-    try:
-        last = max(map(int, os.listdir("/proc/self/fd")))
-    except OSError:  # no /proc (macOS)
-        last = os.sysconf("SC_OPEN_MAX")
-    os.closerange(first, last + 1)
 
 
 def _init(plan: dict, cfg: dict, workdir: str, code: str) -> None:
@@ -546,31 +587,51 @@ def _run(code: str, workdir: str, filtered: bool) -> None:
         os._exit(status)
 
 
-def remove_tree(top: str) -> None:
-    """Delete `top` and all beneath it without recursion and without paths longer than two names: each
-    folder found is first moved up into `top` under a random name, so a tree 100,000 folders deep costs
-    no more stack, and no longer paths, than a flat one. Symlinks are removed, never followed."""
-    import uuid
+# ---- 9. How a call ended: the report pipe, the error line, signals ----
 
-    queue = [top]
-    while queue:
-        folder = queue.pop()
+
+def _report(fd: int, **record) -> None:
+    os.write(fd, (json.dumps(record) + "\n").encode())
+
+
+def read_report(raw: bytes) -> dict:
+    """C's and I's word on how the call ended, checked strictly: each line one JSON object of exactly one
+    known key and type ({"exit": int}, {"signal": int}, {"setup": str}). Anything else is set aside as
+    {"malformed": ...}, which the call's outcome reports, and never reaches the server's loop as an error."""
+    kinds = {"exit": int, "signal": int, "setup": str}
+    report: dict = {}
+    for line in raw.splitlines():
         try:
-            entries = list(os.scandir(folder))
-        except FileNotFoundError:
-            continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                if folder == top:
-                    queue.append(entry.path)
-                else:
-                    queue.append(os.path.join(top, uuid.uuid4().hex))
-                    os.rename(entry.path, queue[-1])
-            else:
-                os.unlink(entry.path)
-        if folder != top:
-            os.rmdir(folder)
-    os.rmdir(top)
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: 3000 "[" nest deeper than json's parser goes
+            record = None
+        ok = (isinstance(record, dict) and len(record) == 1 and (key := next(iter(record))) in kinds
+              and type(record[key]) is kinds[key])
+        if ok:
+            report.update(record)
+        else:
+            report["malformed"] = line[:200].decode("utf-8", "replace")
+    return report
+
+
+def _error_line(stderr_tail: bytes, code: int) -> str:
+    """The error line of a call that exited with `code`: for 1, Python's code for an uncaught exception,
+    the last line of stderr (the traceback's "NameError: name 'x' is not defined"), as a terminal shows it;
+    otherwise, or when stderr is empty, the exit code."""
+    lines = stderr_tail.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1].strip()[:1000] if code == 1 and lines else f"exited with code {code}"
+
+
+def _signalled(signum: int, limits: dict) -> tuple[str, str]:
+    if signum == signal.SIGXCPU:
+        return "timeout", f"used more than {math.ceil(limits['timeout_s']) + 1} s of CPU time"
+    try:
+        return "killed", f"killed by {signal.Signals(signum).name}"
+    except ValueError:
+        return "killed", f"killed by signal {signum}"
+
+
+# ---- 10. The server: one select loop over the trainer's socket, the calls' pipes and SIGCHLD ----
 
 
 class _Call:
@@ -798,21 +859,7 @@ class Server:
             os.waitpid(pid, 0)
 
 
-def _error_line(stderr_tail: bytes, code: int) -> str:
-    """The error line of a call that exited with `code`: for 1, Python's code for an uncaught exception,
-    the last line of stderr (the traceback's "NameError: name 'x' is not defined"), as a terminal shows it;
-    otherwise, or when stderr is empty, the exit code."""
-    lines = stderr_tail.decode("utf-8", "replace").strip().splitlines()
-    return lines[-1].strip()[:1000] if code == 1 and lines else f"exited with code {code}"
-
-
-def _signalled(signum: int, limits: dict) -> tuple[str, str]:
-    if signum == signal.SIGXCPU:
-        return "timeout", f"used more than {math.ceil(limits['timeout_s']) + 1} s of CPU time"
-    try:
-        return "killed", f"killed by {signal.Signals(signum).name}"
-    except ValueError:
-        return "killed", f"killed by signal {signum}"
+# ---- 11. Start-up: the maths libraries imported and warmed, the probe, the loop ----
 
 
 def main() -> None:
@@ -832,9 +879,9 @@ def main() -> None:
             preloaded.append(name)
         except ImportError:
             pass
-    if "numpy" in sys.modules:  # its first seeding loads more, 13 ms that every call would pay again
+    if "numpy" in sys.modules:  # its first seeding loads more, which every call would pay again (docs/performance.md)
         sys.modules["numpy"].random.seed(0)
-    if "sympy" in sys.modules:  # so do its parser and printer: 5 ms a call
+    if "sympy" in sys.modules:  # so do its parser and printer, on every call
         str(sys.modules["sympy"].sympify("sqrt(8) + x/3"))
     plan, isolation, refused = probe(cfg, preloaded)
     server = Server(cfg, plan, socket.socket(fileno=cfg["fd"]))

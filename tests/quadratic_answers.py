@@ -1,4 +1,6 @@
-"""The product brief's four answers to "solve x^2 - 5x + 6 = 0" (roots 2 and 3)."""
+"""Four graded answers to "solve x^2 - 5x + 6 = 0" (roots 2 and 3): worked and right, worked but wrong, bare
+boxes, and a reflection that corrects itself. rules.py's docstring gives the ranking the default weights produce;
+tests/test_rewards.py and tests/test_scored_groups.py check it."""
 
 QUESTION = "Solve x^2 - 5x + 6 = 0."
 GOLD = "2, 3"
