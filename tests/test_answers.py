@@ -99,6 +99,7 @@ def test_the_integer_list_shortcut_agrees_with_math_verify(pred, gold):
     ("71", "17"), ("-5", "5"), ("007", "7"), ("-0", "0"), ("12", "12"), ("1000000000000000000001", "1e21"),
     ("1000000000000000000001", "1000000000000000000000"), ("-6", "-06"), ("3", "3.0"),
     ("1,234", "1234"), ("-1,000,000", "-1000000"), ("1,234", "1243"), ("12,345", "12345.5"),
+    ("0,500", "500"),  # a first group of 0 is no thousands group: math-verify reads 0 and 500
 ])
 def test_the_integer_shortcut_agrees_with_math_verify(pred, gold):
     from math_verify import verify
@@ -117,7 +118,7 @@ def test_is_correct(completion, gold, correct):
     assert is_correct(completion, gold) is correct
 
 
-# ---- answers that other graders' data showed us (issue 17): each class, right and wrong
+# ---- classes of answers found in other graders' test data: each class, right and wrong
 
 @pytest.mark.parametrize("pred, gold, equal", [
     ("4, 9, and 17", "4, 9, 17", True),              # "and" closes a list: every member counts
@@ -253,6 +254,11 @@ def test_normalize_keeps_the_meaning_of_every_correct_answer_we_hold():
     ("42.", "42"),                              # a sentence's full stop
     ("2 1/4", "2\\frac{1}{4}"),                 # a plain mixed number, as LaTeX writes it
     ("-3 2/5", "-3\\frac{2}{5}"),
+    ("1 000", "1000"),                          # digits grouped by a space, thin space or LaTeX's \,
+    ("1\u2009000", "1000"),
+    ("-12\u202f345.5", "-12345.5"),
+    ("1\\,000\\,000", "1000000"),
+    ("(1 000, 2\u2009000)", "(1000, 2000)"),
 ])
 def test_each_rewrite(answer, rewritten):
     from grpo_cli.rewards.answers import normalize
@@ -270,8 +276,143 @@ def test_each_rewrite(answer, rewritten):
     "11,\\! 250",
     "\\sum_{j=1}^n j",
     "4, 9, \\text{ and } 17",
+    "1 00",                  # not groups of three digits
+    "12 34",
+    "1 000 00",
+    "1.5 000",
 ])
 def test_rewrites_leave_other_answers_alone(answer):
     from grpo_cli.rewards.answers import normalize
 
     assert normalize(answer) == answer
+
+
+# ---- a prime is part of the answer: math-verify drops "'" (E' would equal E), so primes are marked
+
+@pytest.mark.parametrize("pred, gold", [
+    ("E'", "E"), ("E^\\prime", "E"), ("E^{\\prime}", "E"), ("E\u2032", "E"),   # each spelling against no prime
+    ("f'(x)", "f(x)"), ("f\u2019(x)", "f(x)"), ("f'(2)", "f(2)"), ("y' = 2x", "y = 2x"),
+    ("E''", "E'"), ("E\u2033", "E'"), ("E^{\\prime\\prime}", "E^\\prime"), ("f''(x)", "f'(x)"),  # double and single
+    ("A'B'", "AB"), ("AB'", "AB"), ("\\alpha'", "\\alpha"), ("x_1'", "x_1"), ("x_{1}'", "x_{1}"), ("(x^2)'", "x^2"),
+    ("(1, f'(1))", "(1, f(1))"), ("\\{A', B\\}", "\\{A, B\\}"),
+    ("\\text{E'}", "E"), ("\\mathrm{E'}", "\\mathrm{E}"), ("\\mathrm{E}'", "E"),  # a symbol set in roman
+])
+def test_a_primed_symbol_differs_from_the_unprimed_one(pred, gold):
+    assert not is_equivalent(pred, gold)
+    assert not is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("E'", "E^\\prime"), ("E'", "E^{\\prime}"), ("E'", "E\u2032"), ("E^\\prime", "E\u2032"), ("E'", "E ^{ \\prime }"),
+    ("E''", "E^{\\prime\\prime}"), ("E''", "E\u2033"), ("E''", "E^{\\prime \\prime}"), ("E''", "E^{''}"),
+    ("f'(x)", "f^{\\prime}(x)"), ("f'(x)", "f\u2019(x)"), ("A'B'", "A^\\prime B^\\prime"),
+    ("f'(x) = 2x", "f^{\\prime}(x)=2x"), ("\\mathrm{E'}", "E'"), ("\\text{E}'", "E^\\prime"),
+])
+def test_every_spelling_of_a_prime_is_the_same_prime(pred, gold):
+    assert is_equivalent(pred, gold)
+    assert is_equivalent(gold, pred)
+
+
+def test_a_prime_counts_in_every_comparison():
+    """The shortcut the scoring pool takes outside its workers, the score, and the key that counts distinct
+    answers, all keep the prime."""
+    from grpo_cli.rewards.answers import equivalence, settled_without_parsing, text_key
+
+    for pred, gold in [("E'", "E"), ("E", "E'"), ("f'(x)", "f(x)"), ("E''", "E'"), ("\\text{E}", "E'")]:
+        assert settled_without_parsing(pred, gold) is not True
+        assert equivalence(pred, gold) == 0.0
+        assert text_key(pred) != text_key(gold)
+    assert settled_without_parsing("E\u2032", "E'") is True
+    assert len({text_key(a) for a in ("E'", "E^\\prime", "E^{\\prime}", "E\u2032")}) == 1
+    assert is_correct("So the image of the point is $E'$.", "E'")
+    assert not is_correct("So the image of the point is $E$.", "E'")
+    assert not is_correct("The answer is \\boxed{f(x) = 3x^2}", "f'(x) = 3x^2")
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("\\text{O'Neil}", "O'Neil"),       # apostrophes in words
+    ("\\text{Jones'}", "Jones'"),
+    ("John's age", "John's age"),
+    ("'A'", "A"),                       # a quote
+    ("5'", "5"),                        # after a number a prime is a unit (feet, minutes of arc), read as units are
+])
+def test_apostrophes_that_are_not_primes_are_read_as_before(pred, gold):
+    assert is_equivalent(pred, gold)
+
+
+# ---- numbers grouped by spaces, and decimal commas (the rule: _DECIMAL_COMMA in answers.py, docs/grader.md)
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1 000", "1000"), ("1\u2009000", "1000"), ("1\u202f000", "1000"), ("1\u00a0000", "1000"), ("1\\,000", "1000"),
+    ("1\\;000", "1000"), ("1~000", "1000"), ("1 000 000", "1000000"), ("1\\,000\\,000", "10^6"),
+    ("12 345.5", "12345.5"), ("12\u2009345.5", "24691/2"), ("-1 000", "-1000"), ("$1 000$", "1,000"),
+    ("(1 000, 2 000)", "(1000, 2000)"), ("x = 1 000", "1000"), ("1 000 apples", "1000"),
+])
+def test_digits_grouped_by_spaces_are_one_number(pred, gold):
+    assert is_equivalent(pred, gold)
+    assert is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1 00", "100"), ("12 34", "1234"), ("1 000 00", "100000"), ("1 0000", "10000"),  # not groups of three
+    ("1 000", "100"), ("1 000", "-1000"), ("12 345.5", "12345"), ("-1 000", "1000"),
+    ("(1 000, 2 000)", "(1000, 3000)"),
+])
+def test_spaced_digits_that_are_not_that_number(pred, gold):
+    assert not is_equivalent(pred, gold)
+    assert not is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("completion, answer", [
+    ("So the total is 1 000.", "1000"),
+    ("The total comes to 12\u2009345.5 dollars.", "12345.5"),
+    ("so he pays $1\\,250$ in all.", "1250"),
+])
+def test_a_closing_number_grouped_by_spaces_is_read_whole(completion, answer):
+    assert is_correct(completion, answer)
+    assert not is_correct(completion, answer[-3:])  # not its last group
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1,22", "1.22"), ("1000,99", "1000.99"), ("0,5", "0.5"), ("0,5", "\\frac{1}{2}"), ("0,5", "1/2"),
+    ("0,500", "0.5"), ("-1,5", "-1.5"), ("1,5", "3/2"), ("1000,00", "1000"), ("1000,00", "1,000"),
+    ("1 000,5", "1000.5"), ("12\u2009345,5", "12345.5"), ("1,234", "1234"), ("1,000", "1000"),
+])
+def test_a_decimal_comma_reads_as_a_decimal_point(pred, gold):
+    assert is_equivalent(pred, gold)
+    assert is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1,234", "1.234"),                 # three digits after one comma: English thousands, 1234
+    ("1,000", "1"),
+    ("1,22", "1.23"), ("1,22", "122"), ("0,5", "5"), ("0,500", "500"), ("-1,5", "1.5"), ("1,5", "15"),
+    ("(0,5)", "0.5"), ("[0,5]", "0.5"), ("(1,2)", "1.2"), ("\\{1,5\\}", "1.5"),  # an interval, a pair, a set
+    ("1,2,3", "1.23"), ("1,2,3", "1.2"), ("x = 1,5", "1.5"), ("1,-2", "1.2"),
+])
+def test_a_comma_that_is_no_decimal_comma(pred, gold):
+    assert not is_equivalent(pred, gold)
+    assert not is_equivalent(gold, pred)
+
+
+@pytest.mark.parametrize("pred, gold", [
+    ("1,2", "2, 1"), ("1,5", "1, 5"), ("-2,1", "1, -2"), ("6,8", "6 \\text{ and } 8"), ("x=2, x=3", "2,3"),
+    ("(1,2)", "(1, 2)"), ("(0,5)", "(0, 5)"), ("1,2,3", "3, 2, 1"), ("[0,5]", "[0, 5]"),
+])
+def test_lists_pairs_and_intervals_keep_their_commas(pred, gold):
+    """Against a list, a lone "1,2" is the list it was (it may be two roots); a pair or interval always is."""
+    assert is_equivalent(pred, gold)
+    assert is_equivalent(gold, pred)
+
+
+def test_decimal_commas_count_in_every_comparison():
+    from grpo_cli.rewards.answers import settled_without_parsing, text_key
+
+    assert settled_without_parsing("1,22", "1.22") is True
+    assert settled_without_parsing("1000,99", "1000.99") is True
+    assert settled_without_parsing("1 000", "1000") is True
+    assert settled_without_parsing("0,500", "500") is not True
+    assert text_key("1 000") == text_key("1\\,000") == text_key("1,000") == text_key("1000.") == "1000"
+    assert text_key("0,500") != text_key("500")  # 0.5, not five hundred
+    assert is_correct("The price is 2,74 euros.", "2.74")
+    assert not is_correct("The price is 2,74 euros.", "274")

@@ -3,11 +3,13 @@
 Locating the answer is ours: models mark answers in many ways, and the format rules
 need to know where the answer starts and whether it was marked. Deciding equality is
 math-verify's: it parses LaTeX and plain text into SymPy and compares, and it already
-reads thousands separators, thin spaces, "x = 2 or x = 3", "4, 9, and 17", units,
-percentages, `\\dfrac`, intervals and sets. So the answer reaches it nearly as written:
-the only rewrites here are the few math-verify gets wrong (a plain-text mixed number,
-unicode mathematics, delimiters around the whole answer), each tested not to change the
-meaning of a correct answer (tests/test_answers.py). A completion that marks no answer is
+reads thousands separators, "x = 2 or x = 3", "4, 9, and 17", units, percentages,
+`\\dfrac`, intervals and sets. So the answer reaches it nearly as written: the only rewrites
+here are the few math-verify gets wrong (a plain-text mixed number, unicode mathematics,
+delimiters around the whole answer, digits grouped by spaces), each tested not to change the
+meaning of a correct answer (tests/test_answers.py). Two readings are ours because math-verify
+loses them: a prime (it drops every "'", so E' would equal E; see _primed), and a decimal
+comma ("1,22" = 1.22; the rule is at _DECIMAL_COMMA). A completion that marks no answer is
 graded on what it closes with, so one cut off mid-solution states none.
 
 Every function here is pure and safe in any thread because math-verify's own timeouts
@@ -36,7 +38,15 @@ _JSON_VALUE_END = re.compile(r"[\"']?\s*,?\s*}?\s*$")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # A math span: $$...$$, $...$, \[...\] or \(...\) (a "\$" is a currency sign, not a delimiter)
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.DOTALL)
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?(?:_\{?\d+\}?)?")  # "12.5", "2/3", "4343_6" (base 6)
+# What separates groups of three digits ("1 000", "1\u2009000", "1\\,000"): a space, a no-break, thin, narrow
+# no-break or figure space, or LaTeX's thin, medium and wide spaces and ~. math-verify reads "1 000" only in
+# plain text, "1\\,000" as 1 * 0 and "1\u2009000" as 0.
+_GROUP_SPACE = r"(?:[ \u00a0\u2007\u2009\u202f]|\\[,:; ]|~)"
+# A number grouped by such spaces: 1 to 3 digits, then groups of exactly 3 ("12 345.5"); not "1 00", "12 34"
+# or "1 000 00", nor a numerator ("2 100/300" is a mixed number, left to _MIXED_NUMBER)
+_SPACED_NUMBER = re.compile(rf"(?<![\w.,])-?[1-9]\d{{0,2}}(?:{_GROUP_SPACE}\d{{3}})+(?!\d|{_GROUP_SPACE}\d|\s*/)")
+_NUMBER = re.compile(rf"{_SPACED_NUMBER.pattern}(?:\.\d+)?"  # "12 345.5", then "12.5", "2/3", "4343_6" (base 6)
+                     r"|-?\d[\d,]*(?:\.\d+)?(?:/\d+)?(?:_\{?\d+\}?)?")
 _VALUE = r"-?\d+(?:\.\d+)?(?:/\d+)?"
 # "x = 2 or x = 3", "x=2, 3": a list of values for one variable, as solutions of equations are stated
 _ROOT_LIST = re.compile(rf"[a-zA-Z]\s*=\s*{_VALUE}(?:\s*(?:,|\bor\b|\band\b)\s*(?:[a-zA-Z]\s*=\s*)?{_VALUE})+")
@@ -67,7 +77,31 @@ _DELIMITERS = re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]")
 _MIXED_NUMBER = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)")  # "2 1/4", the whole answer
 _TEXT_WRAP = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}]*)\}")
 _INTEGER = re.compile(r"-?\d+")
-_GROUPED_INTEGER = re.compile(r"-?\d{1,3}(?:,\d{3})+")  # "1,234,000": one number with thousands separators
+_GROUPED_INTEGER = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+")  # "1,234,000": one number with thousands separators
+# A decimal comma. The rule: a comma is a thousands separator where the digits can be read so ("1,000",
+# "1,234", "12,345,678.5": the English reading wins where both can, so "1,234" is 1234); it is a decimal
+# comma where they cannot: one comma, and either other than three digits after it ("1,22", "1000,99") or a
+# first group that is no thousands group ("0,5", "0,500", "1000,999"). That reading is allowed only for a
+# whole answer that is one such number (never in a tuple, interval or list: "(0,5)", "1,2,3", "x = 1,5"),
+# and only against an answer that is one number, since a lone "1,5" may also be the two roots 1 and 5: so
+# "1,5" equals "1.5" and "3/2", and also "1, 5" and "5, 1" as before.
+_DECIMAL_COMMA = re.compile(r"-?\d+,\d+")
+_ENGLISH_GROUPS = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # read the English way
+# One number, what a decimal comma may be compared with: "1.22", "1,000", ".5", "3/2", "\\frac{1}{2}", "12\\%"
+# (not "6 \\text{ and } 8" or "x = 2 or x = 3", which are lists)
+_ONE_NUMBER = re.compile(r"-?(?:\d*\.?\d+|[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?|\d+/\d+"
+                         r"|\\[dt]?frac\s*(?:\{\s*\d+\s*\}\s*\{\s*\d+\s*\}|\d\d))(?:\\?%)?")
+# A prime in any spelling: ' ’ ′ (″ and ‴ are two and three), \prime, ^\prime, ^{\prime\prime}, ^{''}.
+# A run of them is one mark: E'' and E^{\prime\prime} are both E^{\prime\prime} (see _primed).
+_PRIME_RUN = re.compile(r"(?:\^\s*\{(?:\s*(?:\\prime(?![a-zA-Z])|['\u2019\u2032]))+\s*\}|\^\s*(?:\\prime(?![a-zA-Z])|')"
+                        r"|\\prime(?![a-zA-Z])|['\u2019\u2032\u2033\u2034])+")
+_PRIME_COUNT = {"'": 1, "\u2019": 1, "\u2032": 1, "\u2033": 2, "\u2034": 3}
+# What a prime marks: a letter or a LaTeX command (E', \alpha'), a closed bracket (f(x)', \bar{x}', x_{1}'), a
+# subscript (x_1'). After any other digit it is a unit, feet or minutes of arc (5'), read as units are.
+_PRIMED = re.compile(r"(?:[A-Za-z)\]}]|_\d+)$")
+_OPENS_QUOTE = re.compile(r"(?:^|[\s(\[{,=:])$")  # "'A'": an apostrophe after no symbol opens a quote
+_WRAPPED_PRIME = re.compile(r"(\\(?:text|textbf|mathrm|mathbf|operatorname)\s*\{([^{}']*[A-Za-z]))"
+                            r"(['\u2019\u2032\u2033\u2034]+)\}")  # "\\mathrm{E'}"
 _INTEGER_LIST = re.compile(r"-?\d+(\s*,\s*-?\d+)+")  # "2, -3": how roots and multiple answers are written
 
 
@@ -253,21 +287,69 @@ def _latex_symbols(s: str) -> str:
 def normalize(answer: str) -> str:
     """The answer as math-verify reads it best. Only what it gets wrong is rewritten:
     unicode minus signs and other unicode mathematics (√2, x², ∞); delimiters around the answer ($, \\(, \\[, and a \\$ currency sign),
-    since we wrap the whole answer in one pair; a sentence's full stop; and a plain-text mixed
-    number "2 1/4", which math-verify reads as 2 * 1/4 while it reads LaTeX's 2\\frac{1}{4} as 9/4."""
+    since we wrap the whole answer in one pair; a sentence's full stop; a plain-text mixed
+    number "2 1/4", which math-verify reads as 2 * 1/4 while it reads LaTeX's 2\\frac{1}{4} as 9/4;
+    and digits grouped by spaces ("1 000", "1\\,000", "12\u2009345.5"; see _SPACED_NUMBER), which it
+    reads inside $...$ as a product or as 0."""
     s = _DELIMITERS.sub("", _latex_symbols(answer.translate(_MINUS))).strip()
     s = s.removesuffix(".").strip() if not s.endswith("..") else s
     mixed = _MIXED_NUMBER.fullmatch(s)
     if mixed and int(mixed.group(3)) < int(mixed.group(4)):
         sign, whole, numerator, denominator = mixed.groups()
         s = f"{sign}{whole}\\frac{{{numerator}}}{{{denominator}}}"
+    return _SPACED_NUMBER.sub(lambda m: re.sub(_GROUP_SPACE, "", m.group()), s)  # "1\\,000" -> "1000"
+
+
+def _primed(s: str) -> str:
+    """A normalized answer with every prime written one way, as LaTeX's ^{\\prime}, which math-verify
+    reads (E' -> E^{\\prime}, f''(x) -> f^{\\prime\\prime}(x), E\u2032 and E^\\prime alike). math-verify
+    drops "'" (and fails on "\u2032"), so without this E' equals E and f'(x) equals f(x); a prime inside
+    \\mathrm{E'} or \\text{E'} is moved out of it, where math-verify reads it. Left as written:
+    apostrophes in words (an answer in prose, words in \\text{}, "\\'e"), quotes ("'A'"), and a prime after
+    a number, a unit (5' is five feet or minutes of arc) that math-verify drops as it drops other units."""
+    if not _PRIME_RUN.search(s) or _PROSE_WORD.search(_TEXT_WRAP.sub("", s)):
+        return s
+    # "\\mathrm{E'}" -> "\\mathrm{E}'": the prime of a symbol set in roman (not of a word: "\\text{Jones'}")
+    s = _WRAPPED_PRIME.sub(lambda m: m.group() if _PROSE_WORD.search(m.group(2)) else f"{m.group(1)}}}{m.group(3)}", s)
+    words = [m.span() for m in _TEXT_WRAP.finditer(s)]
+    out, end, quoted = [], 0, False
+    for run in _PRIME_RUN.finditer(s):
+        before = s[: run.start()]
+        if any(a <= run.start() < b for a, b in words) or before.endswith("\\"):
+            continue
+        if quoted:  # the apostrophe that closes a quote
+            quoted = False
+            continue
+        if run.group()[0] in "^\\":  # LaTeX ignores the space in "E ^{\\prime}"
+            before = before.rstrip()
+        if not _PRIMED.search(before):
+            quoted = run.group() == "'" and _OPENS_QUOTE.search(before) is not None
+            continue
+        count = run.group().count("\\prime") + sum(_PRIME_COUNT.get(c, 0) for c in run.group())
+        out += [s[end : len(before)], "^{" + "\\prime" * count + "}"]
+        end = run.end()
+    return "".join(out) + s[end:]
+
+
+def _decimal_point(s: str, other: str) -> str:
+    """A decimal comma read as a point where the rule allows (see _DECIMAL_COMMA): `s` is one number
+    that no thousands separator explains ("1,22", "0,5") and `other`, compared with it, is one number."""
+    if _DECIMAL_COMMA.fullmatch(s) and not _ENGLISH_GROUPS.fullmatch(s) and _ONE_NUMBER.fullmatch(other):
+        return s.replace(",", ".")
     return s
 
 
+def _compared(pred: str, gold: str) -> tuple[str, str]:
+    """pred and gold as they are compared: normalized, primes marked, decimal commas read."""
+    p, g = _primed(normalize(pred)), _primed(normalize(gold))
+    return _decimal_point(p, g), _decimal_point(g, p)
+
+
 def text_key(answer: str) -> str:
-    """The answer as text that equal-looking answers share ("1,000" and "1000."), for counting
-    distinct answers without parsing them."""
-    s = normalize(answer)
+    """The answer as text that equal-looking answers share ("1,000", "1 000" and "1000."; "E'" and
+    "E^\\prime"), for counting distinct answers without parsing them. A decimal comma stays: alone,
+    "1,5" may be 1.5 or the pair 1 and 5 (see _DECIMAL_COMMA)."""
+    s = _primed(normalize(answer))
     integer = _integer(s)
     return s if integer is None else str(integer)
 
@@ -296,7 +378,7 @@ def _parse(answer: str):
 def settled_without_parsing(pred: str | None, gold: str) -> bool | None:
     """is_equivalent's verdict where it needs no parsing (no answer, equal text, words, two
     integers), else None. Pure string work: it cannot hang, so it may run outside the pool."""
-    return False if pred is None else _settled(normalize(pred), normalize(gold))
+    return False if pred is None else _settled(*_compared(pred, gold))
 
 
 def _integer(s: str) -> int | None:
@@ -330,7 +412,7 @@ def is_equivalent(pred: str | None, gold: str) -> bool:
 
     if pred is None:
         return False
-    p, g = normalize(pred), normalize(gold)
+    p, g = _compared(pred, gold)
     settled = _settled(p, g)
     if settled is not None:
         return settled
