@@ -3,7 +3,7 @@ runs, and every link between the README and the docs pages leads somewhere."""
 
 from pathlib import Path
 
-from grpo_cli.config.recipe import RULE_SPECS, Recipe, _section_type
+from grpo_cli.config.recipe import RULE_SPECS, Recipe, section_type as _section_type
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -23,6 +23,8 @@ from grpo_cli.data.examples import Examples, build_examples, describe, load_rows
 from grpo_cli.errors import UserError, listed
 from grpo_cli.run.evaluation import EvalReport, evaluate, grade_predictions
 from grpo_cli.model.loading import load_for_inference
+from grpo_cli.config.defaults import (EVAL_BATCH_SIZE, EVAL_DEVICE, EVAL_MAX_NEW_TOKENS, EVAL_SAMPLES, EVAL_SEED,
+                                      EVAL_TEMPERATURE, EVAL_TOP_P, NAMED_SET_MAX_NEW_TOKENS)
 from grpo_cli.config.recipe import DataSpec, GrpoSpec, HubDataset, out_of_bounds, reserved_template_kwargs
 from grpo_cli.rollout.sampling import generate
 from grpo_cli.rollout.settings import Sampling
@@ -43,9 +45,9 @@ class NamedSet:
 
 NAMED_SETS = {
     "gsm8k": NamedSet(hub=HubDataset(name="openai/gsm8k", config="main", split="test"), prompt_field="question",
-                      max_new_tokens=512, size=1319),
+                      max_new_tokens=NAMED_SET_MAX_NEW_TOKENS["gsm8k"], size=1319),
     "math500": NamedSet(hub=HubDataset(name="HuggingFaceH4/MATH-500", split="test"), prompt_field="problem",
-                        max_new_tokens=1024, size=500),
+                        max_new_tokens=NAMED_SET_MAX_NEW_TOKENS["math500"], size=500),
 }
 
 
@@ -55,23 +57,23 @@ class EvalOptions:
     data: str | None = None  # gsm8k, math500, builtin:..., a file, a hub dataset; None = the run's eval set
     data_file: str | None = None  # local copy of a named set
     predictions: str | None = None  # grade this file instead of generating
-    samples: int = 1
+    samples: int = EVAL_SAMPLES
     limit: int | None = None
     max_new_tokens: int | None = None
-    temperature: float = 0.6  # only when samples > 1
-    top_p: float = 0.95
-    batch_size: int = 32
-    seed: int = 0
+    temperature: float = EVAL_TEMPERATURE  # only when samples > 1
+    top_p: float = EVAL_TOP_P
+    batch_size: int = EVAL_BATCH_SIZE
+    seed: int = EVAL_SEED
     template: str | None = None
     system_prompt: str | None = None
     chat: bool | None = None
     chat_template_kwargs: dict | None = None  # None: the run's data.chat_template_kwargs, or none
-    device: str = "auto"
+    device: str = EVAL_DEVICE
     dtype: str | None = None
     best: bool = False  # a run directory's best checkpoint (checkpoint.locate_best), not its latest
-    tools: list[str] | None = None  # ["python"]: the model may run code (tool_calls.py); None: the run's grpo.tools
-    max_tool_calls: int | None = None  # None: the run's, else the recipe's default (4)
-    tool_timeout_s: float | None = None  # None: the run's, else the recipe's default (5 s)
+    tools: list[str] | None = None  # ["python"]: the model may run code (tools/calls.py); None: the run's grpo.tools
+    max_tool_calls: int | None = None  # None: the run's, else grpo.max_tool_calls' default
+    tool_timeout_s: float | None = None  # None: the run's, else grpo.tool_timeout_s' default
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def run(options: EvalOptions, on_progress=None, on_message=None) -> Evaluation:
     items = examples.items[: options.limit]  # None: all
     trained_with = loaded.recipe.grpo.max_new_tokens if loaded.recipe else None  # a run's: auto resolved in it
     max_new = options.max_new_tokens if options.max_new_tokens is not None else (
-        named.max_new_tokens if named else trained_with if isinstance(trained_with, int) else 512)
+        named.max_new_tokens if named else trained_with if isinstance(trained_with, int) else EVAL_MAX_NEW_TOKENS)
     sampled = options.samples > 1
     tools = _tool_settings(options, loaded.recipe)
     with Scorer() as scorer, open_session(**tools) as session:

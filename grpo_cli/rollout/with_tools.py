@@ -16,7 +16,7 @@ longer call holds the loop up, and that wait is measured (tool_wait_seconds).
 
 A paused row stays in the decode batch, fed a padding token whose cache slot is marked
 invalid, so the batch's shapes (and the random draws, one multinomial over every row per
-step as in rollout.py) stay as they would be.
+step as in rollout/sampling.py) stay as they would be.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import torch
 
 from grpo_cli.tools import calls as tool_calls
 from grpo_cli.run.guard import drop_point
+from grpo_cli.config.defaults import TOOL_MAX_CALLS, TOOL_MEMORY_MB, TOOL_TIMEOUT_S
 from grpo_cli.model.calls import COMPACT_FRACTION, draw_tokens
 from grpo_cli.rollout.settings import Sampling
 
@@ -71,9 +72,9 @@ class ToolUse:
 
 @dataclass(kw_only=True, frozen=True)
 class ToolSettings:
-    max_calls: int = 4
-    timeout_s: float = 5.0
-    memory_mb: int = 1024
+    max_calls: int = TOOL_MAX_CALLS
+    timeout_s: float = TOOL_TIMEOUT_S
+    memory_mb: int = TOOL_MEMORY_MB
 
 
 class ToolSession:

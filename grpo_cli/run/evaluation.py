@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from grpo_cli.rewards.answers import extract_final_answer, gold_answer
+from grpo_cli.config.defaults import EVAL_BATCH_SIZE
 from grpo_cli.data.examples import Example, json_kind
 from grpo_cli.errors import listed
 from grpo_cli.run.guard import drop_point
@@ -77,7 +78,7 @@ class EvalReport:
         return figures
 
 
-def generate_completions(model, tokenizer, prompts: list[str], sampling: Sampling, batch_size: int = 32,
+def generate_completions(model, tokenizer, prompts: list[str], sampling: Sampling, batch_size: int = EVAL_BATCH_SIZE,
                          on_progress=None, sampler=None) -> list[list[str]]:
     """`sampling.samples_per_prompt` completions per prompt, in input order.
 
@@ -142,7 +143,7 @@ def grade(golds: list[str], completions: list[list[str]], scorer: Scorer, fields
     return items
 
 
-def evaluate(model, tokenizer, examples: list[Example], sampling: Sampling, scorer: Scorer, batch_size: int = 32,
+def evaluate(model, tokenizer, examples: list[Example], sampling: Sampling, scorer: Scorer, batch_size: int = EVAL_BATCH_SIZE,
              on_progress=None, sampler=None) -> EvalReport:
     """Generate and grade `sampling.samples_per_prompt` completions per problem (Sampling.for_evaluation:
     greedy for one)."""

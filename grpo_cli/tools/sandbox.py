@@ -14,8 +14,8 @@ other rows keep decoding; calls run in parallel.
 
 The work happens in a server process (sandbox_server.py, which documents the isolation): started with
 a scrubbed environment, so the trainer's tokens and keys never reach the model's code; it imports
-sympy and numpy once, then forks one process tree per call: 13-16 ms a call, sympy included, where a
-new interpreter importing sympy takes 300 ms (scripts/sandbox_cost.py). `isolation` says which layers
+sympy and numpy once, then forks one process tree per call, far cheaper than a new interpreter importing
+sympy for each (docs/tools.md has the costs, from scripts/sandbox_cost.py). `isolation` says which layers
 this machine allowed.
 """
 
@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from grpo_cli.config.defaults import TOOL_MEMORY_MB, TOOL_TIMEOUT_S
 from grpo_cli.errors import UserError
 
 START_TIMEOUT_S = 120.0  # the server's start-up: importing sympy and numpy from a cold disk
@@ -46,8 +47,8 @@ SERVER_ENV = {  # all the server and the code see: nothing of the trainer's (HF_
 class Limits:
     """What one call may use. Beyond any of them the call ends and says which."""
 
-    timeout_s: float = 5.0  # wall clock; CPU time is capped at ceil(timeout_s) + 1 s per process
-    memory_mb: int = 1024  # address space (RLIMIT_AS) of each process the code runs
+    timeout_s: float = TOOL_TIMEOUT_S  # wall clock; CPU time is capped at ceil(timeout_s) + 1 s per process
+    memory_mb: int = TOOL_MEMORY_MB  # address space (RLIMIT_AS) of each process the code runs
     max_processes: int = 4  # processes or threads the code may start beyond itself
     output_bytes: int = 65536  # stdout and stderr kept; beyond this the call is ended and marked truncated
     file_mb: int = 16  # the largest file the code may write (RLIMIT_FSIZE)
