@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import typer
 from typer.core import TyperCommand, TyperGroup
 
 from grpo_cli import __version__
+from grpo_cli.config.defaults import (EVAL_BATCH_SIZE, EVAL_DEVICE, EVAL_SAMPLES, EVAL_SEED, EVAL_TEMPERATURE,
+                                      EVAL_TOP_P, NAMED_SET_MAX_NEW_TOKENS, TOOL_MAX_CALLS, TOOL_MEMORY_MB,
+                                      TOOL_TIMEOUT_S)
 from grpo_cli.errors import UserError
-from grpo_cli.run.guard import Terminated, terminate_at_once
-
+from grpo_cli.run.guard import EXIT_CODES, NAMES, Terminated, terminate_at_once
 
 
 def _shown_type(param) -> str | None:
@@ -80,10 +84,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_SIGNALS = {code: signum for signum, code in EXIT_CODES.items()}  # an exit code -> the signal that stops with it
+
+
 def _stopped_by_signal(exit_code: int, what: str) -> None:
-    """Ctrl-C (130) or SIGTERM (143) outside a training loop: a line, no traceback."""
-    signal_name = "SIGTERM" if exit_code == 143 else "Ctrl-C"
-    typer.secho(f"stopped by {signal_name}; {what}", err=True, fg=typer.colors.YELLOW)
+    """Ctrl-C or SIGTERM outside a training loop: a line saying what the stop left, no traceback; the exit code
+    is the signal's (guard.EXIT_CODES)."""
+    typer.secho(f"stopped by {NAMES[_SIGNALS[exit_code]]}; {what}", err=True, fg=typer.colors.YELLOW)
     raise typer.Exit(exit_code)
 
 
@@ -97,6 +104,26 @@ def _fail(error: UserError) -> None:
     else:
         typer.secho(f"{where}error: {error}", err=True, fg=typer.colors.RED)
     raise typer.Exit(error.exit_code)
+
+
+@contextlib.contextmanager
+def _reported(stopped: str | None = None, *, interrupted: str | None = None):
+    """How a command ends early, the same in every command, never with a traceback: a UserError as its message
+    and its exit code (_fail); Ctrl-C or SIGTERM as "stopped by <signal>; <stopped>" (what the stop left) and the
+    signal's exit code (guard.EXIT_CODES). `interrupted` is the whole line for Ctrl-C where there is more to say.
+    Without `stopped`, Ctrl-C and SIGTERM are not caught here."""
+    try:
+        yield
+    except UserError as error:
+        _fail(error)
+    except (KeyboardInterrupt, Terminated) as stop:
+        if stopped is None:
+            raise
+        signum = signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM
+        if signum == signal.SIGINT and interrupted is not None:
+            typer.secho(interrupted, err=True, fg=typer.colors.YELLOW)
+            raise typer.Exit(EXIT_CODES[signum]) from None
+        _stopped_by_signal(EXIT_CODES[signum], stopped)
 
 
 @app.command(cls=PlainCommand)
@@ -117,21 +144,13 @@ def train(
     from grpo_cli.run.console import TrainConsole
     from grpo_cli.run.train import train as run_training
 
-    try:
+    with _reported("training had not started its first step, so there was nothing to save.",
+                   interrupted="interrupted; the last complete checkpoint (if any) is intact: continue with --resume."):
         recipe = catalog.resolve(recipe)
         loaded = recipe_module.load(recipe, set_)
         console = TrainConsole(quiet=quiet)
         summary = run_training(loaded, resume=resume, recipe_dir=recipe.resolve().parent, console=console,
                                recipe_file=recipe)
-    except UserError as error:
-        _fail(error)
-    except KeyboardInterrupt:
-        typer.secho("interrupted; the last complete checkpoint (if any) is intact: continue with --resume.",
-                    err=True, fg=typer.colors.YELLOW)
-        raise typer.Exit(130) from None
-    except Terminated:
-        _stopped_by_signal(Terminated.exit_code, "training had not started its first step, so there was nothing "
-                                                 "to save.")
     if _rank():
         return  # under torchrun the first process reports
     moved = ""
@@ -158,17 +177,19 @@ def eval_command(
                                   help="A local copy of gsm8k or math500 (otherwise read from the hub)."),
     predictions: str = typer.Option(None, "--predictions", metavar="FILE",
                                     help="Grade completions from a .jsonl file (answer + completion or completions); no model is loaded."),
-    samples: int = typer.Option(1, "--samples", "-k", metavar="K",
+    samples: int = typer.Option(EVAL_SAMPLES, "--samples", "-k", metavar="K",
                                 help="Completions per problem: 1 = greedy pass@1; k > 1 adds mean accuracy, maj@k and pass@k."),
     limit: int = typer.Option(None, "--limit", metavar="N", help="Only the first N problems."),
     output: Path = typer.Option(None, "--output", "-o", metavar="FILE",
                                 help="Write results (figures, settings, one record per row) as JSON."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", metavar="N",
-                                       help="Default: 512 for gsm8k, 1024 for math500, else the run's recipe."),
-    temperature: float = typer.Option(0.6, metavar="T", help="Sampling temperature when --samples > 1."),
-    top_p: float = typer.Option(0.95, "--top-p", metavar="P", help="Nucleus sampling when --samples > 1."),
-    batch_size: int = typer.Option(32, "--batch-size", metavar="N", help="Prompts per generation batch."),
-    seed: int = typer.Option(0, metavar="N", help="Seed for sampling."),
+    max_new_tokens: int = typer.Option(
+        None, "--max-new-tokens", metavar="N",
+        help=f"Default: {', '.join(f'{n} for {name}' for name, n in NAMED_SET_MAX_NEW_TOKENS.items())}, else the "
+             "run's recipe."),
+    temperature: float = typer.Option(EVAL_TEMPERATURE, metavar="T", help="Sampling temperature when --samples > 1."),
+    top_p: float = typer.Option(EVAL_TOP_P, "--top-p", metavar="P", help="Nucleus sampling when --samples > 1."),
+    batch_size: int = typer.Option(EVAL_BATCH_SIZE, "--batch-size", metavar="N", help="Prompts per generation batch."),
+    seed: int = typer.Option(EVAL_SEED, metavar="N", help="Seed for sampling."),
     template: str = typer.Option(None, metavar="TEMPLATE",
                                  help="Prompt format string over the row's fields, e.g. 'Q: {question}\\nA:'."),
     system_prompt: str = typer.Option(None, "--system-prompt", metavar="TEXT", help="System message for chat prompts."),
@@ -177,16 +198,18 @@ def eval_command(
     template_kwargs: list[str] = typer.Option(
         [], "--chat-template-kwarg", metavar="KEY=VALUE",
         help="A chat template variable, e.g. enable_thinking=true (repeatable; default: the run's)."),
-    device: str = typer.Option("auto", metavar="DEVICE", help="auto, cpu or cuda."),
+    device: str = typer.Option(EVAL_DEVICE, metavar="DEVICE", help="auto, cpu or cuda."),
     dtype: str = typer.Option(None, metavar="DTYPE",
                               help="float32, bfloat16, float16 or auto (default: the run's, else auto)."),
     tools: str = typer.Option(None, "--tools", metavar="TOOL",
                               help="python: the model may run code in a sandbox (Qwen2.5-Math's tool-integrated "
                                    "format); none: no tool. Default: the run's grpo.tools, else none."),
     max_tool_calls: int = typer.Option(None, "--max-tool-calls", metavar="N",
-                                       help="With --tools: calls per completion (default: the run's, else 4)."),
+                                       help=f"With --tools: calls per completion (default: the run's, else "
+                                            f"{TOOL_MAX_CALLS})."),
     tool_timeout: float = typer.Option(None, "--tool-timeout", metavar="SECONDS",
-                                       help="With --tools: wall-clock limit of one call (default: the run's, else 5)."),
+                                       help=f"With --tools: wall-clock limit of one call (default: the run's, "
+                                            f"else {TOOL_TIMEOUT_S:g})."),
 ) -> None:
     """Measure accuracy on a math set, or grade given completions.
 
@@ -203,28 +226,21 @@ def eval_command(
     from grpo_cli.run.log import write_whole
 
     console = Console()
-    try:
+    with _reported():
         variables = parse_template_kwargs(template_kwargs) if template_kwargs else None
-    except UserError as error:
-        _fail(error)
     options = EvalOptions(model=model, data=data, data_file=data_file, predictions=predictions, samples=samples,
                           limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                           batch_size=batch_size, seed=seed, template=template, system_prompt=system_prompt, chat=chat,
                           chat_template_kwargs=variables, device=device, dtype=dtype, best=best,
                           tools=None if tools is None else [t.strip() for t in tools.split(",") if t.strip() != "none"],
                           max_tool_calls=max_tool_calls, tool_timeout_s=tool_timeout)
-    try:
-        with terminate_at_once(), TaskProgress(console, "generate") as progress:
-            evaluation = run(options, on_progress=progress.update,
-                             on_message=lambda text: console.print(text, highlight=False))
-            results = evaluation.results()
-            if output is not None:
-                write_whole(output, json.dumps(results, indent=1, ensure_ascii=False))
-    except UserError as error:
-        _fail(error)
-    except (KeyboardInterrupt, Terminated) as stop:
-        _stopped_by_signal(getattr(stop, "exit_code", 130), "nothing was written" if output is None else
-                           f"{output} was not written.")
+    with _reported("nothing was written" if output is None else f"{output} was not written."), \
+            terminate_at_once(), TaskProgress(console, "generate") as progress:
+        evaluation = run(options, on_progress=progress.update,
+                         on_message=lambda text: console.print(text, highlight=False))
+        results = evaluation.results()
+        if output is not None:
+            write_whole(output, json.dumps(results, indent=1, ensure_ascii=False))
     print_eval(console, results)
     if output is not None:
         console.print(f"results written to {output}", highlight=False)
@@ -255,18 +271,12 @@ def score(
     from grpo_cli.run.log import write_whole
     from grpo_cli.commands.score import score_completions
 
-    try:
-        with terminate_at_once():
-            recipe = catalog.resolve(recipe)
-            loaded = recipe_module.load(recipe, set_)
-            groups = score_completions(loaded, completions, recipe.resolve().parent)
-            if output is not None:
-                write_whole(output, json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
-    except UserError as error:
-        _fail(error)
-    except (KeyboardInterrupt, Terminated) as stop:
-        _stopped_by_signal(getattr(stop, "exit_code", 130), "nothing was written" if output is None else
-                           f"{output} was not written.")
+    with _reported("nothing was written" if output is None else f"{output} was not written."), terminate_at_once():
+        recipe = catalog.resolve(recipe)
+        loaded = recipe_module.load(recipe, set_)
+        groups = score_completions(loaded, completions, recipe.resolve().parent)
+        if output is not None:
+            write_whole(output, json.dumps([dataclasses.asdict(g) for g in groups], indent=1, ensure_ascii=False))
     print_scores(Console(), groups, [r.key for r in loaded.rewards])
 
 
@@ -279,26 +289,26 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", metavar="DIR", help="Directory to write the model to."),
     dtype: str = typer.Option(None, metavar="DTYPE",
                               help="float32, bfloat16 or float16 (default: the recipe's; auto -> bfloat16)."),
-    adapter_only: bool = typer.Option(False, "--adapter-only",
-                                      help="Write only the LoRA adapter, in the standard PEFT layout."),
+    export_format: str = typer.Option(None, "--format", metavar="FORMAT",
+                                      help="safetensors: the model with the LoRA adapters merged in, which plain "
+                                           "transformers loads (the default); adapter: the LoRA adapter alone, in "
+                                           "the PEFT layout (LoRA runs)."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="The same as --format adapter."),
     force: bool = typer.Option(False, "--force",
                                help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
 ) -> None:
-    """Merge the trained adapters into the base and save a model plain transformers loads; verified after writing.
+    """Merge the trained adapters into the base and save a model plain transformers loads (or, with --format adapter,
+    the adapter alone); verified after writing.
 
     Example: grpo export runs/quickstart --out models/quickstart;  grpo export runs/quickstart --best --out models/best
     """
     from grpo_cli.export.build import export as run_export
 
-    try:
-        with terminate_at_once():
-            exported = run_export(source, out, dtype=dtype, adapter_only=adapter_only, force=force, best=best)
-    except UserError as error:
-        _fail(error)
-    except (KeyboardInterrupt, Terminated) as stop:
-        _stopped_by_signal(getattr(stop, "exit_code", 130), f"{out} was not written (nothing half-written is left).")
+    with _reported(f"{out} was not written (nothing half-written is left)."), terminate_at_once():
+        exported = run_export(source, out, dtype=dtype, format=export_format, adapter_only=adapter_only,
+                              force=force, best=best)
     check = exported.check
-    what = "LoRA adapter" if exported.adapter_only else f"{exported.dtype} model"
+    what = exported.label
     typer.echo(
         f"exported {'the adapter' if exported.step is None else f'step {exported.step}'} as a {what} to {exported.out}; verified: next-token distributions within "
         f"{check.vs_adapter:.1e} of the adapter model (allowed {check.tolerance:.1e}), {check.vs_base:.2e} from the base"
@@ -317,10 +327,8 @@ def plot(
     """
     from grpo_cli.commands.plot import plot_runs
 
-    try:
+    with _reported():
         written = plot_runs(runs, out or runs[0] / "plot.png")
-    except UserError as error:
-        _fail(error)
     typer.echo(f"wrote {written}")
 
 
@@ -338,10 +346,8 @@ def samples(
     from grpo_cli.run.console import print_scores
     from grpo_cli.commands.score import logged_groups
 
-    try:
+    with _reported():
         shown, groups = logged_groups(run, step)
-    except UserError as error:
-        _fail(error)
     rules = list(dict.fromkeys(k for g in groups for c in g.completions for k in c.rewards))
     Console().print(f"step {shown}", style="bold")
     print_scores(Console(), groups, rules, title="prompt")
@@ -372,10 +378,8 @@ def recipes_show(name: str = typer.Argument(..., help="A name from grpo recipes.
     """
     from grpo_cli.config.catalog import find
 
-    try:
+    with _reported():
         typer.echo(find(name).read_text(), nl=False)
-    except UserError as error:
-        _fail(error)
 
 
 @app.command(cls=PlainCommand)
@@ -399,11 +403,9 @@ def validate(
     from grpo_cli.commands.estimate import count_parameters, estimate, model_config
 
     console = Console()
-    try:
+    with _reported():
         recipe = catalog.resolve(recipe)
         loaded = recipe_module.load(recipe, set_)
-    except UserError as error:
-        _fail(error)
     console.print(Syntax(recipe_module.dump(loaded), "yaml", background_color="default"))
     config = no_config = None
     try:
@@ -414,18 +416,15 @@ def validate(
     except Exception as exc:
         no_config = (f"could not read the model's config ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                      "the parameter count and memory estimate need it.")
-    try:
-        checked = check_data(loaded, config, recipe.resolve().parent)  # what training would refuse fails here
-    except UserError as error:
-        _fail(error)
-    except Skipped as why:
-        checked = None
-        console.print(f"data check skipped: {why}.", style="yellow", highlight=False)
+    with _reported():
+        try:
+            checked = check_data(loaded, config, recipe.resolve().parent)  # what training would refuse fails here
+        except Skipped as why:
+            checked = None
+            console.print(f"data check skipped: {why}.", style="yellow", highlight=False)
     if loaded.grpo.tools:
-        try:  # a machine that cannot confine the tool's code makes the recipe unusable here
+        with _reported():  # a machine that cannot confine the tool's code makes the recipe unusable here
             print_sandbox(console, loaded.grpo)
-        except UserError as error:
-            _fail(error)
     console.print(f"{recipe}: valid.", style="green")
     if checked is not None:
         print_data_check(console, checked)
@@ -454,8 +453,9 @@ def validate(
 @sandbox_app.command("run", cls=PlainCommand)
 def sandbox_run(
     file: Path = typer.Argument(..., metavar="FILE.py", help="Python to run, as the code of one ```python block."),
-    timeout: float = typer.Option(5.0, "--timeout", metavar="S", help="Wall-clock limit of the call (grpo.tool_timeout_s)."),
-    memory_mb: int = typer.Option(1024, "--memory-mb", metavar="M",
+    timeout: float = typer.Option(TOOL_TIMEOUT_S, "--timeout", metavar="S",
+                                  help="Wall-clock limit of the call (grpo.tool_timeout_s)."),
+    memory_mb: int = typer.Option(TOOL_MEMORY_MB, "--memory-mb", metavar="M",
                                   help="Address-space limit of the call, in MB (grpo.tool_memory_mb)."),
 ) -> None:
     """Run FILE.py exactly as a rollout's tool call runs, and print the output block the completion would get.
@@ -468,14 +468,10 @@ def sandbox_run(
     """
     from grpo_cli.commands.sandbox_run import check_tool_limits, run_file
 
-    try:
+    with _reported("the call was ended with its sandbox."):
         check_tool_limits({"tool_timeout_s": "--timeout", "tool_memory_mb": "--memory-mb"},
                           tool_timeout_s=timeout, tool_memory_mb=memory_mb)
         ran = run_file(file, timeout_s=timeout, memory_mb=memory_mb)
-    except UserError as error:
-        _fail(error)
-    except (KeyboardInterrupt, Terminated) as stop:
-        _stopped_by_signal(getattr(stop, "exit_code", 130), "the call was ended with its sandbox.")
     for layer, how in ran.isolation.items():
         typer.echo(f"{layer}: {how}", err=True)
     typer.echo(f"status: {ran.outcome.status} in {ran.outcome.seconds * 1000:.0f} ms", err=True)

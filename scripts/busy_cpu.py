@@ -1,7 +1,7 @@
 """The quickstart's step time alone and beside a busy process, with grpo's thread choice and with torch's default.
 
 torch's default is one thread per CPU; grpo's choice counts only the CPUs other processes leave free
-(grpo_cli/threads.py). Forcing GRPO_NUM_THREADS to the CPU count gives torch's default back. The busy
+(grpo_cli/run/threads.py). Forcing GRPO_NUM_THREADS to the CPU count gives torch's default back. The busy
 process is one pure-Python loop (one core), started before the run and stopped after it.
 
     python scripts/busy_cpu.py --steps 40

@@ -61,7 +61,7 @@ def main() -> None:
 
     base = results[0][4]
     cpu = base["memory_kind"] == "CPU resident"
-    # On the CPU the resident set is mostly libraries, and glibc keeps freed blocks (grpo_cli/allocator.py):
+    # On the CPU the resident set is mostly libraries, and glibc keeps freed blocks (grpo_cli/run/allocator.py):
     # both the process's peak and what the timed steps added above the warm-up's peak are shown.
     columns = [("peak_gib", "peak (GiB)")] + ([("step_gib", "added by timed steps (GiB)")] if cpu else [])
     print(f"\n{args.prompts} prompts of {args.prompt_tokens} tokens per step; device: {base['device']}; memory: "

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from grpo_cli.model import adapters
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, locating, manifest, store
 from grpo_cli.cli import app
 from grpo_cli.errors import UserError
 from grpo_cli.export.build import export
@@ -89,18 +89,18 @@ def logits_of(model, tokenizer) -> torch.Tensor:
 
 
 def test_a_trainer_checkpoint_is_not_taken_for_a_grpo_checkpoint(trainer_checkpoint, tmp_path):
-    assert not checkpoint.is_grpo_checkpoint(trainer_checkpoint)
-    assert checkpoint.locate(trainer_checkpoint) is None  # it used to say "incomplete checkpoint"
+    assert not locating.is_grpo_checkpoint(trainer_checkpoint)
+    assert locating.locate(trainer_checkpoint) is None  # it used to say "incomplete checkpoint"
     adapter = adapters.foreign(trainer_checkpoint)
     assert adapter.step == 40 and adapter.base == resolve("builtin:tiny-math") and "Trainer" in adapter.what
     # ours are still recognised, torn before the manifest arrived too: recipe.yaml is only ever ours
     torn = tmp_path / "step-3"
     torn.mkdir()
-    (torn / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3}))
-    (torn / checkpoint.RECIPE_FILE).write_text("model: {}\n")
-    assert checkpoint.is_grpo_checkpoint(torn)
+    (torn / layout.STATE_FILE).write_text(json.dumps({"step": 3}))
+    (torn / layout.RECIPE_FILE).write_text("model: {}\n")
+    assert locating.is_grpo_checkpoint(torn)
     with pytest.raises(UserError, match="incomplete checkpoint"):
-        checkpoint.locate(torn)
+        locating.locate(torn)
 
 
 @pytest.mark.parametrize("kind", ["trainer", "peft"])
@@ -223,7 +223,7 @@ def test_a_resumed_continue_run_keeps_the_starting_adapter_as_reference(sft_run,
 
     recipe = load_recipe(continued / "recipe.yaml")
     policy = load_policy(recipe.model.model_copy(update={"device": "cpu"}), recipe.grpo.kl_beta)
-    checkpoint.restore_weights(step_dir(continued, 1), policy)
+    store.restore_weights(step_dir(continued, 1), policy)
     with torch.no_grad(), policy.reference() as reference:
         ref_logits = logits_of(reference.eval(), policy.tokenizer)
     assert torch.allclose(ref_logits, peft_logits([step_dir(sft_run, 2)]), atol=1e-5)
@@ -432,15 +432,15 @@ def test_resume_refuses_a_checkpoint_whose_adapter_does_not_load_whole(sft_run, 
 
     copied = tmp_path / "step-2"
     shutil.copytree(step_dir(sft_run, 2), copied)
-    for name in (checkpoint.MANIFEST, checkpoint.CHECKSUMS):
+    for name in (layout.MANIFEST, layout.CHECKSUMS):
         (copied / name).unlink()
     file = copied / "adapter_model.safetensors"
     save_file(NOT_WHOLE["renamed"][0](load_file(str(file))), str(file))
-    checkpoint._write_manifest(copied)
-    recipe = load_recipe(copied / checkpoint.RECIPE_FILE)
+    manifest.write_manifest(copied)
+    recipe = load_recipe(copied / layout.RECIPE_FILE)
     policy = load_policy(recipe.model.model_copy(update={"device": "cpu"}), recipe.grpo.kl_beta)
     with pytest.raises(UserError, match=rf"the adapter of the checkpoint {copied} does not load whole: \d+ of its"):
-        checkpoint.restore_weights(copied, policy)
+        store.restore_weights(copied, policy)
 
 
 def truncate(file):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from grpo_cli.update.advantages import STD_EPS, group_advantages
+from grpo_cli.update.advantages import STD_EPS, group_advantages, step_rewards
 
 
 def test_hand_computed_group():
@@ -67,3 +67,25 @@ def test_total_reward_skips_missing_values():
 
     values = [[1.0, float("nan")], [0.0, 2.0]]
     assert total_reward(values, torch.tensor([1.0, 0.5])).tolist() == [1.0, 1.0]
+
+
+def test_step_rewards_add_the_overlong_penalty_and_leave_unweighted_columns_out():
+    # two rules weighted 1 and 0.5, a third column (correctness for the accuracy figure) with no weight
+    values = torch.tensor([[1.0, 0.0, 9.0], [1.0, 0.0, 9.0], [0.0, 1.0, 9.0], [0.0, 1.0, 9.0]])
+    weights = torch.tensor([1.0, 0.5])
+    lengths = torch.tensor([10, 30, 10, 40])  # max 40, buffer 20: penalties 0, -0.5, 0, -1 (penalty 1)
+    rewards, overlong = step_rewards(values, weights, lengths, 40, 20, 1.0)
+    assert overlong.tolist() == [0.0, -0.5, 0.0, -1.0]
+    assert rewards.tolist() == [1.0, 0.5, 0.5, -0.5]
+
+
+def test_a_group_flat_by_its_rules_is_not_flat_once_the_overlong_penalty_splits_it():
+    """Dynamic sampling and the advantages read the same rewards: with overlong_buffer on, a group whose rules
+    all agree but whose lengths differ inside the buffer carries a signal, and neither calls it flat."""
+    values = torch.ones(4, 1)
+    lengths = torch.tensor([10, 10, 10, 35])  # the last completion runs 15 tokens into a 20-token buffer
+    rewards, _ = step_rewards(values, torch.tensor([1.0]), lengths, 40, 20, 1.0)
+    advantages, zero_std = group_advantages(rewards, 4)
+    assert zero_std.tolist() == [False] and advantages[3] < 0
+    rewards, _ = step_rewards(values, torch.tensor([1.0]), lengths, 40, 0, 1.0)  # buffer off: flat
+    assert group_advantages(rewards, 4)[1].tolist() == [True]

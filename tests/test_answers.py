@@ -340,7 +340,7 @@ def test_apostrophes_that_are_not_primes_are_read_as_before(pred, gold):
     assert is_equivalent(pred, gold)
 
 
-# ---- numbers grouped by spaces, and decimal commas (the rule: _DECIMAL_COMMA in answers.py, docs/grader.md)
+# ---- numbers grouped by spaces, and decimal commas (the rule: _DECIMAL_COMMA in rewards/answers.py, docs/grader.md)
 
 @pytest.mark.parametrize("pred, gold", [
     ("1 000", "1000"), ("1\u2009000", "1000"), ("1\u202f000", "1000"), ("1\u00a0000", "1000"), ("1\\,000", "1000"),

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import small_recipe
-from grpo_cli.checkpoint import store as checkpoint
-from grpo_cli.run import train as train_module
+from grpo_cli.checkpoint import locating, manifest, retention, store
+from grpo_cli.run import held_out
 from grpo_cli.config import recipe as recipe_module
 from grpo_cli.commands.benchmark import EvalOptions, run as run_benchmark
 from grpo_cli.run.console import TrainConsole
@@ -32,19 +32,19 @@ def go(run_dir, steps, resume=False, **output):
 
 
 def kept(run_dir) -> list[int]:
-    return [int(p.name.removeprefix("step-")) for p in checkpoint.complete_checkpoints(run_dir)]
+    return [int(p.name.removeprefix("step-")) for p in manifest.complete_checkpoints(run_dir)]
 
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Held-out accuracy as the test says, per step, without generating: logged as run_eval logs it."""
+    """Held-out accuracy as the test says, per step, without generating: logged as evaluate_held_out logs it."""
     accuracies = {}
 
-    def run_eval(step, parallel, eval_set, recipe, scorer, log, console, tools=None):
-        log.metrics({"step": step, "eval/accuracy": accuracies[step], "eval/n": len(eval_set.items)})
+    def evaluate_held_out(run, scorer, step):
+        run.log.metrics({"step": step, "eval/accuracy": accuracies[step], "eval/n": len(run.eval_set.items)})
         return accuracies[step]
 
-    monkeypatch.setattr(train_module, "run_eval", run_eval)
+    monkeypatch.setattr(held_out, "evaluate_held_out", evaluate_held_out)
     return accuracies
 
 
@@ -64,7 +64,7 @@ def test_the_best_survives_keep_last_and_resume(tmp_path, tiny_model_path, scrip
     assert kept(run_dir) == [3, 6] and summary.best["step"] == 3
     # A better one replaces it, and keep_last no longer keeps the old best.
     summary = go(run_dir, 7, resume=True, save_every=2, keep_last=1)
-    assert kept(run_dir) == [7] and summary.best["step"] == 7 and checkpoint.read_best(run_dir)["step"] == 7
+    assert kept(run_dir) == [7] and summary.best["step"] == 7 and retention.read_best(run_dir)["step"] == 7
 
 
 def test_keep_best_off_marks_nothing_and_best_is_refused(tmp_path, tiny_model_path, scripted):
@@ -86,14 +86,14 @@ def test_a_resume_from_before_the_best_forgets_it(tmp_path, tiny_model_path, scr
     run_dir = tmp_path / "run"
     scripted.update({0: 0.1, 1: 0.2, 2: 0.5, 3: 0.3, 4: 0.4})
     go(run_dir, 2, save_every=1)
-    assert checkpoint.read_best(run_dir)["step"] == 2
+    assert retention.read_best(run_dir)["step"] == 2
     adapter = run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors"
     data = bytearray(adapter.read_bytes())
     data[-1] ^= 0x40  # damaged: resume goes back to step 1
     adapter.write_bytes(bytes(data))
     scripted[2] = 0.25  # step 2 trained again evaluates otherwise: the old 0.5 names weights no longer there
     summary = go(run_dir, 4, resume=True, save_every=1)
-    assert summary.best["step"] == 4 and checkpoint.read_best(run_dir)["step"] == 4  # not step 2 at the forgotten 0.5
+    assert summary.best["step"] == 4 and retention.read_best(run_dir)["step"] == 4  # not step 2 at the forgotten 0.5
 
 
 @pytest.fixture(scope="module")
@@ -127,21 +127,21 @@ class Saved:
 
 
 def save_fake(run_dir, steps, keep_last=None):
-    """Checkpoints of these steps as checkpoint.save writes them (manifest, checksums), in a fraction of a second."""
+    """Checkpoints of these steps as store.save writes them (manifest, checksums), in a fraction of a second."""
     policy = SimpleNamespace(model=Saved(), tokenizer=Saved())
     for n in steps:
-        checkpoint.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n", keep_last=keep_last)
+        store.save(run_dir, n, policy, {}, Saved(), {"data": {}}, "recipe: x\n", keep_last=keep_last)
     return run_dir
 
 
 def test_pruning_spares_the_marked_checkpoint(tmp_path):
     run_dir = save_fake(tmp_path / "run", (1, 2))
-    checkpoint.mark_best(run_dir, 2, 0.5, 8, keep_last=1)
+    retention.mark_best(run_dir, 2, 0.5, 8, keep_last=1)
     save_fake(run_dir, (3, 4), keep_last=1)
     assert kept(run_dir) == [2, 4]
-    checkpoint.mark_best(run_dir, 4, 0.7, 8, keep_last=1)  # the old best goes at once
+    retention.mark_best(run_dir, 4, 0.7, 8, keep_last=1)  # the old best goes at once
     assert kept(run_dir) == [4]
-    assert checkpoint.locate_best(run_dir) == run_dir / "checkpoints" / "step-4"
+    assert locating.locate_best(run_dir) == run_dir / "checkpoints" / "step-4"
 
 
 @pytest.mark.parametrize("text", [
@@ -162,7 +162,7 @@ def test_a_garbled_best_marker_is_an_error_not_no_best(text, tmp_path):
     marker.write_text(text)
     message = rf"{marker} (cannot be read|is not a marker as grpo writes it).*Delete it"
     with pytest.raises(UserError, match=message):
-        checkpoint.locate_best(run_dir)
+        locating.locate_best(run_dir)
     with pytest.raises(UserError, match=message):
         save_fake(run_dir, (3,), keep_last=1)  # pruning: which checkpoint to spare is not known
     assert kept(run_dir)[:2] == [1, 2]
@@ -176,14 +176,14 @@ def test_a_best_marker_naming_a_checkpoint_outside_its_run_is_refused(tmp_path):
     run_dir = save_fake(tmp_path / "run", (1,))
     elsewhere = other / "checkpoints" / "step-2"
     for named in (str(elsewhere), "../../other/checkpoints/step-2"):
-        checkpoint.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": named, "accuracy": 0.9, "n": 8}))
+        retention.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": named, "accuracy": 0.9, "n": 8}))
         with pytest.raises(UserError, match=rf"names the checkpoint '{re.escape(named)}', not its step's 'step-2'"):
-            checkpoint.locate_best(run_dir)
+            locating.locate_best(run_dir)
     # a link in its checkpoints/ to another run's: named right, but leading out of the run
     (run_dir / "checkpoints" / "step-2").symlink_to(elsewhere)
-    checkpoint.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": "step-2", "accuracy": 0.9, "n": 8}))
+    retention.best_file(run_dir).write_text(json.dumps({"step": 2, "checkpoint": "step-2", "accuracy": 0.9, "n": 8}))
     with pytest.raises(UserError, match=rf"best.json leads outside {run_dir / 'checkpoints'} \(to {elsewhere}\)"):
-        checkpoint.locate_best(run_dir)
+        locating.locate_best(run_dir)
 
 
 def test_a_checkpoint_linked_from_another_run_is_not_taken_for_the_runs_own(tmp_path):
@@ -192,8 +192,8 @@ def test_a_checkpoint_linked_from_another_run_is_not_taken_for_the_runs_own(tmp_
     other = save_fake(tmp_path / "other", (9,))
     run_dir = save_fake(tmp_path / "run", (1,))
     (run_dir / "checkpoints" / "step-9").symlink_to(other / "checkpoints" / "step-9")
-    for attempt in (lambda: checkpoint.latest(run_dir), lambda: checkpoint.locate(run_dir),
-                    lambda: checkpoint.latest_intact(run_dir, warn=print)):
+    for attempt in (lambda: locating.latest(run_dir), lambda: locating.locate(run_dir),
+                    lambda: locating.latest_intact(run_dir, warn=print)):
         with pytest.raises(UserError, match=r"step-9 leads outside .*Move that checkpoint into the run"):
             attempt()
     (run_dir / "checkpoints" / "step-9").unlink()
@@ -201,4 +201,4 @@ def test_a_checkpoint_linked_from_another_run_is_not_taken_for_the_runs_own(tmp_
     own.unlink()
     own.symlink_to(other / "checkpoints" / "step-9" / "weights.bin")  # the same bytes: its checksum matches
     with pytest.raises(UserError, match=r"is damaged: weights.bin leads outside"):
-        checkpoint.locate(run_dir)
+        locating.locate(run_dir)

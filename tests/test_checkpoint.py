@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, small_recipe
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, locating, manifest, store
 from grpo_cli.config import recipe as recipe_module
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
@@ -62,8 +62,8 @@ def make_old_style(ckpt: Path) -> None:
     """Rewrite the manifest as grpo wrote it before checksums: {file: size}, no SHA256SUMS."""
     (ckpt / "SHA256SUMS").unlink(missing_ok=True)
     files = {str(f.relative_to(ckpt)): f.stat().st_size for f in sorted(ckpt.rglob("*"))
-             if f.is_file() and f.name != checkpoint.MANIFEST}
-    (ckpt / checkpoint.MANIFEST).write_text(json.dumps(files, indent=1))
+             if f.is_file() and f.name != layout.MANIFEST}
+    (ckpt / layout.MANIFEST).write_text(json.dumps(files, indent=1))
 
 
 def test_every_file_has_a_sha256_that_sha256sum_can_check(run_dir):
@@ -82,29 +82,29 @@ def test_every_file_has_a_sha256_that_sha256sum_can_check(run_dir):
 
 def test_a_flipped_byte_is_refused_naming_the_file(run_dir):
     flip_a_byte(step(run_dir, 4) / ADAPTER)
-    assert checkpoint.is_complete(step(run_dir, 4))  # the size is right: only the checksum tells
+    assert manifest.is_complete(step(run_dir, 4))  # the size is right: only the checksum tells
     for ref in (step(run_dir, 4), run_dir):  # the checkpoint itself, or the run directory's latest
         with pytest.raises(UserError) as error:
-            checkpoint.locate(ref)
+            locating.locate(ref)
         message = str(error.value)
         assert ADAPTER in message and str(step(run_dir, 4)) in message and "checksum" in message
         assert "\n" not in message
-    assert checkpoint.locate(step(run_dir, 2)) == step(run_dir, 2)  # the others are fine
+    assert locating.locate(step(run_dir, 2)) == step(run_dir, 2)  # the others are fine
 
 
 def test_a_damaged_optimizer_state_stops_resume_there_but_not_eval_or_export(run_dir):
     flip_a_byte(step(run_dir, 4) / "optimizer.pt", at_end=200)
     warnings = []
-    assert checkpoint.latest_intact(run_dir, warn=warnings.append) == step(run_dir, 2)
+    assert locating.latest_intact(run_dir, warn=warnings.append) == step(run_dir, 2)
     assert "optimizer.pt" in warnings[0]
-    assert checkpoint.locate(run_dir) == step(run_dir, 4)  # eval and export never read the optimizer state
+    assert locating.locate(run_dir) == step(run_dir, 4)  # eval and export never read the optimizer state
 
 
 def test_resume_skips_a_damaged_checkpoint_with_a_warning(run_dir):
-    assert checkpoint.latest_intact(run_dir, warn=pytest.fail) == step(run_dir, 4)
+    assert locating.latest_intact(run_dir, warn=pytest.fail) == step(run_dir, 4)
     flip_a_byte(step(run_dir, 4) / ADAPTER)
     warnings = []
-    assert checkpoint.latest_intact(run_dir, warn=warnings.append) == step(run_dir, 2)
+    assert locating.latest_intact(run_dir, warn=warnings.append) == step(run_dir, 2)
     assert len(warnings) == 1
     assert str(step(run_dir, 4)) in warnings[0] and ADAPTER in warnings[0] and "step-2" in warnings[0]
 
@@ -114,7 +114,7 @@ def test_resume_refuses_when_every_checkpoint_is_damaged(run_dir):
     flip_a_byte(step(run_dir, 4) / ADAPTER)
     flip_a_byte(step(run_dir, 2) / "rng.pt", at_end=100)
     with pytest.raises(UserError) as error:
-        checkpoint.latest_intact(run_dir, warn=lambda _: None)
+        locating.latest_intact(run_dir, warn=lambda _: None)
     assert "step-4" in str(error.value) and "step-2" in str(error.value) and "rng.pt" in str(error.value)
 
 
@@ -123,12 +123,12 @@ def test_restoring_a_damaged_checkpoint_fails_before_any_weight_is_loaded(run_di
     from grpo_cli.model.loading import load_policy
 
     flip_a_byte(step(run_dir, 4) / ADAPTER)
-    assert checkpoint.latest(run_dir) == step(run_dir, 4)
+    assert locating.latest(run_dir) == step(run_dir, 4)
     recipe = recipe_for(run_dir)
     policy = load_policy(recipe.model, recipe.grpo.kl_beta)
     before = {k: v.clone() for k, v in policy.model.state_dict().items()}
     with pytest.raises(UserError, match=ADAPTER):
-        checkpoint.restore_weights(step(run_dir, 4), policy)
+        store.restore_weights(step(run_dir, 4), policy)
     after = policy.model.state_dict()
     assert all((before[k] == after[k]).all() for k in before)
 
@@ -143,7 +143,7 @@ def test_train_resume_falls_back_to_the_newest_intact_checkpoint(run_dir, traine
     summary = train(recipe_for(run_dir), resume=True, console=console)
     assert summary.step == 4
     assert any(str(step(run_dir, 4)) in m and ADAPTER in m and "step-2" in m for m in messages)
-    assert checkpoint.locate(step(run_dir, 4)) == step(run_dir, 4)  # steps 3 and 4 trained again, saved whole
+    assert locating.locate(step(run_dir, 4)) == step(run_dir, 4)  # steps 3 and 4 trained again, saved whole
     again, first = load_file(str(step(run_dir, 4) / ADAPTER)), load_file(str(step(trained, 4) / ADAPTER))
     assert again.keys() == first.keys() and all((again[k] == first[k]).all() for k in first)
 
@@ -175,13 +175,13 @@ def test_an_old_manifest_without_checksums_still_loads(run_dir):
 
     for n in (2, 4):
         make_old_style(step(run_dir, n))
-    assert checkpoint.locate(run_dir) == step(run_dir, 4)
-    assert checkpoint.latest_intact(run_dir, warn=pytest.fail) == step(run_dir, 4)
+    assert locating.locate(run_dir) == step(run_dir, 4)
+    assert locating.latest_intact(run_dir, warn=pytest.fail) == step(run_dir, 4)
     assert load_for_inference(str(run_dir), device="cpu").source.startswith(str(step(run_dir, 4)))
     torn = step(run_dir, 4) / "optimizer.pt"
     torn.write_bytes(torn.read_bytes()[:100])
     with pytest.raises(UserError, match="incomplete"):
-        checkpoint.locate(step(run_dir, 4))
+        locating.locate(step(run_dir, 4))
 
 
 @pytest.mark.parametrize("old_style", [False, True], ids=["with checksums", "old manifest"])
@@ -199,12 +199,12 @@ def test_a_corrupt_safetensors_file_is_a_user_error(run_dir, damage, old_style):
     if old_style:
         make_old_style(ckpt)  # the sizes now describe the damaged file: only reading it can tell
     with pytest.raises(UserError, match=ADAPTER):
-        checkpoint.locate(ckpt)
+        locating.locate(ckpt)
     with pytest.raises(UserError, match=ADAPTER):
         load_for_inference(str(ckpt), device="cpu")
     recipe = recipe_for(run_dir)
     with pytest.raises(UserError, match=ADAPTER):
-        checkpoint.restore_weights(ckpt, load_policy(recipe.model, recipe.grpo.kl_beta))
+        store.restore_weights(ckpt, load_policy(recipe.model, recipe.grpo.kl_beta))
 
 
 def test_a_corrupt_full_model_checkpoint_is_a_user_error(tmp_path, tiny_model_path):
@@ -213,19 +213,19 @@ def test_a_corrupt_full_model_checkpoint_is_a_user_error(tmp_path, tiny_model_pa
 
     ckpt = step(tmp_path / "run", 1)
     shutil.copytree(tiny_model_path, ckpt)
-    (ckpt / checkpoint.STATE_FILE).write_text(json.dumps({"step": 1}))
+    (ckpt / layout.STATE_FILE).write_text(json.dumps({"step": 1}))
     weights = ckpt / "model.safetensors"
     weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])
     make_old_style(ckpt)
     with pytest.raises(UserError, match="model.safetensors"):
-        checkpoint.locate(ckpt)
+        locating.locate(ckpt)
     policy = load_policy(ModelSpec(name="builtin:tiny-math", dtype="float32", lora=None), kl_beta=0.0)
     with pytest.raises(UserError, match="model.safetensors"):
-        checkpoint.restore_weights(ckpt, policy)
+        store.restore_weights(ckpt, policy)
 
 
 class _Saved:
-    """Just enough of a policy, scheduler and tokenizer for checkpoint.save."""
+    """Just enough of a policy, scheduler and tokenizer for store.save."""
 
     def save_pretrained(self, directory, state_dict=None):
         (Path(directory) / "weights.bin").write_bytes(b"w" * 10)
@@ -239,9 +239,9 @@ def test_keep_last_never_prunes_the_new_checkpoint_for_a_damaged_newer_one(tmp_p
     run = tmp_path / "run"
     policy = SimpleNamespace(model=_Saved(), tokenizer=_Saved())
     for n in (2, 4):
-        checkpoint.save(run, n, policy, {}, _Saved(), {"data": {}}, "recipe: x\n")
+        store.save(run, n, policy, {}, _Saved(), {"data": {}}, "recipe: x\n")
     flip_a_byte(step(run, 4) / "weights.bin")
-    assert checkpoint.latest_intact(run, warn=lambda _: None) == step(run, 2)
-    checkpoint.save(run, 3, policy, {}, _Saved(), {"data": {}}, "recipe: x\n", keep_last=1)
-    assert checkpoint.latest_intact(run, warn=lambda _: None) == step(run, 3)
+    assert locating.latest_intact(run, warn=lambda _: None) == step(run, 2)
+    store.save(run, 3, policy, {}, _Saved(), {"data": {}}, "recipe: x\n", keep_last=1)
+    assert locating.latest_intact(run, warn=lambda _: None) == step(run, 3)
     assert not step(run, 2).exists()

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, TEST_DATA, small_recipe
 from grpo_cli import __version__
 from grpo_cli.cli import app
+from grpo_cli.run.guard import Terminated
 
 runner = CliRunner()
 
@@ -375,3 +376,59 @@ def test_validate_skips_the_data_check_for_a_hub_dataset_not_in_the_cache(tmp_pa
     output = " ".join(result.output.split())
     assert result.exit_code == 0 and "valid." in output and "estimated peak" in output
     assert "data check skipped: hub dataset some-org/some-data is not in the local cache" in output
+
+
+@pytest.mark.parametrize("stop, code, line", [
+    (KeyboardInterrupt, 130, "stopped by Ctrl-C; nothing was written"),
+    (Terminated, 143, "stopped by SIGTERM; nothing was written"),
+])
+def test_a_stop_ends_a_command_with_one_line_and_the_signals_exit_code(tmp_path, monkeypatch, stop, code, line):
+    import grpo_cli.commands.score as score_module
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(score_module, "score_completions", stopped)
+    result = runner.invoke(app, ["score", "quickstart", str(tmp_path / "c.jsonl")])
+    assert result.exit_code == code and result.output.strip() == line
+
+
+@pytest.mark.parametrize("stop, code, line", [
+    (KeyboardInterrupt, 130, "interrupted; the last complete checkpoint (if any) is intact: continue with --resume."),
+    (Terminated, 143, "stopped by SIGTERM; training had not started its first step, so there was nothing to save."),
+])
+def test_a_stop_before_training_says_what_it_left(tmp_path, monkeypatch, stop, code, line):
+    import grpo_cli.run.train as train_module
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    result = runner.invoke(app, ["train", "quickstart"])
+    assert result.exit_code == code and result.output.strip() == line
+
+
+def test_the_options_defaults_are_the_commands_and_the_recipes():
+    """Each default is stated once (config/defaults.py): grpo eval's options default to EvalOptions' values, the
+    sandbox's limits to the recipe's, and the help quotes the same numbers."""
+    import dataclasses
+
+    import typer.main
+
+    from grpo_cli.commands.benchmark import NAMED_SETS, EvalOptions
+    from grpo_cli.config.recipe import GrpoSpec
+
+    commands = typer.main.get_command(app).commands
+    eval_options = {param.name: param.default for param in commands["eval"].params}
+    for field in dataclasses.fields(EvalOptions):
+        if field.name in eval_options and eval_options[field.name] is not None:
+            assert eval_options[field.name] == field.default, field.name
+    assert {"samples", "temperature", "top_p", "batch_size", "seed", "device"} <= set(eval_options)
+    grpo = GrpoSpec()
+    sandbox = {param.name: param.default for param in commands["sandbox"].commands["run"].params}
+    assert (sandbox["timeout"], sandbox["memory_mb"]) == (grpo.tool_timeout_s, grpo.tool_memory_mb)
+    helps = {param.name: param.help for param in commands["eval"].params}
+    assert helps["max_tool_calls"].endswith(f"else {grpo.max_tool_calls}).")
+    assert helps["tool_timeout"].endswith(f"else {grpo.tool_timeout_s:g}).")
+    assert helps["max_new_tokens"].startswith(
+        "Default: " + ", ".join(f"{named.max_new_tokens} for {name}" for name, named in NAMED_SETS.items()))

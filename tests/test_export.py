@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from conftest import small_recipe
 from grpo_cli.data import builtin_task
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, manifest
 from grpo_cli.config import recipe as recipe_module
 from grpo_cli.commands.benchmark import EvalOptions, run as run_eval
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
 from grpo_cli.export.build import export
+from grpo_cli.export.formats import FORMATS
 from grpo_cli.run.train import train
 
 FOUR_STEPS = {"train": {"steps": 4, "lr": 5e-3, "warmup_steps": 0, "seed": 0}}
@@ -103,7 +104,7 @@ def test_bfloat16_export(lora_run, tmp_path):
 
 
 def test_adapter_only(lora_run, tmp_path):
-    exported = export(str(lora_run), tmp_path / "adapter", adapter_only=True)
+    exported = export(str(lora_run), tmp_path / "adapter", format="adapter")
     assert (exported.out / "adapter_model.safetensors").exists()
     config = json.loads((exported.out / "adapter_config.json").read_text())
     assert os.path.isdir(config["base_model_name_or_path"])
@@ -118,7 +119,7 @@ def test_full_fine_tune_run(tmp_path_factory, tmp_path, tiny_model_path):
     exported = export(str(run_dir / "checkpoints" / "step-4"), tmp_path / "full")
     assert exported.check.vs_adapter <= exported.check.tolerance < exported.check.vs_base
     with pytest.raises(UserError, match="needs a LoRA run"):
-        export(str(run_dir), tmp_path / "x", adapter_only=True)
+        export(str(run_dir), tmp_path / "x", format="adapter")
 
 
 def test_4bit_run_merges_into_full_precision_weights(tmp_path_factory, tmp_path, tiny_model_path):
@@ -157,6 +158,47 @@ def test_refusals(lora_run, tmp_path):
         export(str(lora_run), tmp_path / "o3", dtype="int8")
 
 
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_registered_format_writes_and_verifies_itself(lora_run, tmp_path, name):
+    """A format registered in formats.FORMATS is exported, reloaded and checked by the one path, with the
+    transaction's marker and a model card: what a new format (GGUF, say) gets by being registered."""
+    exported = export(str(lora_run), tmp_path / name, format=name)
+    assert exported.format == name and exported.label
+    assert exported.check.vs_adapter <= exported.check.tolerance < exported.check.vs_base
+    written = json.loads((exported.out / "grpo_export.json").read_text())["files"]
+    assert "README.md" in written and "tokenizer_config.json" in written
+    assert sorted(written) == sorted(f.relative_to(exported.out).as_posix() for f in exported.out.rglob("*")
+                                     if f.is_file() and f.name != "grpo_export.json")
+    assert hidden(tmp_path) == []
+
+
+def test_an_unknown_format_is_refused_with_the_list(lora_run, tmp_path):
+    with pytest.raises(UserError, match="--format gguf") as refused:
+        export(str(lora_run), tmp_path / "o", format="gguf")
+    assert all(f"{name} (" in str(refused.value) for name in FORMATS)
+    with pytest.raises(UserError, match="--adapter-only is short for --format adapter"):
+        export(str(lora_run), tmp_path / "o", format="safetensors", adapter_only=True)
+    assert not (tmp_path / "o").exists() and hidden(tmp_path) == []
+
+
+def test_format_on_the_command_line(lora_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from grpo_cli.cli import app
+
+    runner = CliRunner()
+    unknown = runner.invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "o"), "--format", "onnx"])
+    assert unknown.exit_code == 2 and "safetensors" in unknown.output and "adapter" in unknown.output
+    both = runner.invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "o"), "--adapter-only",
+                               "--format", "safetensors"])
+    assert both.exit_code == 2 and "--format adapter" in " ".join(both.output.split())
+    adapter = runner.invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "a"), "--format", "adapter"])
+    assert adapter.exit_code == 0 and "as a LoRA adapter" in adapter.output, adapter.output
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_base_model_is_explained(lora_run, tmp_path):
     import shutil
 
@@ -165,10 +207,10 @@ def test_missing_base_model_is_explained(lora_run, tmp_path):
     for path in [copy / "recipe.yaml", *copy.glob("checkpoints/*/recipe.yaml")]:
         path.write_text(path.read_text().replace("builtin:tiny-math", "./gone/base-model"))
     for step in copy.glob("checkpoints/step-*"):  # the edit is on purpose: record it as a save would have
-        for record in (checkpoint.MANIFEST, getattr(checkpoint, "CHECKSUMS", None)):
+        for record in (layout.MANIFEST, getattr(layout, "CHECKSUMS", None)):
             if record:
                 (step / record).unlink(missing_ok=True)
-        checkpoint._write_manifest(step)
+        manifest.write_manifest(step)
     with pytest.raises(UserError, match="model directory ./gone/base-model not found"):
         export(str(copy), tmp_path / "o")
 
@@ -389,13 +431,13 @@ def test_a_plain_prompt_run_exports_no_chat_template_and_its_card_shows_the_plai
 def _prompted_with(run_dir: Path, **data) -> Path:
     """`run_dir` (a copy of the trained run) as if its recipe had prompted with `data`: its weights are
     trained, which export needs, and the prompt format is all the card and the tokenizer depend on."""
-    for path in [run_dir / "recipe.yaml", *run_dir.glob(f"checkpoints/*/{checkpoint.RECIPE_FILE}")]:
+    for path in [run_dir / "recipe.yaml", *run_dir.glob(f"checkpoints/*/{layout.RECIPE_FILE}")]:
         loaded = recipe_module.load(path)
         path.write_text(recipe_module.dump(loaded.model_copy(update={"data": loaded.data.model_copy(update=data)})))
         if path.parent.parent.name == "checkpoints":  # the checkpoint's manifest and checksums, rewritten to match
-            for name in (checkpoint.MANIFEST, checkpoint.CHECKSUMS):
+            for name in (layout.MANIFEST, layout.CHECKSUMS):
                 (path.parent / name).unlink()
-            checkpoint._write_manifest(path.parent)
+            manifest.write_manifest(path.parent)
     return run_dir
 
 
@@ -430,7 +472,7 @@ def test_a_chat_run_exports_the_template_it_trained_with_and_its_card_shows_the_
     assert "messages = [" in snippet and repr(system) in snippet and repr(first) in snippet
     probe = snippet.replace("output = model.generate", "print(repr(prompt))\noutput = model.generate")
     assert _run_snippet(probe).splitlines()[0] == repr(trained_prompt)  # the snippet prompts as training did
-    adapter = export(str(run_dir), tmp_path / "chat-adapter", adapter_only=True)
+    adapter = export(str(run_dir), tmp_path / "chat-adapter", format="adapter")
     assert AutoTokenizer.from_pretrained(adapter.out).chat_template == builtin_model.CHAT_TEMPLATE
     assert _run_snippet(_card_snippet(adapter.out)).strip()
 
@@ -439,12 +481,13 @@ def test_the_card_of_a_thinking_run_prompts_with_its_chat_template_kwargs():
     """The card's snippet passes data.chat_template_kwargs to apply_chat_template, so it renders the prompt
     training used (the opened <think> included); the example prompt shown is that same prompt."""
     from grpo_cli.data.examples import render_prompt
-    from grpo_cli.export.build import prompting
+    from grpo_cli.export.card import prompting
+    from grpo_cli.export.formats import format_named
     from thinking_template import thinking_tokenizer
 
     tokenizer = thinking_tokenizer()
     recipe = recipe_module.validate({"data": {"chat": True, "chat_template_kwargs": {"enable_thinking": True}}})
-    section = prompting(recipe, tokenizer, adapter_only=False, base_path="base")
+    section = prompting(recipe, tokenizer, format_named("safetensors"), base_path="base")
     trained_prompt = render_prompt({"question": builtin_task.train_split()[0].question}, recipe.data, tokenizer)
     assert trained_prompt.endswith("<think>\n") and f"```text\n{trained_prompt}\n```" in section
     assert "(`enable_thinking=True`)" in section

@@ -154,3 +154,12 @@ def test_package_inits_import_nothing_but_the_public_rewards_api():
     assert {name: imported_modules(sources[name], set(sources)) for name in inits if name != "rewards"} == \
         {name: set() for name in inits if name != "rewards"}
     assert imported_modules(sources["rewards"], set(sources)) == {"rewards.rules"}
+
+
+def test_the_loop_reads_in_one_sitting():
+    """run/train.py is the loop and its phases, nothing else: under 350 lines, no function over 60."""
+    source = (PACKAGE / "run" / "train.py").read_text()
+    assert len(source.splitlines()) < 350
+    long = [f"{node.name}: {node.end_lineno - node.lineno + 1} lines" for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60]
+    assert long == []

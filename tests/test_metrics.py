@@ -38,7 +38,7 @@ def figures(**overrides) -> StepFigures:
 def row_of(f: StepFigures, **overrides) -> dict:
     settings = dict(rule_keys=["correctness", "step_format"], group_size=2, zero_std=torch.tensor([False, True]),
                     stats=UpdateStats(grad_norms=[2.0, 4.0]), lr=1e-4, sampled=None, dynamic_sampling=False,
-                    overlong_on=False, seconds={"step": 2.0, "rollout": 0.5, "score": 0.25}, elapsed=9.0)
+                    overlong_on=False, seconds={"step": 2.0, "rollout": 0.5, "score": 0.25, "update": 1.0}, elapsed=9.0)
     return step_row(7, f, **{**settings, **overrides})
 
 
@@ -54,7 +54,7 @@ def test_a_row_from_hand_made_figures():
     assert row["completion_len"] == 25.0 and row["tokens_per_second"] == 50.0
     assert row["truncated_frac"] == 0.25 and row["frac_zero_std"] == 0.5
     assert row["answer_diversity"] == pytest.approx(0.75)  # groups (4, 5): 2 answers of 2, (5, 5): 1 of 2
-    assert row["update_seconds"] == 1.25  # step - rollout - score
+    assert row["update_seconds"] == 1.0 and row["step_seconds"] == 2.0  # each as timed
     assert row["score_timeouts"] == 1 and row["peak_memory_gib"] == 1.25
     assert "skipped_update" not in row and "reward/overlong" not in row and "dropped_groups" not in row
 

@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import ROOT, small_recipe
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import locating, manifest
 from grpo_cli.config import recipe as recipe_module
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.errors import UserError
@@ -91,10 +91,10 @@ def resume_and_compare(tmp_path, straight):
 
 def test_sigkill_then_resume_reaches_the_same_run(tmp_path, straight):
     proc = start_cli(tmp_path)
-    wait_for(lambda: checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-4") or proc.poll() is not None)
+    wait_for(lambda: manifest.is_complete(tmp_path / "run" / "checkpoints" / "step-4") or proc.poll() is not None)
     proc.kill()  # SIGKILL: no handler runs
     proc.wait()
-    assert not checkpoint.is_complete(tmp_path / "run" / "checkpoints" / "step-6"), "killed too late to test"
+    assert not manifest.is_complete(tmp_path / "run" / "checkpoints" / "step-6"), "killed too late to test"
     resume_and_compare(tmp_path, straight)
 
 
@@ -108,7 +108,7 @@ def test_ctrl_c_or_sigterm_saves_and_stops_then_resume_continues_exactly(tmp_pat
     assert proc.returncode == code, err
     assert f"stopped by {name}" in err and "--resume" in err and "Traceback" not in err
     assert "leaked semaphore" not in err  # the scoring pool was closed, not abandoned
-    saved = checkpoint.latest(tmp_path / "run")
+    saved = locating.latest(tmp_path / "run")
     assert saved is not None and saved.name != "step-6" and f"saved {saved}" in err
     assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
     resume_and_compare(tmp_path, straight)
@@ -133,7 +133,7 @@ def test_torn_checkpoints_and_metrics_lines_are_never_loaded(tmp_path, straight)
     (run_dir / "checkpoints" / ".step-8.partial").mkdir()  # a save that crashed half way
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 7, "reward_me')  # and a torn last line
-    assert checkpoint.latest(run_dir) == run_dir / "checkpoints" / "step-2"
+    assert locating.latest(run_dir) == run_dir / "checkpoints" / "step-2"
     run_in_process(run_dir, resume=True)
     assert metrics(run_dir) == metrics(straight)
     assert same_weights(adapter(run_dir, 6), adapter(straight, 6))
@@ -190,7 +190,7 @@ def test_too_many_bad_steps_stop_the_run_with_the_last_checkpoint_intact(tmp_pat
     # named: the checkpoint saved before the first bad step (step-4 was saved during the streak)
     assert "The last checkpoint saved before step 3, the first of them, is" in message and "step-2;" in message
     assert "intact" not in message
-    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-4"
+    assert locating.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-4"
 
 
 def test_weights_wrecked_by_a_finite_step_are_not_called_intact(tmp_path, tiny_model_path):
@@ -227,7 +227,7 @@ def test_out_of_memory_names_its_phase_saves_the_step_before_and_says_what_to_lo
     message = str(error.value)
     assert f"CUDA ran out of memory during the {phase} of step 4." in message
     assert "grpo.micro_batch_size" in message and "grpo.group_size" in message and "grpo.max_new_tokens" in message
-    saved = checkpoint.latest(tmp_path / "run")
+    saved = locating.latest(tmp_path / "run")
     assert saved == tmp_path / "run" / "checkpoints" / "step-3" and f"saved as {saved}" in message
     monkeypatch.setattr(train_module, target, original)
     run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3})
@@ -257,7 +257,7 @@ def test_out_of_memory_after_an_applied_update_does_not_save_it_as_the_step_befo
                        output={"save_every": 100, "eval_every": 100})
     assert "during the update of step 2" in str(error.value)
     assert "Nothing newer than the last checkpoint could be saved" in str(error.value)
-    assert checkpoint.latest(tmp_path / "run") is None
+    assert locating.latest(tmp_path / "run") is None
 
 
 def test_resume_refuses_a_recipe_that_trains_something_else(tmp_path, straight):
@@ -307,7 +307,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
     message = str(error.value)
     assert "could not save the checkpoint for step 4" in message and "No space left on device" in message
     assert "step-2, is intact" in message and "--resume" in message
-    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-2"
+    assert locating.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-2"
     assert not list((tmp_path / "run" / "checkpoints").glob(".*partial"))
 
 
@@ -425,7 +425,7 @@ def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, m
         run_in_process(tmp_path / "run", output={"save_every": 100, "eval_every": 3, "samples_every": 1})
     assert stopped.value.exit_code == 143
     assert "during step 4, whose rollout was dropped" in str(stopped.value)
-    assert checkpoint.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-3"
+    assert locating.latest(tmp_path / "run") == tmp_path / "run" / "checkpoints" / "step-3"
     assert max(r["step"] for r in metrics(tmp_path / "run")) == 3  # nothing of step 4 was logged
     monkeypatch.setattr(train_module, "sample_step", original)
     run_in_process(tmp_path / "run", resume=True, output={"save_every": 100, "eval_every": 3, "samples_every": 1})
@@ -434,7 +434,7 @@ def test_sigterm_during_a_rollout_drops_it_and_saves_the_step_before(tmp_path, m
 
 
 def test_sigterm_before_training_starts_stops_at_once_without_a_traceback(tmp_path, monkeypatch, tiny_model_path):
-    import grpo_cli.run.train as train_module
+    import grpo_cli.run.setup as setup_module
     from grpo_cli.run.guard import Terminated
 
     def terminated_while_loading(*args, **kwargs):
@@ -442,7 +442,7 @@ def test_sigterm_before_training_starts_stops_at_once_without_a_traceback(tmp_pa
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("SIGTERM did not stop the set-up")
 
-    monkeypatch.setattr(train_module, "load_policy", terminated_while_loading)
+    monkeypatch.setattr(setup_module, "load_policy", terminated_while_loading)
     with pytest.raises(Terminated):
         run_in_process(tmp_path / "run")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
@@ -475,10 +475,10 @@ def test_an_output_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     class Interrupted(BaseException):
         pass
 
-    def interrupted(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         raise Interrupted
 
-    monkeypatch.setattr(type(target), "write_text", interrupted)
+    monkeypatch.setattr(os, "fsync", interrupted)  # written, not yet in place: a Ctrl-C or a power cut now
     with pytest.raises(Interrupted):
         write_whole(target, "new")
     monkeypatch.undo()
@@ -541,7 +541,7 @@ def test_resume_never_overwrites_the_recipe_file_it_was_given(tmp_path, tiny_mod
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert recipe_file.read_text() == written
-    assert checkpoint.latest(run_dir).name == "step-3"
+    assert locating.latest(run_dir).name == "step-3"
     assert "train:\n  steps: 3" in (run_dir / "checkpoints" / "step-3" / "recipe.yaml").read_text()
 
 

@@ -1,4 +1,4 @@
-"""The tool-integrated format in text (tool_calls.py), and what the grader reads from a transcript."""
+"""The tool-integrated format in text (tools/calls.py), and what the grader reads from a transcript."""
 
 from grpo_cli.data import builtin_task
 from grpo_cli.rewards.answers import extract_final_answer, is_correct, split_thinking

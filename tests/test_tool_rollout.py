@@ -1,4 +1,4 @@
-"""Decoding with the code tool (tool_rollout.py): the loop's rules on scripted rows, then the real model's
+"""Decoding with the code tool (rollout/with_tools.py): the loop's rules on scripted rows, then the real model's
 caches: every token the model chose is what a plain forward over the finished transcript predicts."""
 
 import pytest

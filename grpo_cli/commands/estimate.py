@@ -13,7 +13,7 @@ docs/performance.md (scripts/memory_check.py); on a GPU the same formulas give t
 peak, allocator slack not included, not measured yet.
 
 A hub model's config is read from the local Hugging Face cache when it is there, without
-the network; otherwise the hub is asked once, briefly, whether it answers (hub.py).
+the network; otherwise the hub is asked once, briefly, whether it answers (model/hub.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ class FileRun:
 
 def check_tool_limits(options: dict[str, str], **values) -> None:
     """UserError unless each value lies within the recipe's bounds for its grpo field (tool_timeout_s,
-    tool_memory_mb, max_tool_calls): the bounds are stated once, in recipe.py. `options` names the command
+    tool_memory_mb, max_tool_calls): the bounds are stated once, in config/sections.py. `options` names the command
     line option each field was given as, for the message."""
     from grpo_cli.config.recipe import GrpoSpec, out_of_bounds
 

@@ -9,7 +9,7 @@ Each problem also carries three reference solutions used only to warm-start the
 builtin models: a *worked* one that writes the digit-by-digit steps before the
 marked final answer, a *bare* one that writes only the final answer, and a *tool*
 one that computes the answer in a python block, reads it from the output block
-and marks it (tool_calls.py's format; builtin:tiny-math-tools sees these). The
+and marks it (tools/calls.py's format; builtin:tiny-math-tools sees these). The
 worked form is easier for a small model to get right than the bare one, and the
 tool form easier still, which is what GRPO has to discover in the quickstarts.
 """

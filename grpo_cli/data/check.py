@@ -27,7 +27,7 @@ class Skipped(Exception):
 
 @dataclass(frozen=True, kw_only=True)
 class DataCheck:
-    train: Examples  # the training prompts data.py keeps (its skips counted in it)
+    train: Examples  # the training prompts data/examples.py keeps (its skips counted in it)
     longest: int  # tokens of the longest training prompt
     context: int | None  # the model's context in tokens; None when its config does not say
     max_new_tokens: int  # grpo.max_new_tokens, auto resolved

@@ -32,7 +32,7 @@ from grpo_cli.config.recipe import DataSpec, DatasetRef, HubDataset
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # A chat template that opens a block for the assistant ("...<think>\n") has written the
-# start of the completion; format rules must see it (see rewards.py).
+# start of the completion; format rules must see it (see rewards/rules.py).
 _OPENED_TAG = re.compile(r"<([A-Za-z_][\w-]*)>\s*$")
 # A prompt whose own text is more than this share of the tokenizer's unknown token says nothing
 # the model can read: training on it teaches guessing. Half leaves a question with a few

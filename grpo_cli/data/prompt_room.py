@@ -24,7 +24,7 @@ def prompt_lengths(examples: Examples, tokenizer, add_special_tokens: bool) -> l
 def fit_to_context(examples: Examples, tokenizer, config, max_new_tokens: int,
                    add_special_tokens: bool) -> tuple[Examples, int]:
     """Drop prompts that leave no room for max_new_tokens in the context of the model `config` describes;
-    count them. `grpo validate` runs it too (data_check.py), so the two cannot disagree."""
+    count them. `grpo validate` runs it too (data/check.py), so the two cannot disagree."""
     limit = getattr(config, "max_position_embeddings", None)
     if not limit:
         return examples, 0

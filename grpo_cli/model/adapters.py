@@ -2,7 +2,7 @@
 loading it onto that base.
 
 An adapter is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), found as:
-- a plain PEFT directory, or a `grpo export --adapter-only`;
+- a plain PEFT directory, or a `grpo export --format adapter`;
 - a Hugging Face Trainer checkpoint (TRL's `checkpoint-N/`: the adapter beside trainer_state.json,
   training_args.bin, optimizer.pt, ...): read as the adapter it holds, its training state ignored;
 - a grpo checkpoint or run directory (its latest checkpoint) of a LoRA run, verified first;
@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, locating, store
 from grpo_cli.errors import UserError
 
 CONFIG = "adapter_config.json"
@@ -64,7 +64,7 @@ def _trainer_step(directory: Path) -> int | None:
 
 def foreign(directory: Path) -> Adapter | None:
     """The adapter in a directory grpo did not write (a PEFT directory, a Trainer checkpoint), else None."""
-    if not (directory / CONFIG).is_file() or checkpoint.is_grpo_checkpoint(directory):
+    if not (directory / CONFIG).is_file() or locating.is_grpo_checkpoint(directory):
         return None
     config = _read_config(directory)
     step = _trainer_step(directory)
@@ -76,7 +76,7 @@ def foreign(directory: Path) -> Adapter | None:
 
 def of_checkpoint(found: Path) -> Adapter:
     """The adapter a grpo checkpoint of a LoRA run holds (`found` verified by the caller)."""
-    step = checkpoint.read_state(found).get("step")
+    step = layout.read_state(found).get("step")
     config = _read_config(found)
     return Adapter(location=str(found), base=config["base_model_name_or_path"], config=config,
                    what=f"the grpo checkpoint {found} (step {step})", step=step)
@@ -86,7 +86,7 @@ def find(ref: str) -> Adapter:
     """The adapter `ref` names (model.adapter): a directory of any kind above, or a hub id."""
     path = Path(ref).expanduser()
     if path.is_dir():
-        found = checkpoint.locate(path)  # a grpo checkpoint or run: verified; None for anything else
+        found = locating.locate(path)  # a grpo checkpoint or run: verified; None for anything else
         if found is not None:
             if not (found / CONFIG).is_file():
                 raise UserError(f"{ref} is a grpo checkpoint of a full fine-tune, not an adapter; model.adapter "
@@ -153,7 +153,7 @@ def check_base(adapter: Adapter, model_name: str) -> None:
 def attach(base_model, adapter: Adapter, trainable: bool):
     """`base_model` with the adapter loaded (PeftModel). Each of these is a UserError saying which it is: a config
     or weights file that cannot be read, weights of the wrong shape, and tensors that are not the model's LoRA
-    weights one for one (`checkpoint.check_adapter_loaded`)."""
+    weights one for one (`checkpoint.store.check_adapter_loaded`)."""
     from peft import PeftModel, set_peft_model_state_dict
 
     config = _peft_config(adapter)
@@ -167,7 +167,7 @@ def attach(base_model, adapter: Adapter, trainable: bool):
                         "adapter loads only onto the model it was trained on (same architecture and sizes).") from None
     # from_pretrained does not say which tensors it loaded: it warns of LoRA weights the file lacks, and is silent
     # about tensors whose names match no weight. Loading the same weights again gives PEFT's own account of both.
-    checkpoint.check_adapter_loaded(model, set_peft_model_state_dict(model, weights), len(weights), adapter.what)
+    store.check_adapter_loaded(model, set_peft_model_state_dict(model, weights), len(weights), adapter.what)
     return model
 
 

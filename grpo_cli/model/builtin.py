@@ -12,7 +12,7 @@ than not; the reward rules then have something real to teach.
 
 `builtin:tiny-math-tools` is the same model warm-started on a different mix: some
 of its worked answers compute with the code tool (a short python block, its output
-block, the answer; tool_calls.py's format), the output blocks being context the
+block, the answer; tools/calls.py's format), the output blocks being context the
 warm start does not train on, as GRPO does not. Its quickstart
 (recipes/quickstart-tools.yaml) lets GRPO find out that computed answers are right
 more often.

@@ -25,7 +25,7 @@ import torch
 
 from grpo_cli.model import adapters
 from grpo_cli.model import builtin as builtin_model
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, locating
 from grpo_cli.model import gguf as gguf_model
 from grpo_cli.model import hub
 from grpo_cli.errors import UserError
@@ -92,8 +92,8 @@ def is_plain_lora_linear(layer) -> bool:
 @contextlib.contextmanager
 def adapters_disabled(layers: list):
     """The LoRA layers' adapters off until exit, as PEFT's `disable_adapter()` does, without its
-    model-wide status checks (2.7 ms a call on the builtin model against 0.5 ms; the reference
-    pass enters this once per micro-batch)."""
+    model-wide status checks, which cost several times the switch itself (docs/performance.md); the
+    reference pass enters this once per micro-batch)."""
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -329,18 +329,18 @@ def load_for_inference(ref: str, device: str = "auto", dtype: str | None = None,
     target = pick_device(device)
     path = Path(ref).expanduser()
     if best:
-        found = checkpoint.locate_best(path)
+        found = locating.locate_best(path)
     else:
-        found = checkpoint.locate(path) if path.is_dir() else None
+        found = locating.locate(path) if path.is_dir() else None
     if found is not None:
-        recipe_path = found / checkpoint.RECIPE_FILE
+        recipe_path = found / layout.RECIPE_FILE
         recipe = load_recipe(recipe_path if recipe_path.exists() else found.parent.parent / "recipe.yaml")
         spec = recipe.model.model_copy(update={"dtype": dtype or recipe.model.dtype})
         if spec.lora is not None:
             model = _with_adapter(spec.name, found, spec, target, progress)
         else:
             model = load_base(str(found), spec, target, pick_dtype(spec.dtype, target))
-        source = f"{found} (step {checkpoint.read_state(found)['step']})"
+        source = f"{found} (step {layout.read_state(found)['step']})"
         return Inference(model=model.eval(), tokenizer=load_tokenizer(str(found)), recipe=recipe, source=source)
     spec = ModelSpec(name=ref, dtype=dtype or "auto", lora=None)
     # a grpo export carries its training recipe: prompt it the way it was trained

@@ -220,7 +220,7 @@ def split_thinking(text: str) -> tuple[str, str] | None:
 def _answer_part(text: str) -> str:
     """The part of the text that can hold the final answer, blanked elsewhere so indices stay: the
     model's own turn (see _own_turn), after its last tool output block (an answer written before a call
-    was not its last word; tool_calls.py), and after the thinking when the text thinks
+    was not its last word; tools/calls.py), and after the thinking when the text thinks
     ("<think> ... </think>"). Thinking that never closed gave no answer: all blank."""
     text = _own_turn(text)
     after_tools = after_last_output(text)
@@ -394,8 +394,8 @@ def _settled(p: str, g: str) -> bool | None:
     if p == g or (_plain_text(p) is not None and _plain_text(p) == _plain_text(g)):
         return True
     if _integer(p) is not None and _integer(g) is not None:
-        # two integers: math-verify's verdict, without its ~0.7 ms parse of each (most wrong
-        # answers of arithmetic and GSM8K land here)
+        # two integers: math-verify's verdict, without its parse of each (docs/performance.md,
+        # "Scoring"; most wrong answers of arithmetic and GSM8K land here)
         return _integer(p) == _integer(g)
     if all(_INTEGER.fullmatch(s) or _INTEGER_LIST.fullmatch(s) for s in (p, g)):
         # integers listed (roots, several answers): different sets are never equal; the same set

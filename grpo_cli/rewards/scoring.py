@@ -14,7 +14,7 @@ a rule that raises or returns something that is not a finite number, score 0 and
 counted in `Scores.errors`, with the first messages kept for a warning; a custom rule that
 returns None skips that completion (NaN here: it adds nothing to the reward and is left out
 of the rule's mean). Identical calls are made once. The workers leave Ctrl-C and SIGTERM to
-the trainer, and nothing a rule started and left running outlives the scorer (worker_pool.py).
+the trainer, and nothing a rule started and left running outlives the scorer (rewards/worker_pool.py).
 """
 
 from __future__ import annotations

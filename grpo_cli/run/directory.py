@@ -3,7 +3,7 @@
 A run directory holds a run once a training step was recorded. Starting refuses a directory that
 holds one (unless resuming); resuming checks that the recipe continues what the checkpoint
 trained, records what changed in resumes.jsonl, and never overwrites the recipe file the user
-passed. One process at a time holds the directory (run_lock.py).
+passed. One process at a time holds the directory (run/lock.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from grpo_cli.checkpoint import store as checkpoint
+from grpo_cli.checkpoint import layout, locating
 from grpo_cli.errors import UserError
 from grpo_cli.config.recipe import Recipe, changes, dump
 from grpo_cli.config.recipe import load as load_recipe
@@ -46,9 +46,9 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_
         )
     # The newest checkpoint whose files match their checksums: damaged newer ones are skipped with a
     # warning; when every one is damaged, an error (not a fresh start that would drop the run's logs).
-    found = checkpoint.latest_intact(run_dir, warn=notify) if resume and run_dir.exists() else None
+    found = locating.latest_intact(run_dir, warn=notify) if resume and run_dir.exists() else None
     if found is not None:
-        saved = load_recipe(found / checkpoint.RECIPE_FILE)
+        saved = load_recipe(found / layout.RECIPE_FILE)
         fixed, allowed = changes(saved, recipe)
         if fixed:
             raise UserError(f"{run_dir} holds a run this recipe cannot continue: {listed_changes(fixed)}. "
@@ -66,7 +66,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, notify, recipe_
                    "holds the resolved recipe).")
         if found is not None:
             with open(run_dir / "resumes.jsonl", "a") as handle:
-                handle.write(json.dumps({"from_step": checkpoint.read_state(found)["step"],
+                handle.write(json.dumps({"from_step": layout.read_state(found)["step"],
                                          "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                          "changed": {k: list(v) for k, v in allowed.items()}}) + "\n")
     except OSError as exc:

@@ -76,7 +76,8 @@ STEP_METRICS = (
     Metric("tokens_per_second", "generated tokens over the step time", machine=True, label="tokens/s", fmt=".0f"),
     Metric("peak_memory_gib", "GPU: the step's peak allocated; CPU: the process's peak resident set so far",
            machine=True, label="peak memory GiB", fmt=".2f"),
-    Metric("step_seconds", "the step's time: rollout_seconds + score_seconds + update_seconds", machine=True),
+    Metric("step_seconds", "the step's time: rollout_seconds, score_seconds and update_seconds, and the little between them "
+           "(splitting micro-batches)", machine=True),
     Metric("rollout_seconds", "sampling the completions", machine=True),
     Metric("score_seconds", "waiting for the rewards, past what overlapped with the reference pass", machine=True),
     Metric("update_seconds", "the reference and old-policy passes, advantages and the updates", machine=True),
@@ -236,7 +237,7 @@ def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_siz
         "step_seconds": seconds["step"],
         "rollout_seconds": seconds["rollout"],
         "score_seconds": seconds["score"],
-        "update_seconds": seconds["step"] - seconds["rollout"] - seconds["score"],
+        "update_seconds": seconds["update"],
         "elapsed_seconds": elapsed,
     }
     unknown = [k for k in row if not known(k)]

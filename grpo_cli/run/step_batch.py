@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from grpo_cli.update.advantages import group_advantages, total_reward
+from grpo_cli.update.advantages import group_advantages, step_rewards
 from grpo_cli.data.examples import Example, Examples, PromptOrder
 from grpo_cli.distributed.parallel import Parallel
 from grpo_cli.config.recipe import Recipe
@@ -61,7 +61,7 @@ def score_rollout(scorer: Scorer, rules: list[str], rollout: Rollout, batch: lis
 def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, scorer: Scorer, recipe: Recipe,
                 rules: list[str], weights: torch.Tensor, tools: ToolSession | None = None) -> StepBatch:
     """Rollouts and their scoring for one step (see the module's docstring). With several processes,
-    each takes its own slice of the step's prompts (see distributed.py). `tools`: the run's sandbox,
+    each takes its own slice of the step's prompts (see distributed/). `tools`: the run's sandbox,
     with grpo.tools."""
     grpo = recipe.grpo
     policy, world = parallel.policy, parallel.world
@@ -83,7 +83,8 @@ def sample_step(parallel: Parallel, train_set: Examples, order: PromptOrder, sco
     while True:
         rounds += 1
         scores = pending.result()
-        rewards = total_reward(scores.values[:, : len(weights)], weights)  # [N]
+        rewards, _ = step_rewards(scores.values, weights, rollout.lengths.cpu(), grpo.max_new_tokens,
+                                  grpo.overlong_buffer, grpo.overlong_penalty)  # [N]
         _, zero_std = group_advantages(rewards, grpo.group_size)  # [B]
         informative = [g for g, flat in enumerate(zero_std.tolist()) if not flat]
         dropped += len(batch) - len(informative)

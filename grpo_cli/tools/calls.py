@@ -1,4 +1,4 @@
-"""Tool calls in a completion's text: the format (text only; tool_rollout.py makes the calls).
+"""Tool calls in a completion's text: the format (text only; rollout/with_tools.py makes the calls).
 
 The format is Qwen2.5-Math's tool-integrated reasoning, so models trained for it work
 unchanged: the model writes a ```` ```python ```` block and closes it; the block runs

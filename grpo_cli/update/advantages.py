@@ -45,6 +45,16 @@ def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, pe
     return -penalty * (over / buffer).clamp(max=1.0)
 
 
+def step_rewards(values, weights: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, overlong_buffer: int,
+                 overlong_penalty_size: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's rewards as every later figure sees them: the weighted rules plus DAPO's overlong penalty.
+    The one place rewards are formed, so the groups dynamic sampling keeps and the groups the advantages call
+    flat are the same groups. values [N, R'] (R' >= R: columns past the weighted rules, such as correctness
+    scored for the accuracy figure alone, are left out), weights [R], lengths [N] -> (rewards [N], overlong [N])"""
+    overlong = overlong_penalty(lengths, max_new_tokens, overlong_buffer, overlong_penalty_size)  # [N]
+    return total_reward(values[:, : len(weights)], weights) + overlong, overlong
+
+
 def total_reward(values, weights: torch.Tensor) -> torch.Tensor:
     """Weighted sum of the rules' rewards. values [N, R] (NaN where a rule skipped), weights [R] -> [N]"""
     return torch.nan_to_num(torch.as_tensor(values, dtype=torch.float64), nan=0.0) @ weights.double()

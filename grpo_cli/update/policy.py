@@ -47,7 +47,6 @@ def apply_optimizer_settings(optimizer, scheduler, spec: TrainSpec) -> None:
     factors = [rate(scheduler.last_epoch) for rate in scheduler.lr_lambdas]
     for group, factor in zip(optimizer.param_groups, factors):
         group["lr"] = spec.lr * factor
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 @dataclass(kw_only=True)
