@@ -305,8 +305,12 @@ def export(
     from grpo_cli.export.build import export as run_export
 
     with _reported(f"{out} was not written (nothing half-written is left)."), terminate_at_once():
-        exported = run_export(source, out, dtype=dtype, format=export_format, adapter_only=adapter_only,
-                              force=force, best=best)
+        if adapter_only:  # the older spelling of --format adapter
+            if export_format not in (None, "adapter"):
+                raise UserError(f"--adapter-only is short for --format adapter; it cannot go with --format "
+                                f"{export_format}. Pass one of them.")
+            export_format = "adapter"
+        exported = run_export(source, out, dtype=dtype, format=export_format, force=force, best=best)
     check = exported.check
     what = exported.label
     typer.echo(

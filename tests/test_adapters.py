@@ -120,7 +120,8 @@ def test_export_of_a_trainer_checkpoint(adapter_only, trainer_checkpoint, tmp_pa
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    exported = export(str(trainer_checkpoint), tmp_path / "out", dtype="float32", adapter_only=adapter_only)
+    exported = export(str(trainer_checkpoint), tmp_path / "out", dtype="float32",
+                      format="adapter" if adapter_only else None)
     out = exported.out
     assert exported.step == 40 and exported.check.vs_adapter <= exported.check.tolerance < exported.check.vs_base
     if adapter_only:
@@ -245,7 +246,7 @@ def test_a_continued_run_evaluates_and_exports(continued, tmp_path):
     assert torch.allclose(logits_of(loaded.model, loaded.tokenizer), peft_logits([step_dir(continued, 2)]), atol=1e-5)
     merged = export(str(continued), tmp_path / "merged", dtype="float32")
     assert merged.check.vs_adapter <= merged.check.tolerance < merged.check.vs_base
-    only = export(str(continued), tmp_path / "adapter", adapter_only=True)
+    only = export(str(continued), tmp_path / "adapter", format="adapter")
     config = json.loads((only.out / "adapter_config.json").read_text())
     assert config["r"] == 8  # the starting adapter's own rank
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]),
@@ -267,7 +268,7 @@ def test_merge_trains_a_fresh_lora_over_the_merged_adapter(sft_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(exported.out).eval()
     assert torch.allclose(logits_of(model, loaded.tokenizer), expected, atol=1e-4)
     with pytest.raises(UserError, match="merged"):
-        export(str(run_dir), tmp_path / "adapter", adapter_only=True)
+        export(str(run_dir), tmp_path / "adapter", format="adapter")
 
 
 def test_recipe_lora_values_that_continue_does_not_use_are_told(sft_run):

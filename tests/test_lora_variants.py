@@ -113,6 +113,6 @@ def test_dora_with_rslora_trains_its_adapters_and_magnitudes(variant_run):
 def test_a_dora_rslora_run_exports_merged_and_as_an_adapter(variant_run, tmp_path):
     merged = export(str(variant_run), tmp_path / "merged")  # raises unless the reloaded export matches the adapter
     assert merged.check.vs_base > merged.check.tolerance
-    export(str(variant_run), tmp_path / "adapter", adapter_only=True)
+    export(str(variant_run), tmp_path / "adapter", format="adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["use_rslora"] is True

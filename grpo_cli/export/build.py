@@ -22,7 +22,6 @@ from grpo_cli.config.recipe import ModelSpec, Recipe, dump, load as load_recipe
 from grpo_cli.errors import UserError
 from grpo_cli.export import card
 from grpo_cli.export.check import ExportCheck, distributions, write_and_check
-from grpo_cli.export.adapter import ADAPTER
 from grpo_cli.export.formats import DEFAULT, format_named
 from grpo_cli.export.protocol import Trained
 from grpo_cli.export.transaction import export_directory
@@ -58,15 +57,9 @@ def trained_chat_template(recipe: Recipe, tokenizer):
 
 
 def export(ref: str, out: str | Path, dtype: str | None = None, format: str | None = None, force: bool = False,
-           best: bool = False, adapter_only: bool = False) -> Exported:
+           best: bool = False) -> Exported:
     """Write the checkpoint `ref` (or a run directory's latest, or with `best` its best) to `out` in the export
-    format named `format` (formats.FORMATS; None: formats.DEFAULT) and verify it. `adapter_only`: another way to
-    say format="adapter", as the CLI's --adapter-only is."""
-    if adapter_only:
-        if format not in (None, ADAPTER.name):
-            raise UserError(f"--adapter-only is short for --format {ADAPTER.name}; it cannot go with --format "
-                            f"{format}. Pass one of them.")
-        format = ADAPTER.name
+    format named `format` (formats.FORMATS; None: formats.DEFAULT) and verify it."""
     export_format = format_named(format or DEFAULT)
     out = Path(out)
     if best:
