@@ -190,3 +190,14 @@ def test_builtin_rules_grade_the_models_own_text_and_a_python_rule_gets_the_whol
                               [{"prompt": "q"} for _ in cases])
     got = [scores.values[i, names.index(rule)] for i, (rule, *_) in enumerate(cases)]
     assert got == pytest.approx([reward for *_, reward in cases])
+
+
+def test_custom_rules_import_from_the_public_path():
+    """docs/extending.md's path for a custom rule, grpo_cli.rewards, is the rules module's API whatever module
+    inside the package holds it."""
+    import grpo_cli.rewards as public
+    from grpo_cli.rewards import rules
+
+    assert public.__all__ and all(getattr(public, name) is getattr(rules, name) for name in public.__all__)
+    assert {"reward_rule", "RuleOptions", "RewardRule", "add_rule", "rule_functions", "REWARD_RULES"} <= \
+        set(public.__all__)
