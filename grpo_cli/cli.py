@@ -292,15 +292,23 @@ def export(
     export_format: str = typer.Option(None, "--format", metavar="FORMAT",
                                       help="safetensors: the model with the LoRA adapters merged in, which plain "
                                            "transformers loads (the default); adapter: the LoRA adapter alone, in "
-                                           "the PEFT layout (LoRA runs)."),
+                                           "the PEFT layout (LoRA runs); gguf: one GGUF file and an Ollama "
+                                           "Modelfile, for llama.cpp, Ollama and LM Studio."),
+    quant: str = typer.Option(None, "--quant", metavar="TYPE",
+                              help="--format gguf's type: f32, f16 (default), bf16, q8_0, q5_1, q5_0, q4_1, q4_0; "
+                                   "q6_k, q5_k_m, q4_k_m with llama-cpp-python installed."),
+    verifier: str = typer.Option(None, "--verifier", metavar="NAME",
+                                 help="--format gguf's check: auto (llama.cpp where llama-cpp-python is installed, "
+                                      "else transformers' GGUF reader), llama.cpp or transformers."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="The same as --format adapter."),
     force: bool = typer.Option(False, "--force",
                                help="Replace --out if it holds an earlier export (nothing else is ever deleted)."),
 ) -> None:
     """Merge the trained adapters into the base and save a model plain transformers loads (or, with --format adapter,
-    the adapter alone); verified after writing.
+    the adapter alone; with --format gguf, a GGUF file for llama.cpp and Ollama); verified after writing.
 
-    Example: grpo export runs/quickstart --out models/quickstart;  grpo export runs/quickstart --best --out models/best
+    Example: grpo export runs/quickstart --out models/quickstart;  grpo export runs/smollm2 --out m --format gguf
+    --quant q8_0
     """
     from grpo_cli.export.build import export as run_export
 
@@ -310,13 +318,11 @@ def export(
                 raise UserError(f"--adapter-only is short for --format adapter; it cannot go with --format "
                                 f"{export_format}. Pass one of them.")
             export_format = "adapter"
-        exported = run_export(source, out, dtype=dtype, format=export_format, force=force, best=best)
-    check = exported.check
-    what = exported.label
-    typer.echo(
-        f"exported {'the adapter' if exported.step is None else f'step {exported.step}'} as a {what} to {exported.out}; verified: next-token distributions within "
-        f"{check.vs_adapter:.1e} of the adapter model (allowed {check.tolerance:.1e}), {check.vs_base:.2e} from the base"
-    )
+        exported = run_export(source, out, dtype=dtype, format=export_format, force=force, best=best, quant=quant,
+                              verifier=verifier)
+    source_said = 'the adapter' if exported.step is None else f'step {exported.step}'
+    typer.echo(f"exported {source_said} as a {exported.label} to {exported.out}; verified: "
+               f"{exported.check.summary()}")
 
 
 @app.command(cls=PlainCommand)

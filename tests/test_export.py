@@ -159,10 +159,19 @@ def test_refusals(lora_run, tmp_path):
 
 
 
-@pytest.mark.parametrize("name", sorted(FORMATS))
+# The builtin model's character-level tokenizer has no GGUF form: gguf is exported from SmolLM2 in
+# test_gguf_export.py, with the same assertions and its own
+ON_THE_BUILTIN_MODEL = sorted(set(FORMATS) - {"gguf"})
+
+
+def test_every_registered_format_is_tested():
+    assert set(ON_THE_BUILTIN_MODEL) | {"gguf"} == set(FORMATS)
+
+
+@pytest.mark.parametrize("name", ON_THE_BUILTIN_MODEL)
 def test_every_registered_format_writes_and_verifies_itself(lora_run, tmp_path, name):
     """A format registered in formats.FORMATS is exported, reloaded and checked by the one path, with the
-    transaction's marker and a model card: what a new format (GGUF, say) gets by being registered."""
+    transaction's marker and a model card: what a new format gets by being registered."""
     exported = export(str(lora_run), tmp_path / name, format=name)
     assert exported.format == name and exported.label
     assert exported.check.vs_adapter <= exported.check.tolerance < exported.check.vs_base
@@ -174,8 +183,8 @@ def test_every_registered_format_writes_and_verifies_itself(lora_run, tmp_path, 
 
 
 def test_an_unknown_format_is_refused_with_the_list(lora_run, tmp_path):
-    with pytest.raises(UserError, match="--format gguf") as refused:
-        export(str(lora_run), tmp_path / "o", format="gguf")
+    with pytest.raises(UserError, match="--format onnx") as refused:
+        export(str(lora_run), tmp_path / "o", format="onnx")
     assert all(f"{name} (" in str(refused.value) for name in FORMATS)
     assert not (tmp_path / "o").exists() and hidden(tmp_path) == []
 
@@ -187,7 +196,7 @@ def test_format_on_the_command_line(lora_run, tmp_path):
 
     runner = CliRunner()
     unknown = runner.invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "o"), "--format", "onnx"])
-    assert unknown.exit_code == 2 and "safetensors" in unknown.output and "adapter" in unknown.output
+    assert unknown.exit_code == 2 and all(name in unknown.output for name in FORMATS)
     both = runner.invoke(app, ["export", str(lora_run), "--out", str(tmp_path / "o"), "--adapter-only",
                                "--format", "safetensors"])
     assert both.exit_code == 2 and "--adapter-only is short for --format adapter" in " ".join(both.output.split())

@@ -16,13 +16,18 @@ import torch
 
 from grpo_cli.config.recipe import Recipe
 from grpo_cli.errors import UserError
-from grpo_cli.export.protocol import Trained
+from grpo_cli.export.check import ExportCheck, check_reloaded
+from grpo_cli.export.protocol import ExportFormat, Trained, takes_no_options
 from grpo_cli.model.loading import load_base
 
 
 class AdapterOnly:
     name = "adapter"
     summary = "the LoRA adapter alone, in the PEFT layout, pointing at its base (LoRA runs)"
+
+    def configure(self, options: dict[str, str]) -> ExportFormat:
+        takes_no_options(self.name, options)
+        return self
 
     def refuse(self, recipe: Recipe | None) -> None:
         if recipe is None:  # an adapter made elsewhere: an adapter is what it holds
@@ -44,8 +49,14 @@ class AdapterOnly:
         config = json.loads(config_path.read_text())
         config["base_model_name_or_path"] = trained.base_path
         config_path.write_text(json.dumps(config, indent=2))
+        trained.tokenizer.save_pretrained(directory)
 
-    def reload(self, trained: Trained, directory: Path) -> torch.nn.Module:
+    def verify(self, trained: Trained, directory: Path, reference: torch.Tensor, base: torch.Tensor) -> ExportCheck:
+        return check_reloaded(self._reload(trained, directory), trained, directory, reference, base,
+                              self.weights_dtype(trained))
+
+    def _reload(self, trained: Trained, directory: Path) -> torch.nn.Module:
+        """The export loaded as its users will load it."""
         from peft import PeftModel
 
         base = load_base(trained.base_path, trained.base_spec, torch.device("cpu"), torch.float32)
@@ -61,7 +72,11 @@ class AdapterOnly:
     def loading_code(self, base_path: str) -> str:
         return ("from peft import PeftModel\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                 f"base = AutoModelForCausalLM.from_pretrained({base_path!r})\n"
-                "model = PeftModel.from_pretrained(base, \"<this dir>\")\n")
+                "model = PeftModel.from_pretrained(base, \"<this dir>\")\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")\n")
+
+    def running(self, trained: Trained) -> str:
+        return ""
 
 
 ADAPTER = AdapterOnly()

@@ -21,9 +21,9 @@ from grpo_cli.checkpoint.locating import locate, locate_best
 from grpo_cli.config.recipe import ModelSpec, Recipe, dump, load as load_recipe
 from grpo_cli.errors import UserError
 from grpo_cli.export import card
-from grpo_cli.export.check import ExportCheck, distributions, write_and_check
+from grpo_cli.export.check import distributions, write_and_check
 from grpo_cli.export.formats import DEFAULT, format_named
-from grpo_cli.export.protocol import Trained
+from grpo_cli.export.protocol import Trained, Verification
 from grpo_cli.export.transaction import export_directory
 from grpo_cli.model import adapters
 from grpo_cli.model.loading import DTYPES, load_base, load_start, load_tokenizer, resolve
@@ -38,7 +38,7 @@ class Exported:
     dtype: str  # of the weights written
     format: str  # the format's name (--format)
     label: str  # what was written, for "exported step N as a ...": "bfloat16 model", "LoRA adapter"
-    check: ExportCheck
+    check: Verification  # what the format's verification measured
 
 
 def _output_dtype(requested: str | None, recipe: Recipe | None) -> str:
@@ -57,10 +57,13 @@ def trained_chat_template(recipe: Recipe, tokenizer):
 
 
 def export(ref: str, out: str | Path, dtype: str | None = None, format: str | None = None, force: bool = False,
-           best: bool = False) -> Exported:
+           best: bool = False, quant: str | None = None, verifier: str | None = None) -> Exported:
     """Write the checkpoint `ref` (or a run directory's latest, or with `best` its best) to `out` in the export
-    format named `format` (formats.FORMATS; None: formats.DEFAULT) and verify it."""
-    export_format = format_named(format or DEFAULT)
+    format named `format` (formats.FORMATS; None: formats.DEFAULT) and verify it. `quant`, `verifier`: the
+    format's options (GGUF's), None where not given."""
+    options = {key: value for key, value in (("quant", quant), ("verifier", verifier), ("dtype", dtype))
+               if value is not None}
+    export_format = format_named(format or DEFAULT).configure(options)
     out = Path(out)
     if best:
         found = locate_best(Path(ref))
@@ -83,12 +86,12 @@ def export(ref: str, out: str | Path, dtype: str | None = None, format: str | No
     in_run = run_dir.resolve() if recipe is not None and found.parent.name == "checkpoints" else None
     with export_directory(out, force, Path(ref), in_run, found, state["step"]) as partial:
         if foreign is None:
-            trained, base_dist = _load_checkpoint(found, recipe, out_dtype)
+            trained, base_dist = _load_checkpoint(found, recipe, out_dtype, out.name)
             check = write_and_check(export_format, trained, base_dist, partial)
             (partial / RECIPE_COPY).write_text(dump(recipe))
             (partial / "README.md").write_text(card.model_card(export_format, trained, check, state, found, run_dir))
         else:
-            trained, base_dist, own_tokenizer = _load_foreign(foreign, out_dtype)
+            trained, base_dist, own_tokenizer = _load_foreign(foreign, out_dtype, out.name)
             check = write_and_check(export_format, trained, base_dist, partial)
             (partial / "README.md").write_text(card.foreign_card(export_format, trained, check, foreign.location,
                                                                  foreign.base, foreign.what, own_tokenizer))
@@ -96,7 +99,7 @@ def export(ref: str, out: str | Path, dtype: str | None = None, format: str | No
                     export_format.label(trained), check)
 
 
-def _load_checkpoint(found: Path, recipe: Recipe, out_dtype: str) -> tuple[Trained, torch.Tensor]:
+def _load_checkpoint(found: Path, recipe: Recipe, out_dtype: str, name: str) -> tuple[Trained, torch.Tensor]:
     """The grpo checkpoint's model (its adapter on the full-precision base, or its full weights) and the base
     model's check distributions."""
     cpu = torch.device("cpu")
@@ -112,10 +115,10 @@ def _load_checkpoint(found: Path, recipe: Recipe, out_dtype: str) -> tuple[Train
     else:
         del base
         model = load_base(str(found), full_precision, cpu, torch.float32).eval()
-    return Trained(model, lora, tokenizer, base_path, full_precision, out_dtype, recipe), base_dist
+    return Trained(model, lora, tokenizer, base_path, full_precision, out_dtype, recipe, name), base_dist
 
 
-def _load_foreign(adapter: adapters.Adapter, out_dtype: str) -> tuple[Trained, torch.Tensor, bool]:
+def _load_foreign(adapter: adapters.Adapter, out_dtype: str, name: str) -> tuple[Trained, torch.Tensor, bool]:
     """An adapter made elsewhere on its base, the base model's check distributions, and whether the tokenizer is
     the adapter's own. Its tokenizer (chat template included) is kept as it is: how it was prompted in training
     is not recorded."""
@@ -127,5 +130,5 @@ def _load_foreign(adapter: adapters.Adapter, out_dtype: str) -> tuple[Trained, t
     tokenizer = load_tokenizer(adapter.location if own_tokenizer else base_path)
     base_dist = distributions(base, tokenizer)
     model = adapters.attach(base, adapter, trainable=False).eval()
-    trained = Trained(model, True, tokenizer, base_path, full_precision, out_dtype, None)
+    trained = Trained(model, True, tokenizer, base_path, full_precision, out_dtype, None, name)
     return trained, base_dist, own_tokenizer

@@ -17,8 +17,7 @@ from grpo_cli import __version__
 from grpo_cli.config.recipe import Recipe, dump
 from grpo_cli.data.examples import load_rows, prompt_fields, render_prompt
 from grpo_cli.errors import UserError
-from grpo_cli.export.check import CHECK_PROMPTS, ExportCheck
-from grpo_cli.export.protocol import ExportFormat, Trained
+from grpo_cli.export.protocol import ExportFormat, Trained, Verification
 from grpo_cli.run.log import METRICS, read_jsonl
 
 # The model card's example prompt when the training set's first row is not at hand (a hub dataset).
@@ -100,7 +99,7 @@ did, with plain text the model continues: each prompt was {written}.
 {_fence(prompt)}"""
         make = f"prompt = {prompt!r}\ninputs = tokenizer(prompt, return_tensors=\"pt\")"
     load = export_format.loading_code(base_path)
-    generate = (f"{load}tokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")\n{make}\n"
+    generate = (f"{load}{make}\n"
                 f"output = model.generate(**inputs, max_new_tokens={recipe.grpo.max_new_tokens}, do_sample=False)\n"
                 "print(tokenizer.decode(output[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))")
     return f"""## How to prompt it
@@ -115,13 +114,7 @@ Greedy decoding, as held-out accuracy was measured (training sampled at temperat
 {_fence(generate, "python")}"""
 
 
-def _checked(check: ExportCheck) -> str:
-    return f"""Verified after writing: on {len(CHECK_PROMPTS)} fixed prompts the next-token distributions of this
-export differ from the unmerged float32 adapter model's by at most {check.vs_adapter:.2e} (total
-variation; allowed {check.tolerance:.1e}), and from the base model's by {check.vs_base:.2e}."""
-
-
-def model_card(export_format: ExportFormat, trained: Trained, check: ExportCheck, state: dict, source: Path,
+def model_card(export_format: ExportFormat, trained: Trained, check: Verification, state: dict, source: Path,
                run_dir: Path) -> str:
     """The card of an export of the grpo checkpoint `source` (its trainer `state`) of the run in `run_dir`."""
     recipe = trained.recipe
@@ -132,7 +125,7 @@ def model_card(export_format: ExportFormat, trained: Trained, check: ExportCheck
 Made with grpo {__version__} on {time.strftime('%Y-%m-%d')} from `{source}` (step {state['step']} of
 {recipe.train.steps}): {export_format.describe(trained)}
 
-{_checked(check)}
+{check.card_text()}
 
 ## Held-out accuracy recorded by the run
 
@@ -141,14 +134,14 @@ Made with grpo {__version__} on {time.strftime('%Y-%m-%d')} from `{source}` (ste
 {eval_lines or '| - | no evaluation recorded | |'}
 
 {prompting(recipe, trained.tokenizer, export_format, trained.base_path)}
-
+{export_format.running(trained)}
 ## Recipe
 
 {_fence(dump(recipe).rstrip(), "yaml")}
 """
 
 
-def foreign_card(export_format: ExportFormat, trained: Trained, check: ExportCheck, location: str, base: str,
+def foreign_card(export_format: ExportFormat, trained: Trained, check: Verification, location: str, base: str,
                  what: str, own_tokenizer: bool) -> str:
     """The card of an export of an adapter grpo did not train: `what` it is ("the PEFT adapter X"), at
     `location`, on `base`; its tokenizer its own or the base model's."""
@@ -159,5 +152,5 @@ Exported with grpo {__version__} on {time.strftime('%Y-%m-%d')} from {what}: {ex
 The tokenizer is {tokenizer_of}, chat template included. Prompt the model as it was trained:
 grpo did not train this adapter and does not know its prompt format.
 
-{_checked(check)}
+{check.card_text()}
 """

@@ -1,8 +1,9 @@
 """Writing an export and checking it: the one path every format takes, so none is assumed to work.
 
-The trained model's next-token distributions on fixed prompts are taken first; the format writes the export,
-the tokenizer is written beside it, the format reloads it as its users will, and the reloaded model's
-distributions must match the trained model's and differ from the base model's. A failed check is a UserError.
+The trained model's next-token distributions on fixed prompts are taken first; the format writes the export
+and verifies it. The formats that transformers reloads (safetensors, adapter) share `check_reloaded`: the
+reloaded model's distributions must match the trained model's and differ from the base model's. A failed
+check is a UserError.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from grpo_cli.errors import UserError
-from grpo_cli.export.protocol import ExportFormat, Trained
+from grpo_cli.export.protocol import ExportFormat, Trained, Verification
 from grpo_cli.model.loading import DTYPES, load_base
 
 CHECK_PROMPTS = [
@@ -36,6 +37,15 @@ class ExportCheck:
     vs_base: float  # the same to the base model: how much training changed the model
     tolerance: float
 
+    def summary(self) -> str:
+        return (f"next-token distributions within {self.vs_adapter:.1e} of the adapter model (allowed "
+                f"{self.tolerance:.1e}), {self.vs_base:.2e} from the base")
+
+    def card_text(self) -> str:
+        return f"""Verified after writing: on {len(CHECK_PROMPTS)} fixed prompts the next-token distributions of this
+export differ from the unmerged float32 adapter model's by at most {self.vs_adapter:.2e} (total
+variation; allowed {self.tolerance:.1e}), and from the base model's by {self.vs_base:.2e}."""
+
 
 def distributions(model, tokenizer) -> torch.Tensor:
     """Next-token probabilities at every position of the check prompts, in float32. [P, T, V] ragged -> [sum T, V]"""
@@ -47,7 +57,7 @@ def distributions(model, tokenizer) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def _tv(p: torch.Tensor, q: torch.Tensor) -> float:
+def tv(p: torch.Tensor, q: torch.Tensor) -> float:
     """Max over positions of the total variation distance 0.5 * sum |p - q|."""
     return (0.5 * (p - q).abs().sum(-1)).max().item()
 
@@ -56,18 +66,20 @@ def _tolerance(trained: Trained, dtype: str, base_dist: torch.Tensor) -> float:
     if dtype == "float32":
         return TOLERANCE_FLOOR
     rounded = load_base(trained.base_path, trained.base_spec, torch.device("cpu"), DTYPES[dtype]).eval()
-    noise = _tv(distributions(rounded, trained.tokenizer), base_dist)
+    noise = tv(distributions(rounded, trained.tokenizer), base_dist)
     del rounded
     return max(TOLERANCE_FLOOR, NOISE_FACTOR * noise)
 
 
-def _verify(reloaded, out: Path, reference: torch.Tensor, base: torch.Tensor, dtype: str,
-            tolerance: float) -> ExportCheck:
-    """The reloaded export must match the adapter model and differ from the base, or it is an error."""
+def check_reloaded(reloaded, trained: Trained, out: Path, reference: torch.Tensor, base: torch.Tensor,
+                    dtype: str) -> ExportCheck:
+    """The export reloaded from `out` (weights in `dtype`) must match the adapter model and differ from the base,
+    or it is an error."""
     from transformers import AutoTokenizer
 
+    tolerance = _tolerance(trained, dtype, base)
     got = distributions(reloaded.eval(), AutoTokenizer.from_pretrained(out))
-    check = ExportCheck(_tv(got, reference), _tv(got, base), tolerance)
+    check = ExportCheck(tv(got, reference), tv(got, base), tolerance)
     if check.vs_adapter > check.tolerance:
         raise UserError(f"the export does not reproduce the trained model: its next-token distributions differ "
                         f"from the adapter model's by {check.vs_adapter:.2e} (total variation), more than the "
@@ -80,12 +92,9 @@ def _verify(reloaded, out: Path, reference: torch.Tensor, base: torch.Tensor, dt
     return check
 
 
-def write_and_check(fmt: ExportFormat, trained: Trained, base_dist: torch.Tensor, directory: Path) -> ExportCheck:
-    """Write `trained` into `directory` in format `fmt`, with the tokenizer; reload it and check it against the
+def write_and_check(fmt: ExportFormat, trained: Trained, base_dist: torch.Tensor, directory: Path) -> Verification:
+    """Write `trained` into `directory` in format `fmt` and have the format verify what it wrote against the
     trained model (and `base_dist`, the base model's distributions, taken before any adapter was attached)."""
     reference = distributions(trained.model, trained.tokenizer)  # before `write`, which may merge or cast it
     fmt.write(trained, directory)
-    trained.tokenizer.save_pretrained(directory)
-    reloaded = fmt.reload(trained, directory)
-    dtype = fmt.weights_dtype(trained)
-    return _verify(reloaded, directory, reference, base_dist, dtype, _tolerance(trained, dtype, base_dist))
+    return fmt.verify(trained, directory, reference, base_dist)

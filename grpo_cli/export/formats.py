@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from grpo_cli.errors import UserError
 from grpo_cli.export.adapter import ADAPTER
+from grpo_cli.export.gguf_format import GGUF
 from grpo_cli.export.merged import SAFETENSORS
 from grpo_cli.export.protocol import ExportFormat
 
-FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (SAFETENSORS, ADAPTER)}
+FORMATS: dict[str, ExportFormat] = {fmt.name: fmt for fmt in (SAFETENSORS, ADAPTER, GGUF)}
 DEFAULT = SAFETENSORS.name
 
 

@@ -12,13 +12,18 @@ from pathlib import Path
 import torch
 
 from grpo_cli.config.recipe import Recipe
-from grpo_cli.export.protocol import Trained
+from grpo_cli.export.check import ExportCheck, check_reloaded
+from grpo_cli.export.protocol import ExportFormat, Trained, takes_no_options
 from grpo_cli.model.loading import DTYPES
 
 
 class MergedModel:
     name = "safetensors"
     summary = "the model with its LoRA adapters merged in, as safetensors plain transformers loads (the default)"
+
+    def configure(self, options: dict[str, str]) -> ExportFormat:
+        takes_no_options(self.name, options)
+        return self
 
     def refuse(self, recipe: Recipe | None) -> None:
         return None  # any run, LoRA or full, and any adapter
@@ -29,8 +34,14 @@ class MergedModel:
     def write(self, trained: Trained, directory: Path) -> None:
         model = trained.model.merge_and_unload(safe_merge=True) if trained.lora else trained.model
         model.to(DTYPES[trained.dtype]).save_pretrained(directory)
+        trained.tokenizer.save_pretrained(directory)
 
-    def reload(self, trained: Trained, directory: Path) -> torch.nn.Module:
+    def verify(self, trained: Trained, directory: Path, reference: torch.Tensor, base: torch.Tensor) -> ExportCheck:
+        return check_reloaded(self._reload(trained, directory), trained, directory, reference, base,
+                              self.weights_dtype(trained))
+
+    def _reload(self, trained: Trained, directory: Path) -> torch.nn.Module:
+        """The export loaded as its users will load it."""
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(directory, dtype=DTYPES[trained.dtype])
@@ -48,7 +59,11 @@ class MergedModel:
 
     def loading_code(self, base_path: str) -> str:
         return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-                "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\n")
+                "model = AutoModelForCausalLM.from_pretrained(\"<this dir>\")\n"
+                "tokenizer = AutoTokenizer.from_pretrained(\"<this dir>\")\n")
+
+    def running(self, trained: Trained) -> str:
+        return ""
 
 
 SAFETENSORS = MergedModel()

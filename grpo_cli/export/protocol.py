@@ -1,17 +1,19 @@
-"""What an export format is: the protocol each one implements (`--format NAME`), and the trained model it is
-handed. The formats are registered by name in formats.py; verification.py writes, reloads and checks every one
-the same way.
+"""What an export format is: the protocol each one implements (`--format NAME`), the trained model it is
+handed, and what its verification reports. The formats are registered by name in formats.py; check.py takes
+the trained model's reference outputs, has the format write and verify itself, and turns a failure into an
+error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from grpo_cli.config.recipe import ModelSpec, Recipe
+from grpo_cli.errors import UserError
 
 
 @dataclass
@@ -25,15 +27,31 @@ class Trained:
     base_spec: ModelSpec  # how to load the base in full precision: no 4-bit, no LoRA
     dtype: str  # the output dtype (--dtype, else the recipe's)
     recipe: Recipe | None  # None for an adapter grpo did not train
+    name: str = "model"  # the export's name (--out's last part): what a format names its files after
+    kept: dict = field(default_factory=dict)  # what a format's `write` keeps for its `verify` (before a merge)
+
+
+class Verification(Protocol):
+    """What a format's check of its written export found (it passed: a failed check raises)."""
+
+    def summary(self) -> str:
+        """One line for the console, after "verified: "."""
+
+    def card_text(self) -> str:
+        """The model card's paragraph on how the export was verified and what was measured."""
 
 
 class ExportFormat(Protocol):
-    """One way to write a trained model. An export is: `refuse` before anything is loaded; then, into the hidden
-    partial directory, `write` (the tokenizer is written beside it by the caller), `reload` as its users load it,
-    and the check of the reloaded model against the trained one at the tolerance of `weights_dtype`."""
+    """One way to write a trained model. An export is: `configure` with the command's format options and
+    `refuse` before anything is loaded; then, into the hidden partial directory, `write` (the tokenizer
+    included), and `verify` the written files against the trained model's reference outputs."""
 
     name: str  # what --format takes
     summary: str  # one line: --help, the list an unknown --format is answered with
+
+    def configure(self, options: dict[str, str]) -> ExportFormat:
+        """This format with the export's options (`{"quant": "q8_0", "dtype": "bfloat16"}`: only those given);
+        a UserError for an option it does not take. Called before anything is loaded."""
 
     def refuse(self, recipe: Recipe | None) -> None:
         """Raise a UserError when this format cannot hold what the run trained (recipe None: an adapter made
@@ -43,11 +61,15 @@ class ExportFormat(Protocol):
         """The dtype of the weights `write` writes: the check allows the rounding to it, no more."""
 
     def write(self, trained: Trained, directory: Path) -> None:
-        """Write the model's files into `directory` (an empty directory but for the tokenizer and the marker).
-        May change `trained.model` (merge, cast): its reference outputs were taken before."""
+        """Write the model's files, and the tokenizer where the format keeps it apart, into `directory` (empty
+        but for the transaction's marker). May change `trained.model` (merge, cast): its reference outputs
+        were taken before."""
 
-    def reload(self, trained: Trained, directory: Path) -> torch.nn.Module:
-        """The export in `directory` loaded as its users will load it, for the check."""
+    def verify(self, trained: Trained, directory: Path, reference: torch.Tensor,
+               base: torch.Tensor) -> Verification:
+        """Load what `write` wrote as its users will and check it against the trained model: `reference` and
+        `base` are the trained and the base model's next-token distributions on check.CHECK_PROMPTS
+        (check.distributions). A failed check is a UserError."""
 
     def label(self, trained: Trained) -> str:
         """What the export is, after "exported step N as a": "bfloat16 model", "LoRA adapter"."""
@@ -56,5 +78,16 @@ class ExportFormat(Protocol):
         """What the export holds and in which dtype, for the model card: one or more sentences."""
 
     def loading_code(self, base_path: str) -> str:
-        """Python lines, for the model card, that import AutoTokenizer and set `model` to the export loaded from
-        "<this dir>" (`base_path`: the base model, for a format that loads on top of it)."""
+        """Python lines, for the model card, that set `model` and `tokenizer` to the export loaded with
+        transformers from "<this dir>" (`base_path`: the base model, for a format that loads on top of it)."""
+
+    def running(self, trained: Trained) -> str:
+        """The model card's section on running the export outside transformers (markdown), or ""."""
+
+
+def takes_no_options(format_name: str, options: dict[str, str]) -> None:
+    """`configure` for a format that takes no options but --dtype (read from `Trained.dtype`): any other given is
+    a UserError naming the format."""
+    given = ", ".join(f"--{key}" for key in options if key != "dtype")
+    if given:
+        raise UserError(f"{given} is not an option of --format {format_name} (--quant is --format gguf's).")
