@@ -73,6 +73,14 @@ def check_tokenizer(tokenizer) -> dict:
     if state.get("model", {}).get("type") != "BPE":
         raise UserError("GGUF export covers byte-level BPE tokenizers (tokenizer.json with a BPE model, as SmolLM2's "
                         "and Qwen's); this tokenizer is not one.")
+    if state["model"].get("byte_fallback") or "Metaspace" in json.dumps([state.get("pre_tokenizer"),
+                                                                         state.get("decoder")]):
+        # a SentencePiece vocabulary converted to BPE (Llama 2, Mistral 7B v0.1-v0.3): GGUF keeps those as its
+        # "llama" tokenizer model, with scores and byte tokens, which is not written here yet
+        raise UserError("this tokenizer is a SentencePiece vocabulary (byte fallback, '\u2581' for spaces), as "
+                        "Llama 2's and Mistral 7B's: GGUF export covers byte-level BPE tokenizers (SmolLM2, Qwen, "
+                        "Llama 3, Mistral's Tekken) for now. Export it as safetensors and convert with llama.cpp's "
+                        "convert_hf_to_gguf.py.")
     return state
 
 
