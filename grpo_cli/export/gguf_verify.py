@@ -235,17 +235,10 @@ def check_verifier(verifier: str) -> None:
 
 def _messages(trained: Trained, text: str) -> list[dict] | None:
     """How training would have put `text` to the model as chat messages; None for plain-text prompts."""
-    recipe = trained.recipe
-    if recipe is not None and not recipe.data.chat:
+    if not trained.chat:
         return None
-    if recipe is None and not getattr(trained.tokenizer, "chat_template", None):
-        return None
-    system = recipe.data.system_prompt if recipe is not None else None
+    system = trained.recipe.data.system_prompt if trained.recipe is not None else None
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-
-
-def _template_kwargs(trained: Trained) -> dict:
-    return dict(trained.recipe.data.chat_template_kwargs) if trained.recipe is not None else {}
 
 
 def prompted(trained: Trained) -> list[Prompted]:
@@ -257,7 +250,7 @@ def prompted(trained: Trained) -> list[Prompted]:
     rows = []
     for prompt in CHECK_PROMPTS:
         messages = _messages(trained, prompt)
-        text = prompt if messages is None else render_chat(tokenizer, messages, _template_kwargs(trained))
+        text = prompt if messages is None else render_chat(tokenizer, messages, trained.template_kwargs)
         ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=CONTINUATION, do_sample=False,
@@ -309,23 +302,22 @@ def verify_gguf(trained: Trained, path: Path, quant: str, verifier: str, referen
     """Check the GGUF file at `path` (written from `trained.model`, merged and float32) with `verifier`
     ("auto": llama.cpp where installed); `reference`, `base`: check.distributions of the trained and the base
     model; `rows`: `prompted(trained)`, taken before the merge. A failed check is a UserError."""
-    prompted = rows
     tolerance = _tolerance(trained, quant, reference)
     raw = [trained.tokenizer(p)["input_ids"] for p in CHECK_PROMPTS]  # as check.distributions tokenizes
-    context = max(len(p.ids) + len(p.continuation) for p in prompted) + max(len(r) for r in raw) + 16
+    context = max(len(row.ids) + len(row.continuation) for row in rows) + max(len(r) for r in raw) + 16
     runner = _open(path, verifier, context)
     try:
-        return _compare(runner, trained, path, quant, prompted, raw, reference, base, tolerance)
+        return _compare(runner, trained, path, quant, rows, raw, reference, base, tolerance)
     finally:
         runner.close()
 
 
-def _compare(runner, trained: Trained, path: Path, quant: str, prompted: list[Prompted], raw: list[list[int]],
+def _compare(runner, trained: Trained, path: Path, quant: str, rows: list[Prompted], raw: list[list[int]],
              reference: torch.Tensor, base: torch.Tensor, tolerance: float | None) -> GgufCheck:
     name = runner.name
     bos = trained.tokenizer.bos_token_id
     probe = (TOKEN_PROBE, trained.tokenizer(TOKEN_PROBE, add_special_tokens=False)["input_ids"])
-    for text, ids in [(row.text, row.ids) for row in prompted] + [probe]:  # training's tokens, one for one
+    for text, ids in [(row.text, row.ids) for row in rows] + [probe]:  # training's tokens, one for one
         got = runner.tokenize(text, add_bos=bos is not None and ids[:1] == [bos] and not text.startswith(
             trained.tokenizer.decode([bos])))
         if got != ids:
@@ -339,8 +331,8 @@ def _compare(runner, trained: Trained, path: Path, quant: str, prompted: list[Pr
     agree = positions = 0
     equal = ties = 0
     stop = set(eos_token_ids(trained.model, trained.tokenizer))
-    sided = [0, 0, 0]  # along the prompted rows: (with the trained model, with the base, where those differ)
-    for row in prompted:
+    sided = [0, 0, 0]  # along the rows rows: (with the trained model, with the base, where those differ)
+    for row in rows:
         theirs = runner.log_probs(row.ids + row.continuation).argmax(-1)  # [T + C]
         ours = row.log_probs.argmax(-1)
         agree += int((theirs == ours).sum())
@@ -355,14 +347,14 @@ def _compare(runner, trained: Trained, path: Path, quant: str, prompted: list[Pr
         elif tolerance is not None and _near_tie(row, continuation, tolerance):
             equal, ties = equal + 1, ties + 1
     top1 = agree / positions
-    if prompted[0].base_top1 is None:  # a full fine-tune: the base is known on CHECK_PROMPTS only
+    if rows[0].base_top1 is None:  # a full fine-tune: the base is known on CHECK_PROMPTS only
         trained_top, base_top, file_top = reference.argmax(-1), base.argmax(-1), got.argmax(-1)
         differ = trained_top != base_top
         sided = [int((file_top[differ] == trained_top[differ]).sum()),
                  int((file_top[differ] == base_top[differ]).sum()), int(differ.sum())]
     sides = tuple(sided)
     check = GgufCheck(name, quant, vs_adapter, vs_base, tolerance, top1, positions, TOP1_BOUNDS.get(quant), equal,
-                      ties, len(prompted), sides, chat, builtin)
+                      ties, len(rows), sides, chat, builtin)
     _judge(check, path)
     return check
 
@@ -387,8 +379,8 @@ def _chat_checks(runner, trained: Trained, path: Path, name: str) -> tuple[str, 
         return ("is absent, as training used plain-text prompts" if not runner.chat([{"role": "user",
                                                                                      "content": "x"}], {}) else
                 "is present but unused: training used plain-text prompts"), None
-    want = render_chat(trained.tokenizer, messages, _template_kwargs(trained))
-    got = runner.chat(messages, _template_kwargs(trained))
+    want = render_chat(trained.tokenizer, messages, trained.template_kwargs)
+    got = runner.chat(messages, trained.template_kwargs)
     if got is None:
         raise _fail(path, name, "the file carries no chat template, and training prompted through one")
     if got != want:

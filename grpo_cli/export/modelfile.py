@@ -29,26 +29,26 @@ def go_literal(text: str) -> str:
     return "{{ " + json.dumps(text) + " }}"  # a JSON string is a valid Go string literal
 
 
-def _chat_template(trained: Trained, kwargs: dict) -> str:
+def _turn_end(tokenizer, kwargs: dict) -> str:
+    """What the chat template writes after an assistant's reply, closing its turn ("<|im_end|>\n")."""
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}],
+                                         tokenize=False, **kwargs)
+    return turn.split(_REPLY, 1)[1] if _REPLY in turn else ""
+
+
+def _chat_template(trained: Trained) -> str:
     """The Go template for a chat-prompted model, from its chat template rendered with markers."""
     from grpo_cli.data.examples import render_chat
 
-    tokenizer = trained.tokenizer
+    tokenizer, kwargs = trained.tokenizer, trained.template_kwargs
     with_system = render_chat(tokenizer, [{"role": "system", "content": _SYSTEM},
                                           {"role": "user", "content": _USER}], kwargs)
-    without = render_chat(tokenizer, [{"role": "user", "content": _USER}], kwargs)
-    turn = tokenizer.apply_chat_template([{"role": "user", "content": _USER}, {"role": "assistant", "content": _REPLY}],
-                                         tokenize=False, **kwargs)
-    after_reply = turn.split(_REPLY, 1)[1] if _REPLY in turn else ""
-
-    def filled(rendered: str) -> str:
-        return "".join(_split(rendered))
-
+    without = "".join(_split(render_chat(tokenizer, [{"role": "user", "content": _USER}], kwargs)))
     if _SYSTEM in with_system:
-        body = ("{{ if .System }}" + filled(with_system) + "{{ else }}" + filled(without) + "{{ end }}")
+        body = "{{ if .System }}" + "".join(_split(with_system)) + "{{ else }}" + without + "{{ end }}"
     else:  # a template that has no place for a system message
-        body = filled(without)
-    return body + "{{ .Response }}" + go_literal(after_reply)
+        body = without
+    return body + "{{ .Response }}" + go_literal(_turn_end(tokenizer, kwargs))
 
 
 def _split(rendered: str):
@@ -86,9 +86,7 @@ def stop_tokens(trained: Trained) -> list[str]:
     tokenizer = trained.tokenizer
     stops = [tokenizer.convert_ids_to_tokens(i) for i in eos_token_ids(trained.model, tokenizer)]
     if getattr(tokenizer, "chat_template", None):
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": _USER},
-                                              {"role": "assistant", "content": _REPLY}], tokenize=False)
-        after = turn.split(_REPLY, 1)[1] if _REPLY in turn else ""
+        after = _turn_end(tokenizer, trained.template_kwargs)
         specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
                                                          if t.special}
         stops += [s for s in sorted(specials, key=after.find) if s and s in after]
@@ -97,13 +95,8 @@ def stop_tokens(trained: Trained) -> list[str]:
 
 def modelfile(gguf_name: str, trained: Trained) -> str:
     """The Modelfile for the GGUF file `gguf_name` in the same directory."""
-    recipe = trained.recipe
-    chat = recipe.data.chat if recipe is not None else bool(getattr(trained.tokenizer, "chat_template", None))
-    note = None
-    if chat:
-        template = _chat_template(trained, dict(recipe.data.chat_template_kwargs) if recipe is not None else {})
-    else:
-        template, note = _plain_template(trained)
+    recipe, chat = trained.recipe, trained.chat
+    template, note = (_chat_template(trained), None) if chat else _plain_template(trained)
     lines = [f"# Ollama: ollama create NAME -f {MODELFILE}. The TEMPLATE gives the prompt training used "
              "(one turn).", f"FROM ./{gguf_name}"]
     if note:

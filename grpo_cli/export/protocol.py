@@ -30,6 +30,19 @@ class Trained:
     name: str = "model"  # the export's name (--out's last part): what a format names its files after
     kept: dict = field(default_factory=dict)  # what a format's `write` keeps for its `verify` (before a merge)
 
+    @property
+    def chat(self) -> bool:
+        """Whether training prompted through the tokenizer's chat template: the recipe's data.chat; for an adapter
+        grpo did not train, whether the tokenizer has a template."""
+        if self.recipe is not None:
+            return self.recipe.data.chat
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def template_kwargs(self) -> dict:
+        """The chat template's variables training set (data.chat_template_kwargs); none for a foreign adapter."""
+        return dict(self.recipe.data.chat_template_kwargs) if self.recipe is not None else {}
+
 
 class Verification(Protocol):
     """What a format's check of its written export found (it passed: a failed check raises)."""
