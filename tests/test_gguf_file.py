@@ -64,30 +64,3 @@ def test_what_cannot_be_written_is_refused_by_name():
     with pytest.raises(UserError, match="gpt2 model has no GGUF mapping"):
         check_architecture(SimpleNamespace(model_type="gpt2"))
     assert check_architecture(SimpleNamespace(model_type="qwen2")) == ("QWEN2", False)
-
-
-def test_a_tokenizer_that_is_not_byte_level_bpe_is_refused(tmp_path, tiny_model_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    with pytest.raises(UserError, match="byte-level BPE"):
-        write_gguf(model, AutoTokenizer.from_pretrained(tiny_model_path), tmp_path / "tiny.gguf", "f16", "tiny",
-                   pre="default")
-    assert list(tmp_path.iterdir()) == []  # refused before the file was opened
-
-
-def test_a_sentencepiece_vocabulary_is_refused_before_the_file_opens(tmp_path, smollm2_path):
-    """A BPE tokenizer with byte fallback and Metaspace, as Llama 2's and Mistral 7B's tokenizer.json are, would be
-    written as a byte-level one and split text wrongly in llama.cpp: refused by name instead."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(vocab={"<unk>": 0, "\u2581a": 1, "a": 2, "<0x41>": 3}, merges=[],
-                                   byte_fallback=True, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path)
-    with pytest.raises(UserError, match="SentencePiece vocabulary"):
-        write_gguf(model, tokenizer, tmp_path / "spm.gguf", "f16", "spm", pre="default")
-    assert list(tmp_path.iterdir()) == []

@@ -2,7 +2,7 @@
 quantizers), the file llama.cpp, Ollama and LM Studio read.
 
 Covered: the families the fast decoder knows (Llama, SmolLM2 among them, and Mistral, which GGUF calls
-llama; Qwen2/2.5; Qwen3), with a byte-level BPE tokenizer (tokenizer.json's BPE model: SmolLM2, Qwen). The
+llama; Qwen2/2.5; Qwen3), with a BPE tokenizer, byte-level or SentencePiece-style (gguf_vocab.py). The
 tensor types are those gguf-py itself quantizes (QUANTS); the K-quants (q4_k_m...) need llama.cpp's own
 quantizer. What the file carries besides the weights: the tokenizer's tokens, their types and merges, the
 special tokens (BOS, EOS, padding), whether a BOS is added, and the chat template.
@@ -14,13 +14,13 @@ it), and one-dimensional tensors (norms, biases) stay float32 whatever the type.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from grpo_cli.errors import UserError
+from grpo_cli.export.gguf_vocab import Vocabulary, read_vocabulary, write_vocabulary
 
 
 @dataclass(frozen=True)
@@ -66,58 +66,8 @@ def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
         .reshape(weight.shape)
 
 
-def check_tokenizer(tokenizer) -> dict:
-    """The tokenizer's tokenizer.json state, when it is a BPE model GGUF can carry; else refused."""
-    state = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "backend_tokenizer", None) \
-        else {}
-    if state.get("model", {}).get("type") != "BPE":
-        raise UserError("GGUF export covers byte-level BPE tokenizers (tokenizer.json with a BPE model, as SmolLM2's "
-                        "and Qwen's); this tokenizer is not one.")
-    if state["model"].get("byte_fallback") or "Metaspace" in json.dumps([state.get("pre_tokenizer"),
-                                                                         state.get("decoder")]):
-        # a SentencePiece vocabulary converted to BPE (Llama 2, Mistral 7B v0.1-v0.3): GGUF keeps those as its
-        # "llama" tokenizer model, with scores and byte tokens, which is not written here yet
-        raise UserError("this tokenizer is a SentencePiece vocabulary (byte fallback, '\u2581' for spaces), as "
-                        "Llama 2's and Mistral 7B's: GGUF export covers byte-level BPE tokenizers (SmolLM2, Qwen, "
-                        "Llama 3, Mistral's Tekken) for now. Export it as safetensors and convert with llama.cpp's "
-                        "convert_hf_to_gguf.py.")
-    return state
-
-
-def _tokenizer_fields(writer, tokenizer, state: dict, vocab_size: int, pre: str) -> None:
-    """tokenizer.ggml.*: a byte-level BPE tokenizer's tokens (padded to the model's vocabulary), their types,
-    its merges and special tokens, and the chat template."""
-    import gguf
-
-    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder  # id -> AddedToken
-    tokens, types = [], []
-    for index in range(vocab_size):
-        if index not in by_id:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[index])
-            special = index in added and added[index].special
-            types.append(gguf.TokenType.CONTROL if special else
-                         gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
-        if token_id is not None:
-            add(token_id)
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def write_gguf(model, tokenizer, path: Path, quant: str, name: str, pre: str) -> None:
+def write_gguf(model, tokenizer, path: Path, quant: str, name: str, pre: str,
+               vocabulary: Vocabulary | None = None) -> None:
     """Write `model` (a transformers causal LM, float weights) and `tokenizer` to the GGUF file `path`, 2-D
     weights as `quant` (QUANTS; a weight whose rows do not split into the type's blocks stays f16, as in
     llama.cpp's converter). `pre`: llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre).
@@ -126,7 +76,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str, pre: str) ->
 
     chosen = check_quant(quant)
     arch_name, permute = check_architecture(model.config)
-    state = check_tokenizer(tokenizer)  # all refusals before the file is opened
+    vocabulary = vocabulary or read_vocabulary(tokenizer)  # all refusals before the file is opened
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     config = model.config
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
@@ -147,7 +97,7 @@ def write_gguf(model, tokenizer, path: Path, quant: str, name: str, pre: str) ->
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(getattr(gguf.LlamaFileType, chosen.file_type))
-    _tokenizer_fields(writer, tokenizer, state, config.vocab_size, pre)
+    write_vocabulary(writer, vocabulary, tokenizer, config.vocab_size, pre)
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tensor_type = getattr(gguf.GGMLQuantizationType, chosen.tensor)
     for hf_name, tensor in model.state_dict().items():

@@ -23,8 +23,11 @@ import torch
 
 from grpo_cli.config.recipe import Recipe
 from grpo_cli.errors import UserError
-from grpo_cli.export.gguf_file import QUANTS, check_architecture, check_tokenizer, write_gguf
-from grpo_cli.export.gguf_verify import GgufCheck, check_verifier, llama_cpp_version, prompted, verify_gguf
+from grpo_cli.export.check import CHECK_PROMPTS
+from grpo_cli.export.gguf_file import QUANTS, check_architecture, write_gguf
+from grpo_cli.export.gguf_verify import (GgufCheck, check_verifier, llama_cpp_version, prompted, rendered,
+                                          verify_gguf)
+from grpo_cli.export.gguf_vocab import Vocabulary, read_vocabulary
 from grpo_cli.export.modelfile import MODELFILE, modelfile
 from grpo_cli.export.protocol import ExportFormat, Trained
 
@@ -36,8 +39,11 @@ ALL_QUANTS = [*QUANTS, *KQUANTS]
 FAMILY_PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral": "tekken"}
 
 
-def pre_tokenizer(recipe: Recipe | None, tokenizer, model_type: str) -> str:
-    """llama.cpp's name for how `tokenizer` splits text before BPE (see the module's docstring)."""
+def pre_tokenizer(recipe: Recipe | None, vocabulary: Vocabulary, model_type: str) -> str:
+    """llama.cpp's name for how `tokenizer` splits text before BPE (see the module's docstring); "default" for
+    a SentencePiece-style vocabulary, which llama.cpp does not pre-tokenize."""
+    if vocabulary.model == "llama":
+        return "default"
     if recipe is not None:
         from grpo_cli.model import gguf as gguf_model
 
@@ -47,7 +53,7 @@ def pre_tokenizer(recipe: Recipe | None, tokenizer, model_type: str) -> str:
             field = gguf.GGUFReader(gguf_model.locate(recipe.model.name)).fields.get("tokenizer.ggml.pre")
             if field is not None:
                 return str(field.contents())
-    state = check_tokenizer(tokenizer).get("pre_tokenizer") or {}
+    state = vocabulary.state.get("pre_tokenizer") or {}
     parts = state.get("pretokenizers", [state])
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"]:
@@ -115,16 +121,18 @@ class GgufFile:
     def write(self, trained: Trained, directory: Path) -> None:
         # the refusals (architecture, tokenizer) before the check's generations
         check_architecture(trained.model.config)
-        pre = pre_tokenizer(trained.recipe, trained.tokenizer, trained.model.config.model_type)
-        trained.kept["prompted"] = prompted(trained)  # the base's side too, while the adapter can be disabled
+        vocabulary = read_vocabulary(trained.tokenizer, prompt=rendered(trained, CHECK_PROMPTS[0]))
+        pre = pre_tokenizer(trained.recipe, vocabulary, trained.model.config.model_type)
+        # the base's side too, while the adapter can be disabled
+        trained.kept.update(prompted=prompted(trained), vocabulary=vocabulary)
         model = trained.model.merge_and_unload(safe_merge=True) if trained.lora else trained.model
         trained.model = model.float().eval()  # the verification's reference: the merged float32 model
         path = directory / self.file_name(trained)
         if self.quant in QUANTS:
-            write_gguf(trained.model, trained.tokenizer, path, self.quant, trained.name, pre)
+            write_gguf(trained.model, trained.tokenizer, path, self.quant, trained.name, pre, vocabulary)
         else:
             f16 = directory / f".{trained.name}-f16.gguf"
-            write_gguf(trained.model, trained.tokenizer, f16, "f16", trained.name, pre)
+            write_gguf(trained.model, trained.tokenizer, f16, "f16", trained.name, pre, vocabulary)
             try:
                 _quantize(f16, path, self.quant)
             finally:

@@ -53,8 +53,8 @@ TOP1_BOUNDS = {"q8_0": 0.90, "q6_k": 0.80, "q5_1": 0.60, "q5_0": 0.60, "q5_k_m":
                "q4_0": 0.50, "q4_k_m": 0.50}
 VERIFIERS = ("auto", "llama.cpp", "transformers")
 # Text that tells pre-tokenizers apart (runs of digits, contractions, runs of spaces and newlines, letters
-# outside ASCII), tokenized besides the check prompts: the chat prompts alone split the same under llama.cpp's
-# "smollm", "llama-bpe" and "qwen2" for SmolLM2's vocabulary, this does not.
+# outside ASCII), prompted as a user's message and tokenized besides the check prompts: the chat prompts alone
+# split the same under llama.cpp's "smollm", "llama-bpe" and "qwen2" for SmolLM2's vocabulary, this does not.
 TOKEN_PROBE = "Hello world's 1234567 it's  double  spaces\n\n\nnewlines \u00c4\u00d6 \u6f22\u5b57 can't, 3.14159!"
 
 
@@ -241,6 +241,12 @@ def _messages(trained: Trained, text: str) -> list[dict] | None:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 
 
+def rendered(trained: Trained, prompt: str) -> str:
+    """`prompt` as training rendered prompts (its chat template, system message and template options)."""
+    messages = _messages(trained, prompt)
+    return prompt if messages is None else render_chat(trained.tokenizer, messages, trained.template_kwargs)
+
+
 def prompted(trained: Trained) -> list[Prompted]:
     """The check prompts as training rendered prompts, with the trained model's greedy continuations and
     log-probs, and the base model's top-1 tokens along them when `trained.model` is a LoRA model (its adapter
@@ -249,9 +255,8 @@ def prompted(trained: Trained) -> list[Prompted]:
     stop = eos_token_ids(model, tokenizer)
     rows = []
     for prompt in CHECK_PROMPTS:
-        messages = _messages(trained, prompt)
-        text = prompt if messages is None else render_chat(tokenizer, messages, trained.template_kwargs)
-        ids = tokenizer(text, add_special_tokens=messages is None)["input_ids"]
+        text = rendered(trained, prompt)
+        ids = tokenizer(text, add_special_tokens=_messages(trained, prompt) is None)["input_ids"]
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=CONTINUATION, do_sample=False,
                                  eos_token_id=stop, pad_token_id=stop[0])[0].tolist()
@@ -312,19 +317,34 @@ def verify_gguf(trained: Trained, path: Path, quant: str, verifier: str, referen
         runner.close()
 
 
+def _token_hint(trained: Trained) -> str:
+    vocabulary = trained.kept.get("vocabulary")
+    if vocabulary is None or vocabulary.model != "llama":
+        return "its pre-tokenizer (tokenizer.ggml.pre) is not this tokenizer's"
+    return (f"llama.cpp's SentencePiece tokenizer puts '\u2581' before every stretch of text or before none "
+            f"(add_space_prefix {str(vocabulary.space_prefix).lower()} here), where training's tokenizer puts it only "
+            "at the very start, or adds none to a stretch that starts with a space. llama.cpp would prompt this "
+            "model unlike training whichever tool wrote the file; prompts that open with a special token (a chat "
+            "template's <s> or <|im_start|>) and have no space right after a special token inside them tokenize "
+            "alike")
+
+
 def _compare(runner, trained: Trained, path: Path, quant: str, rows: list[Prompted], raw: list[list[int]],
              reference: torch.Tensor, base: torch.Tensor, tolerance: float | None) -> GgufCheck:
     name = runner.name
     bos = trained.tokenizer.bos_token_id
-    probe = (TOKEN_PROBE, trained.tokenizer(TOKEN_PROBE, add_special_tokens=False)["input_ids"])
-    for text, ids in [(row.text, row.ids) for row in rows] + [probe]:  # training's tokens, one for one
+    probe = rendered(trained, TOKEN_PROBE)  # as a user's message is prompted
+    probe_ids = trained.tokenizer(probe, add_special_tokens=_messages(trained, TOKEN_PROBE) is None)["input_ids"]
+    for text, ids in [(row.text, row.ids) for row in rows] + [(probe, probe_ids)]:  # training's tokens, one for one
         got = runner.tokenize(text, add_bos=bos is not None and ids[:1] == [bos] and not text.startswith(
             trained.tokenizer.decode([bos])))
         if got != ids:
             first = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
+            pieces = trained.tokenizer.convert_ids_to_tokens
             raise _fail(path, name, f"its tokenizer splits {text[:60]!r} differently from training's (token "
-                                    f"{first}: {got[first:first + 3]} where training had {ids[first:first + 3]}); "
-                                    "its pre-tokenizer (tokenizer.ggml.pre) is not this tokenizer's")
+                                    f"{first}: {pieces(got[first:first + 3])} where training had "
+                                    f"{pieces(ids[first:first + 3])}); "
+                                    + _token_hint(trained))
     chat, builtin = _chat_checks(runner, trained, path, name)
     got = torch.cat([runner.log_probs(ids).exp() for ids in raw])  # [sum T, V]
     vs_adapter, vs_base = tv(got, reference), tv(got, base)
