@@ -412,10 +412,13 @@ def validate(
     from grpo_cli.data.check import Skipped, check_data
     from grpo_cli.commands.estimate import count_parameters, estimate, model_config
 
+    from grpo_cli.trackers.sink import check_installed
+
     console = Console()
     with _reported():
         recipe = catalog.resolve(recipe)
         loaded = recipe_module.load(recipe, set_)
+        check_installed(loaded.output.trackers)  # as `grpo train` does before the model loads
     console.print(Syntax(recipe_module.dump(loaded), "yaml", background_color="default"))
     config = no_config = None
     try:

@@ -4,6 +4,7 @@ unless GRPO_CACHE already points at one (then it is reused, as a user's later ru
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,10 @@ import pytest
 # No test reaches the network: the hub libraries read these when first imported.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Trackio reads where its store is when first imported: the tests' runs go to a directory of their own, never
+# into the user's ~/.cache/huggingface/trackio. W&B stays offline.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="grpo-trackio-")
+os.environ["WANDB_MODE"] = "offline"
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_DATA = ROOT / "tests" / "data"  # what the tests read: in the repository, so any clone runs them (tests/data/README.md)

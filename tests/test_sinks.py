@@ -1,4 +1,4 @@
-"""Metric sinks: RunLog sends every row to each sink of the run (run/sinks.py, run/log.py)."""
+"""Metric sinks: RunLog sends every row to each sink of the run (trackers/sink.py, run/log.py)."""
 
 import json
 import math
@@ -8,7 +8,8 @@ import pytest
 from grpo_cli.errors import UserError
 from grpo_cli.run.guard import Halted, Stopped
 from grpo_cli.run.log import RunLog, run_status
-from grpo_cli.run.sinks import SINKS, MetricSink, SinkContext, TensorBoardSink, metric_sink
+from grpo_cli.trackers.sink import SINKS, MetricSink, SinkContext, metric_sink
+from grpo_cli.trackers.tensorboard_sink import TensorBoardSink
 
 ROW = {"step": 1, "reward_mean": 0.5, "kl": float("nan"), "reward/correctness": 1.0, "ok": True,
        "loss": float("inf"), "note": "x"}
@@ -170,8 +171,9 @@ def test_only_the_first_process_writes(tmp_path, recording):
 
 
 def test_unknown_and_repeated_sinks_are_refused(tmp_path, recording):
-    with pytest.raises(UserError, match="no metric sink named 'wandb'; known: jsonl, recording, tensorboard"):
-        RunLog(tmp_path, config={}, sinks=["wandb"])
+    with pytest.raises(UserError, match="no metric sink named 'neptune'; known: jsonl, mlflow, recording, "
+                                        "tensorboard, trackio, wandb"):
+        RunLog(tmp_path, config={}, sinks=["neptune"])
     with pytest.raises(UserError, match="'recording' is named twice"):
         RunLog(tmp_path, config={}, sinks=["recording", "recording"])
     with pytest.raises(ValueError, match="already registered"):
@@ -182,9 +184,7 @@ def test_the_tensorboard_sink_writes_events_that_read_back(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from grpo_cli.run.log import tensorboard_writer
-
-    log = RunLog(tmp_path, tensorboard=tensorboard_writer(tmp_path / "tensorboard"), config={})
+    log = RunLog(tmp_path, config={}, sinks=["tensorboard"])
     assert isinstance(log.sinks["tensorboard"], TensorBoardSink)
     log.metrics(ROW)
     log.metrics({"step": 2, "reward_mean": 0.75, "eval/accuracy": 0.5})

@@ -16,6 +16,7 @@ from pydantic_core import core_schema
 
 from grpo_cli.config.defaults import TOOL_MAX_CALLS, TOOL_MEMORY_MB, TOOL_TIMEOUT_S
 from grpo_cli.data import builtin_task
+from grpo_cli.trackers.builtin import tracker_names
 from grpo_cli.update.loss import LOSSES
 
 
@@ -281,7 +282,29 @@ class OutputSpec(Section):
     keep_last: int | None = Field(None, ge=1, description="keep only the newest N checkpoints; null = all")
     keep_best: bool = Field(True, description="also keep the checkpoint with the highest held-out accuracy "
                             "(saved when an evaluation beats the earlier ones), never pruned by keep_last")
-    tensorboard: bool = Field(False, description="also write scalars and samples for tensorboard --logdir <dir>")
+    report_to: list[str] = Field(
+        [], description="trackers the metrics, samples and recipe also go to, besides metrics.jsonl and "
+        f"samples.jsonl: any of {', '.join(tracker_names())} (docs/runs.md)")
+    project: str = Field("grpo", min_length=1, description="the trackers' project (W&B project, MLflow "
+                         "experiment, Trackio project)")
+    run_name: str | None = Field(None, min_length=1, description="the run's name in the trackers; default: the run "
+                                 "directory's name")
+    tensorboard: bool = Field(False, description="the older form of report_to: [tensorboard]")
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, names: list[str]) -> list[str]:
+        unknown = [name for name in names if name not in tracker_names()]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r}: choose from {', '.join(tracker_names())}")
+        if len(set(names)) < len(names):
+            raise ValueError("a tracker is named twice")
+        return names
+
+    @property
+    def trackers(self) -> list[str]:
+        """report_to, with tensorboard when the older `tensorboard: true` asks for it."""
+        return self.report_to + (["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else [])
 
 
 class DistributedSpec(Section):

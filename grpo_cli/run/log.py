@@ -1,6 +1,6 @@
 """The run's logs: metrics.jsonl (one JSON object per step or evaluation) and samples.jsonl,
-the sink "jsonl"; and RunLog, which sends each row to every sink of the run (run/sinks.py): the
-JSONL files always, TensorBoard when the recipe asks, and any registered sink named.
+the sink "jsonl"; and RunLog, which sends each row to every sink of the run (trackers/sink.py): the
+JSONL files always, then the trackers the recipe names (output.report_to).
 
 Each line is written whole and flushed to disk before the next step starts, so
 after a crash the file ends at a complete line or one torn line, which `read_jsonl`
@@ -24,13 +24,14 @@ import yaml
 from grpo_cli import atomic
 from grpo_cli.errors import UserError
 from grpo_cli.run.guard import Stopped, Terminated
-from grpo_cli.run.sinks import MetricSink, SinkContext, TensorBoardSink, make_sink, metric_sink, tensorboard_writer
+from grpo_cli.trackers import builtin  # noqa: F401  (registers the trackers by name)
+from grpo_cli.trackers.sink import MetricSink, SinkContext, make_sink, metric_sink
 
 METRICS = "metrics.jsonl"
 SAMPLES = "samples.jsonl"
 RECIPE = "recipe.yaml"  # the run's resolved recipe, as run/directory.py writes it
 
-__all__ = ["METRICS", "SAMPLES", "JsonlSink", "RunLog", "read_jsonl", "tensorboard_writer", "write_whole"]
+__all__ = ["METRICS", "SAMPLES", "JsonlSink", "RunLog", "read_jsonl", "write_whole"]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -101,21 +102,22 @@ def run_status(error: BaseException | None) -> str:
 
 
 class RunLog:
-    """Every metrics row and sample row of the run, sent to each of its sinks, in order: the JSONL files,
-    TensorBoard when `tensorboard` (a SummaryWriter) is given, then `sinks` (registered names, or sinks
-    made already). Only the first of several processes writes (`enabled`).
+    """Every metrics row and sample row of the run, sent to each of its sinks, in order: the JSONL files, then
+    `sinks` (registered names, or sinks made already). Only the first of several processes writes (`enabled`).
+    `project`, `run_name`: the trackers' (output.project, output.run_name).
 
     `config`: the run's resolved recipe (a Recipe or a dict) that the sinks start with; None reads
     <run dir>/recipe.yaml, which the run directory holds by then. A sink that is not `required` and raises
     does not stop training: its errors are counted (`sink_errors`), the first of each sink is reported
-    through `notify` (default: a RuntimeWarning), and close() reports the counts."""
+    through `notify` (default: a RuntimeWarning), and close() reports the counts. `say`: where the trackers
+    started tell where to look at the run, once (default: nowhere)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard=None, enabled: bool = True, *,
-                 config=None, sinks: Iterable[str | MetricSink] = (),
-                 notify: Callable[[str], None] | None = None):
+    def __init__(self, run_dir: Path, resume_step: int | None = None, enabled: bool = True, *,
+                 config=None, sinks: Iterable[str | MetricSink] = (), project: str = "grpo",
+                 run_name: str | None = None, notify: Callable[[str], None] | None = None,
+                 say: Callable[[str], None] | None = None):
         self.metrics_path = run_dir / METRICS
         self.samples_path = run_dir / SAMPLES
-        self.tensorboard = tensorboard  # a SummaryWriter, or None
         self.enabled = enabled  # only the first of several processes writes
         self.notify = notify or (lambda message: warnings.warn(message, RuntimeWarning, stacklevel=3))
         self.sink_errors: Counter[str] = Counter()  # sink name -> calls that raised
@@ -123,10 +125,10 @@ class RunLog:
         self._closed = False
         if not enabled:
             return
-        context = SinkContext(run_dir=run_dir, resume_step=resume_step)
-        self.sinks["jsonl"] = JsonlSink(context)
-        if tensorboard is not None:
-            self.sinks["tensorboard"] = TensorBoardSink(context, writer=tensorboard)
+        logged = [row["step"] for row in read_jsonl(self.metrics_path)] if resume_step is not None else []
+        context = SinkContext(run_dir=run_dir, resume_step=resume_step, logged_through=max(logged, default=None),
+                              project=project, run_name=run_name)
+        self.sinks["jsonl"] = JsonlSink(context)  # which drops the rows past resume_step from the files
         for sink in sinks:
             name = sink if isinstance(sink, str) else getattr(sink, "name", type(sink).__name__)
             if name in self.sinks:
@@ -134,6 +136,10 @@ class RunLog:
             self.sinks[name] = make_sink(sink, context) if isinstance(sink, str) else sink
         config = _config_dict(config, run_dir)
         self._each("start", config)
+        places = [sink.where() for name, sink in self.sinks.items() if hasattr(sink, "where")
+                  and not self.sink_errors[name]]
+        if places and say is not None:
+            say("metrics also go to " + "; ".join(places))
 
     def _each(self, method: str, *args) -> None:
         for name, sink in self.sinks.items():

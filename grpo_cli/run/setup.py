@@ -28,8 +28,9 @@ from grpo_cli.rollout.with_tools import ToolSession
 from grpo_cli.run import allocator, threads
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.run.directory import prepare_run_dir, write_recipe
-from grpo_cli.run.log import RunLog, tensorboard_writer
+from grpo_cli.run.log import RunLog
 from grpo_cli.run.truncation import TruncationWatch
+from grpo_cli.trackers.sink import check_installed
 from grpo_cli.update.policy import apply_optimizer_settings, make_optimizer
 
 
@@ -93,7 +94,8 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     The recipe given may say grpo.max_new_tokens: auto; the Run's has it resolved."""
     started = time.perf_counter()
     rule_fns = rule_functions(recipe.rewards, recipe_dir)  # imports custom rules now, before any model loads
-    run_dir, resume_from, tensorboard = open_run_dir(recipe, resume, console, world, recipe_file)
+    check_installed(recipe.output.trackers)  # a tracker's missing package said now, not after the model loads
+    run_dir, resume_from = open_run_dir(recipe, resume, console, world, recipe_file)
     seed_everything(recipe.train.seed, recipe.train.deterministic)
     policy = load_policy(recipe.model, recipe.grpo.kl_beta, progress=console.message,
                          device=world.device(recipe.model.device))
@@ -124,8 +126,9 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
     return Run(
         recipe=recipe, run_dir=run_dir, world=world, parallel=parallel, optimizer=optimizer, scheduler=scheduler,
         order=order, train_set=train_set, eval_set=eval_set, console=console,
-        log=RunLog(run_dir, resume_step=step if resume else None, tensorboard=tensorboard, enabled=world.main,
-                   config=recipe, notify=console.message),
+        log=RunLog(run_dir, resume_step=step if resume else None, enabled=world.main, config=recipe,
+                   sinks=recipe.output.trackers, project=recipe.output.project, run_name=recipe.output.run_name,
+                   notify=console.message, say=console.message),
         rule_keys=rule_keys, scored_rules=rule_keys + ([] if "correctness" in rule_keys else ["correctness"]),
         rule_fns=rule_fns, weights=torch.tensor([r.weight for r in recipe.rewards], dtype=torch.float64),
         # FSDP2 reduce-scatters once per unit per backward; a shared-prompt pass calls each layer twice and
@@ -136,16 +139,14 @@ def set_up(recipe: Recipe, resume: bool, recipe_dir: Path | None, console: Train
 
 
 def open_run_dir(recipe: Recipe, resume: bool, console: TrainConsole, world: World, recipe_file: Path | None):
-    """(run directory, the checkpoint to resume from or None, the TensorBoard writer or None), the directory
-    claimed by the first process; every process resumes from the checkpoint it verified (it may have skipped a
-    damaged one)."""
+    """(run directory, the checkpoint to resume from or None), the directory claimed by the first process; every
+    process resumes from the checkpoint it verified (it may have skipped a damaged one)."""
     run_dir = Path(recipe.output.dir)
-    tensorboard = resume_from = None
+    resume_from = None
     if world.main:
         resume_from = prepare_run_dir(run_dir, recipe, resume, console.message, recipe_file)
-        tensorboard = tensorboard_writer(run_dir / "tensorboard") if recipe.output.tensorboard else None
     world.barrier()  # the run directory is ready
-    return run_dir, world.all_gather_objects([resume_from])[0], tensorboard
+    return run_dir, world.all_gather_objects([resume_from])[0]
 
 
 def settled_recipe(recipe: Recipe, train_set: Examples, policy, resume_from: Path | None, run_dir: Path,
