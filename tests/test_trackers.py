@@ -250,6 +250,35 @@ def test_grpo_validate_says_which_tracker_package_is_missing(tmp_path, monkeypat
         in " ".join(result.output.split())
 
 
+def test_a_tracker_that_fails_during_training_is_counted_and_shown_and_the_run_goes_on(tmp_path, tracker_env,
+                                                                                      monkeypatch):
+    """MLflow's store goes away after the first rows: every later call fails; the run takes all its steps, the
+    console says so once, then the count, and metrics.jsonl has every row."""
+    require("mlflow")
+    from grpo_cli.run.train import train
+    from grpo_cli.trackers.mlflow_sink import MlflowSink
+
+    sent = MlflowSink.log_metrics
+
+    def goes_away(self, row):
+        if row["step"] >= 2:
+            raise ConnectionError("the tracking server went away")
+        sent(self, row)
+
+    monkeypatch.setattr(MlflowSink, "log_metrics", goes_away)
+    said = []
+    console = TrainConsole(quiet=True)
+    monkeypatch.setattr(console, "message", said.append)
+    recipe = recipe_module.validate(small_recipe(tmp_path / "run", output={"report_to": ["mlflow"]}))
+    train(recipe, console=console)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "step_seconds" in r] == [1, 2, 3]
+    failed = [m for m in said if "metric sink" in m]
+    lost = len([r for r in rows if r["step"] >= 2])  # steps 2 and 3, and the evaluations at them
+    assert len(failed) == 2 and "'mlflow' failed in log_metrics (ConnectionError: the tracking server went away)" \
+        in failed[0] and failed[1].endswith(f"mlflow {lost}") and lost == 4
+
+
 def test_an_unknown_tracker_is_refused_by_the_recipe_with_the_choices(tmp_path):
     with pytest.raises(UserError, match="unknown tracker 'neptune': choose from mlflow, tensorboard, trackio, wandb"):
         recipe_module.validate(small_recipe(tmp_path, output={"report_to": ["neptune"]}))

@@ -2,7 +2,7 @@
 values are gathered (in one place, the same calls on every process), and the row they make.
 
 `CATALOGUE` is the one list of names: the trainer writes only these, the console and the plot
-read them from here, TensorBoard files them by `tensorboard_tag`, and the tests check that the
+read them from here, the trackers file them by `trackers.sink.metric_tag`, and the tests check that the
 documentation describes each one.
 """
 
@@ -103,11 +103,6 @@ def rule_metric(rule: str) -> str:
 def known(name: str) -> bool:
     """Whether `name` is a catalogued column (reward/<rule> for any rule)."""
     return name in CATALOGUE or name.startswith("reward/")
-
-
-def tensorboard_tag(name: str) -> str:
-    """TensorBoard's name for a column: train/<name> for plain ones, as-is for reward/... and eval/..."""
-    return name if "/" in name else f"train/{name}"
 
 
 @dataclass(frozen=True, kw_only=True)
