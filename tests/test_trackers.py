@@ -351,3 +351,23 @@ def test_grpo_train_reports_every_step_to_every_tracker_and_sigterm_then_resume_
             else:
                 assert held == sent, (tracker, key)
     assert read_in_subprocess(tmp_path, "mlflow")["ends"] == ["FINISHED"]
+
+
+def test_under_torchrun_only_the_first_process_reports(tmp_path):
+    """Two processes through torchrun, reporting to MLflow and TensorBoard: one MLflow run, each step once, one
+    TensorBoard event file."""
+    for tracker in ("mlflow", "tensorboard"):
+        require(tracker)
+    recipe = small_recipe(tmp_path / "run", grpo={"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 40},
+                          train={"steps": 2, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
+                          output={"save_every": 2, "eval_every": 2, "report_to": ["mlflow", "tensorboard"]})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "grpo_cli", "train", "recipe.yaml", "--quiet"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = read_mlflow(tmp_path / "run", "grpo")  # one run, or its unpacking fails
+    assert [step for step, _ in got["history"]["train/reward_mean"]] == [1, 2]
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
