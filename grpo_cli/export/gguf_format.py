@@ -40,8 +40,8 @@ FAMILY_PRE = {"qwen2": "qwen2", "qwen3": "qwen2", "llama": "llama-bpe", "mistral
 
 
 def pre_tokenizer(recipe: Recipe | None, vocabulary: Vocabulary, model_type: str) -> str:
-    """llama.cpp's name for how `tokenizer` splits text before BPE (see the module's docstring); "default" for
-    a SentencePiece-style vocabulary, which llama.cpp does not pre-tokenize."""
+    """llama.cpp's name for how the tokenizer read as `vocabulary` splits text before BPE (see the module's
+    docstring); "default" for a SentencePiece-style vocabulary, which llama.cpp does not pre-tokenize."""
     if vocabulary.model == "llama":
         return "default"
     if recipe is not None:

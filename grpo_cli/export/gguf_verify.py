@@ -256,7 +256,7 @@ def prompted(trained: Trained) -> list[Prompted]:
     rows = []
     for prompt in CHECK_PROMPTS:
         text = rendered(trained, prompt)
-        ids = tokenizer(text, add_special_tokens=_messages(trained, prompt) is None)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=not trained.chat)["input_ids"]  # a chat template has its own
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=CONTINUATION, do_sample=False,
                                  eos_token_id=stop, pad_token_id=stop[0])[0].tolist()
@@ -334,7 +334,7 @@ def _compare(runner, trained: Trained, path: Path, quant: str, rows: list[Prompt
     name = runner.name
     bos = trained.tokenizer.bos_token_id
     probe = rendered(trained, TOKEN_PROBE)  # as a user's message is prompted
-    probe_ids = trained.tokenizer(probe, add_special_tokens=_messages(trained, TOKEN_PROBE) is None)["input_ids"]
+    probe_ids = trained.tokenizer(probe, add_special_tokens=not trained.chat)["input_ids"]
     for text, ids in [(row.text, row.ids) for row in rows] + [(probe, probe_ids)]:  # training's tokens, one for one
         got = runner.tokenize(text, add_bos=bos is not None and ids[:1] == [bos] and not text.startswith(
             trained.tokenizer.decode([bos])))
@@ -351,7 +351,7 @@ def _compare(runner, trained: Trained, path: Path, quant: str, rows: list[Prompt
     agree = positions = 0
     equal = ties = 0
     stop = set(eos_token_ids(trained.model, trained.tokenizer))
-    sided = [0, 0, 0]  # along the rows rows: (with the trained model, with the base, where those differ)
+    sided = [0, 0, 0]  # along the rows: (with the trained model, with the base, where those differ)
     for row in rows:
         theirs = runner.log_probs(row.ids + row.continuation).argmax(-1)  # [T + C]
         ours = row.log_probs.argmax(-1)
