@@ -214,7 +214,7 @@ def test_the_replayable_step_samples_the_same_tokens_and_drops_rows_later(tiny_m
         with torch.no_grad():
             tokens[mode] = _decode_shared(lean, tokenizer, enc["input_ids"], enc["attention_mask"],
                                           Sampling(max_new_tokens=40, samples_per_prompt=6),
-                                          eos_token_ids(policy.model, tokenizer))
+                                          eos_token_ids(policy.model, tokenizer)).tokens
         keeps[mode] = kept[1:]  # after the prefill's
     def completions(raw):  # each row through its first EOS; rows not yet dropped sample on after it
         return [row[: (row == 1).nonzero()[0].item() + 1 if (row == 1).any() else len(row)].tolist() for row in raw]

@@ -66,8 +66,9 @@ def scripted(tokenizer, texts: list[str], max_new_tokens: int = 120, max_calls: 
     stepper = ScriptedStepper(scripts, len(tokenizer))
     prompt = torch.ones(len(texts), 2, dtype=torch.long)
     tools = InProcessTools(max_calls=max_calls)
-    tokens, tool_mask, use = decode_with_tools(stepper, tokenizer, prompt, torch.ones_like(prompt),
-                                               Sampling(max_new_tokens=max_new_tokens, greedy=True), [eos], tools)
+    decoded = decode_with_tools(stepper, tokenizer, prompt, torch.ones_like(prompt),
+                                Sampling(max_new_tokens=max_new_tokens, greedy=True), [eos], tools)
+    tokens, tool_mask, use = decoded.tokens, decoded.tool_mask, decoded.tool_use
     texts_out = [tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
     return texts_out, tokens, tool_mask, use, stepper
 
@@ -151,9 +152,10 @@ def test_a_printed_answer_earns_nothing_through_the_real_sandbox_and_scoring(cha
                               len(char_tokenizer))
     prompt = torch.ones(2, 2, dtype=torch.long)
     with ToolSession(ToolSettings()) as session:
-        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
-                                                   Sampling(max_new_tokens=160, greedy=True), [eos], session)
-    rollout = _pack(char_tokenizer, prompt, torch.ones_like(prompt), tokens, [eos], 2, tool_mask, use)
+        decoded = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
+                                    Sampling(max_new_tokens=160, greedy=True), [eos], session)
+    tokens, use = decoded.tokens, decoded.tool_use
+    rollout = _pack(char_tokenizer, prompt, torch.ones_like(prompt), decoded, [eos], 2)
     assert use.errors.tolist() == [0, 0]
     hack_printed = "1\n` ` `\nSo the answer is \\boxed{391}."
     assert [[text[a:b] for a, b in spans] for text, spans in zip(rollout.texts, rollout.tool_outputs)] == [
@@ -257,7 +259,12 @@ def test_each_token_was_sampled_from_what_a_plain_forward_over_the_transcript_gi
             assert token == int(rollout.completion_ids[row, position])
             torch.testing.assert_close(drawn_from.log_softmax(-1), logits[row, position].log_softmax(-1),
                                        atol=tolerance, rtol=tolerance)
+            # and the log-prob the sampler recorded for it is the plain forward's (the update compares the two)
+            recorded, plain = float(rollout.sampler_logp[row, position]), float(logits[row, position].float()
+                                                                                .log_softmax(-1)[token])
+            assert abs(recorded - plain) < tolerance, (row, position, recorded, plain)
             checked += 1
+    assert (rollout.sampler_logp[rollout.tool_mask] == 0).all()  # tool output was not drawn: nothing recorded
     assert checked > 500
     if lean:  # the pauses and outputs filled the cache's columns: it was packed, and the logits still agree
         assert packs
@@ -321,8 +328,9 @@ def test_a_sandbox_server_that_dies_mid_rollout_is_restarted_and_the_rollout_goe
     stepper = KillingStepper(scripts, len(char_tokenizer))
     prompt = torch.ones(2, 2, dtype=torch.long)
     with ToolSession(ToolSettings(timeout_s=60)) as session:
-        tokens, tool_mask, use = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
-                                                   Sampling(max_new_tokens=200, greedy=True), [eos], session)
+        decoded = decode_with_tools(stepper, char_tokenizer, prompt, torch.ones_like(prompt),
+                                    Sampling(max_new_tokens=200, greedy=True), [eos], session)
+        tokens, use = decoded.tokens, decoded.tool_use
     out = [char_tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
     assert stepper.killed and use.restarts == 1
     assert "```output\nthe sandbox's server died during this call; it was restarted\n```" in out[0]

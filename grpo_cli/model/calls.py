@@ -5,7 +5,7 @@ the sampler (`rollout`), the lean decoder (`decoder`) and the FSDP2 sharding (`d
 - `position_ids`: positions that skip left padding;
 - `uses_logit_postprocessing`: whether the forward changes the logits after the head;
 - `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases;
-- `draw_tokens`, `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`,
+- `draw_tokens`, `chosen_logprobs`, `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`,
   `tool_rollout`) share.
 
 A leaf: it imports nothing from grpo_cli, so every module that calls the model imports it at
@@ -68,15 +68,28 @@ def next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) ->
 
 
 def draw_tokens(logits: torch.Tensor, rows: torch.Tensor, all_rows: int, pad_id: int, temperature: float,
-                top_p: float, greedy: bool) -> torch.Tensor:
+                top_p: float, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token [m] of each of `rows` [m] (row numbers among the step's `all_rows`, every rank's),
-    from their logits [m, V]. Sampling draws one multinomial over every row of the step, as transformers
-    draws it: the random stream does not depend on which rows are still running (or on which rank).
-    Rows not in `rows` (ended, paused, another rank's) get a dummy one-hot distribution."""
+    from their logits [m, V], and the log-probability [m] the sampler drew it with: from the very scores
+    the draw used, after the temperature and top-p (the sampler's side of the sampler/trainer mismatch;
+    greedy: the plain log-softmax). Sampling draws one multinomial over every row of the step, as
+    transformers draws it: the random stream does not depend on which rows are still running (or on
+    which rank). Rows not in `rows` (ended, paused, another rank's) get a dummy one-hot distribution."""
     if greedy:
-        return logits.argmax(-1) if len(rows) else rows
+        chosen = logits.argmax(-1) if len(rows) else rows
+        return chosen, chosen_logprobs(logits, chosen)
     probs = torch.zeros(all_rows, logits.shape[-1], device=logits.device)
     probs[:, pad_id] = 1.0
+    scores = None
     if len(rows):
-        probs[rows] = next_token_scores(logits, temperature, top_p).softmax(-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)[rows]
+        scores = next_token_scores(logits, temperature, top_p)  # [m, V]
+        probs[rows] = scores.softmax(-1)
+    chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[rows]  # [m]
+    return chosen, chosen_logprobs(scores, chosen) if scores is not None else logits.new_empty(0)
+
+
+def chosen_logprobs(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """log softmax(scores)[chosen] per row, without the [m, V] log-softmax. [m, V], [m] -> [m]"""
+    if not len(chosen):
+        return scores.new_empty(0)
+    return scores.gather(-1, chosen[:, None]).squeeze(-1) - scores.logsumexp(-1)

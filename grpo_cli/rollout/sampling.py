@@ -28,7 +28,9 @@ import torch
 
 from grpo_cli.rollout import decoder
 from grpo_cli.run.guard import drop_point
-from grpo_cli.model.calls import COMPACT_FRACTION, cache_argument, draw_tokens, new_cache, position_ids, returned_cache
+from grpo_cli.model.calls import (COMPACT_FRACTION, cache_argument, chosen_logprobs, draw_tokens, new_cache,
+                                  position_ids, returned_cache)
+from grpo_cli.rollout.decoded import Decoded
 from grpo_cli.tools.calls import Span
 from grpo_cli.rollout.settings import Sampling
 from grpo_cli.rollout.with_tools import ToolSession, ToolUse, decode_with_tools, printed_from_mask
@@ -47,6 +49,10 @@ class Rollout:
     tool_mask: torch.Tensor | None = None  # [N, C] True on tool-output tokens (context, not actions); None: no tool
     tool_use: ToolUse | None = None  # the tool calls per completion, with grpo.tools
     tool_outputs: list[list[Span]] | None = None  # per text, the characters the tool printed (from tool_mask)
+    # [N, C] the sampler's log-prob of each completion token, from the logits it drew from (after temperature
+    # and top-p): what the update compares with the training forward's (update/sampler_correction.py). Junk
+    # where action_mask is 0. None only for a rollout built by hand.
+    sampler_logp: torch.Tensor | None = None
 
     @property
     def completion_ids(self) -> torch.Tensor:  # [N, C]
@@ -106,9 +112,10 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size, tool_mask=None, tool_use=None) -> Rollout:
-    """Prompt [N, P] and raw completion tokens [N, C] -> a Rollout with masks and texts. `tool_mask` [N, C]:
-    the tool-output tokens (which are never EOS: they are encoded with special tokens split)."""
+def _pack(tokenizer, prompt_ids, prompt_mask, decoded: Decoded, eos_ids, group_size) -> Rollout:
+    """Prompt [N, P] and what the decode loop drew -> a Rollout with masks and texts. `decoded.tool_mask`
+    [N, C]: the tool-output tokens (which are never EOS: they are encoded with special tokens split)."""
+    completion, tool_mask = decoded.tokens, decoded.tool_mask  # [N, C] each
     is_eos = torch.isin(completion, torch.tensor(eos_ids, device=completion.device))  # [N, C]
     # Keep tokens up to and including the first EOS: cumsum counts EOS seen strictly before t.
     before = is_eos.long().cumsum(1) - is_eos.long()  # [N, C]
@@ -129,8 +136,9 @@ def _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, group_size, t
         truncated=~is_eos.any(1),
         group_size=group_size,
         tool_mask=tool_mask,
-        tool_use=tool_use,
+        tool_use=decoded.tool_use,
         tool_outputs=tool_outputs,
+        sampler_logp=decoded.sampler_logp * completion_mask,
     )
 
 
@@ -147,7 +155,6 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, world=Non
     eos_ids = eos_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
-    tool_mask = tool_use = None
     with torch.no_grad():
         if sampling.engine == "fast":
             lean_here = sampling.lean and decoder.supports(model)
@@ -161,21 +168,21 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling, world=Non
             with contextlib.nullcontext() if lean_here else folded_lora(model, sampling.fold_lora):
                 arguments = (stepper, tokenizer, enc["input_ids"], enc["attention_mask"], sampling, eos_ids)
                 if tools is None:
-                    completion = _decode_shared(*arguments, world)  # [N, C]
+                    decoded = _decode_shared(*arguments, world)
                 else:
-                    completion, tool_mask, tool_use = decode_with_tools(*arguments, tools, world)  # [N, C] x2
+                    decoded = decode_with_tools(*arguments, tools, world)
         else:
-            completion = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], sampling,
-                                          eos_ids)  # [N, C]
+            decoded = _decode_generate(model, tokenizer, enc["input_ids"], enc["attention_mask"], sampling, eos_ids)
     model.train(was_training)
     samples = sampling.samples_per_prompt
     prompt_ids = enc["input_ids"].repeat_interleave(samples, dim=0)  # [N, P]
     prompt_mask = enc["attention_mask"].repeat_interleave(samples, dim=0)  # [N, P]
-    return _pack(tokenizer, prompt_ids, prompt_mask, completion, eos_ids, samples, tool_mask, tool_use)
+    return _pack(tokenizer, prompt_ids, prompt_mask, decoded, eos_ids, samples)
 
 
-def _decode_generate(model, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids) -> torch.Tensor:
-    from transformers import StoppingCriteria
+def _decode_generate(model, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids) -> Decoded:
+    from transformers import LogitsProcessorList, StoppingCriteria
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     class _DropPoint(StoppingCriteria):
         """Never stops a row: it lets a SIGTERM drop the rollout between tokens (guard.drop_point)."""
@@ -184,14 +191,49 @@ def _decode_generate(model, tokenizer, input_ids, attention_mask, sampling: Samp
             drop_point()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    # top_k=0 turns off generate's default top-k=50 filter: we sample from the policy we train.
-    drawing = {"do_sample": False} if sampling.greedy else {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+    recorder = _SamplerLogprobs()
+    if sampling.greedy:
+        drawing, warpers = {"do_sample": False}, []
+    else:
+        # generate puts a caller's processors before its own warpers, so the warpers are given here, ahead
+        # of the recorder, and generate's own are turned off (temperature 1, top_p 1; top_k=0 also turns off
+        # its default top-k=50 filter: we sample from the policy we train).
+        drawing = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        warpers = ([TemperatureLogitsWarper(sampling.temperature)] if sampling.temperature != 1.0 else []) + \
+            ([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else [])
     sequences = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                max_new_tokens=sampling.max_new_tokens, num_return_sequences=sampling.samples_per_prompt,
                                eos_token_id=eos_ids, stopping_criteria=[_DropPoint()],
+                               logits_processor=LogitsProcessorList([*warpers, recorder]),
                                pad_token_id=tokenizer.pad_token_id, use_cache=True, **drawing)  # [N, P+C]
-    return sequences[:, input_ids.shape[1] :]
+    completion = sequences[:, input_ids.shape[1] :]  # [N, C]
+    return Decoded(tokens=completion, sampler_logp=recorder.finish(completion))
+
+
+class _SamplerLogprobs:
+    """The last of generate's logits processors: it sees the scores each token is drawn from, and on the
+    next call (or at `finish`) the token drawn, whose log-prob it keeps."""
+
+    def __init__(self):
+        self.scores = None  # [N, V] the last step's
+        self.logp: list[torch.Tensor] = []  # per step [N]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.scores = scores
+        return scores
+
+    def _take(self, drawn: torch.Tensor) -> None:
+        if self.scores is not None:
+            self.logp.append(chosen_logprobs(self.scores.float(), drawn))
+
+    def finish(self, completion: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N, C]
+        if completion.shape[1] > len(self.logp):
+            self._take(completion[:, -1])
+            self.scores = None
+        if not self.logp:
+            return completion.new_zeros(completion.shape, dtype=torch.float32)
+        return torch.stack(self.logp[: completion.shape[1]], 1)
 
 
 class _TransformersStepper:
@@ -236,7 +278,7 @@ class _TransformersStepper:
 
 
 def _decode_shared(stepper, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids,
-                   world=None) -> torch.Tensor:
+                   world=None) -> Decoded:
     """Prefill [B, P] once, share each prompt's cache across its samples, decode only unfinished rows.
     `stepper`: a `decoder.LeanDecoder` or `_TransformersStepper`.
 
@@ -251,15 +293,17 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, sampling: Samp
     ranks, offset = (world.size, world.rank * n_rows) if world is not None and world.active else (1, 0)
     active = torch.arange(n_rows, device=device)  # row numbers of the active rows
     tokens = torch.full((n_rows, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    sampler_logp = torch.zeros(n_rows, max_new_tokens, device=device)
     eos = torch.tensor(eos_ids, device=device)
     ended = torch.zeros(n_rows, dtype=torch.bool, device=device)  # over this rank's rows
     steps = 0
     compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        chosen = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, sampling.temperature,
+        chosen, chosen_logp = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, sampling.temperature,
                              sampling.top_p, sampling.greedy)  # [n]
         tokens[active, step] = chosen
+        sampler_logp[active, step] = chosen_logp
         steps = step + 1
         just_ended = torch.isin(chosen, eos)  # [n]
         ended[active[just_ended]] = True
@@ -279,7 +323,7 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, sampling: Samp
         if len(active) == 0:
             continue
         logits = stepper.step(chosen)  # [n, V]
-    return tokens[:, :steps]
+    return Decoded(tokens=tokens[:, :steps], sampler_logp=sampler_logp[:, :steps])
 
 
 def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
@@ -292,7 +336,8 @@ def select_groups(rollout: Rollout, groups: list[int]) -> Rollout:
                    group_size=rollout.group_size,
                    tool_mask=None if rollout.tool_mask is None else rollout.tool_mask[rows],
                    tool_use=ToolUse.select(rollout.tool_use, rows.cpu()),
-                   tool_outputs=None if rollout.tool_outputs is None else [rollout.tool_outputs[i] for i in picked])
+                   tool_outputs=None if rollout.tool_outputs is None else [rollout.tool_outputs[i] for i in picked],
+                   sampler_logp=None if rollout.sampler_logp is None else rollout.sampler_logp[rows])
 
 
 def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
@@ -306,8 +351,9 @@ def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
     def pad(tensor, left, right, value):
         return torch.nn.functional.pad(tensor, (left, right), value=value)
 
-    ids, masks, completion_masks, tool_masks = [], [], [], []
+    ids, masks, completion_masks, tool_masks, sampler_logps = [], [], [], [], []
     tools = all(r.tool_mask is not None for r in rollouts)
+    recorded = all(r.sampler_logp is not None for r in rollouts)
     for r in rollouts:
         left, right = p - r.prompt_len, c - r.completion_mask.shape[1]
         ids.append(pad(r.input_ids, left, right, pad_id))
@@ -315,9 +361,12 @@ def concat(rollouts: list[Rollout], pad_id: int) -> Rollout:
         completion_masks.append(pad(r.completion_mask, 0, right, 0))
         if tools:
             tool_masks.append(pad(r.tool_mask, 0, right, False))
+        if recorded:
+            sampler_logps.append(pad(r.sampler_logp, 0, right, 0.0))
     return Rollout(input_ids=torch.cat(ids), attention_mask=torch.cat(masks),
                    completion_mask=torch.cat(completion_masks), prompt_len=p,
                    texts=[t for r in rollouts for t in r.texts], truncated=torch.cat([r.truncated for r in rollouts]),
                    group_size=rollouts[0].group_size, tool_mask=torch.cat(tool_masks) if tools else None,
                    tool_use=ToolUse.concat([r.tool_use for r in rollouts]),
-                   tool_outputs=[s for r in rollouts for s in r.tool_outputs] if tools else None)
+                   tool_outputs=[s for r in rollouts for s in r.tool_outputs] if tools else None,
+                   sampler_logp=torch.cat(sampler_logps) if recorded else None)

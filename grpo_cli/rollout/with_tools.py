@@ -34,6 +34,7 @@ from grpo_cli.tools import calls as tool_calls
 from grpo_cli.run.guard import drop_point
 from grpo_cli.config.defaults import TOOL_MAX_CALLS, TOOL_MEMORY_MB, TOOL_TIMEOUT_S
 from grpo_cli.model.calls import COMPACT_FRACTION, draw_tokens
+from grpo_cli.rollout.decoded import Decoded
 from grpo_cli.rollout.settings import Sampling
 
 TOOL_LAG_STEPS = 4  # decode steps a row sits out while its call runs (see the module's docstring)
@@ -162,6 +163,7 @@ class _Rows:
     """What the loop knows of each row of the rollout (indexed by row number, not batch position)."""
 
     tokens: torch.Tensor  # [N, C] the transcript so far: model tokens and tool output
+    sampler_logp: torch.Tensor  # [N, C] the log-prob each model token was drawn with; 0 on tool output
     is_tool: torch.Tensor  # [N, C] True on tool output
     length: torch.Tensor  # [N] tokens written, tool output included (the budget's count)
     ended: torch.Tensor  # [N] bool: EOS, or the budget used up
@@ -173,6 +175,7 @@ class _Rows:
     @classmethod
     def empty(cls, n: int, width: int, pad: int, device) -> _Rows:
         return cls(tokens=torch.full((n, width), pad, dtype=torch.long, device=device),
+                   sampler_logp=torch.zeros(n, width, device=device),
                    is_tool=torch.zeros(n, width, dtype=torch.bool, device=device),
                    length=torch.zeros(n, dtype=torch.long, device=device),
                    ended=torch.zeros(n, dtype=torch.bool, device=device),
@@ -186,9 +189,10 @@ class _Rows:
 
 
 def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, sampling: Sampling, eos_ids: list[int],
-                      session: ToolSession, world=None) -> tuple[torch.Tensor, torch.Tensor, ToolUse]:
-    """(completion tokens [N, C], tool-output mask [N, C], the calls' ToolUse): rollout._decode_shared's
-    contract, with the tool (see the module's docstring). `stepper` must have `append`."""
+                      session: ToolSession, world=None) -> Decoded:
+    """Completion tokens [N, C], their sampler log-probs, the tool-output mask [N, C] and the calls' ToolUse:
+    rollout._decode_shared's contract, with the tool (see the module's docstring). `stepper` must have
+    `append`."""
     device = input_ids.device
     session.start_rollout()
     restarts_before = session.restarts
@@ -207,9 +211,10 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, sampling: S
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
         live = ~(state.ended[active] | state.paused[active])  # [n] the rows that sample this step
         rows = active[live]  # [m]
-        picked = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, sampling.temperature, sampling.top_p,
+        picked, picked_logp = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, sampling.temperature, sampling.top_p,
                              sampling.greedy)  # [m]
         state.tokens[rows, state.length[rows]] = picked
+        state.sampler_logp[rows, state.length[rows]] = picked_logp
         state.length[rows] += 1
         state.ended[rows] |= torch.isin(picked, eos) | (state.length[rows] >= max_new_tokens)
         # only a token with a backtick can close a block: only those rows' text is looked at
@@ -250,7 +255,8 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, sampling: S
                           for k, v in state.use.items()}, waited_seconds=waited,
                        restarts=session.restarts - restarts_before)
     width = int(state.length.max()) if n_rows else 0
-    return state.tokens[:, :width], state.is_tool[:, :width], tool_use
+    return Decoded(tokens=state.tokens[:, :width], sampler_logp=state.sampler_logp[:, :width],
+                   tool_mask=state.is_tool[:, :width], tool_use=tool_use)
 
 
 def _encoded(tokenizer, text: str) -> list[int]:
