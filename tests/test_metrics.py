@@ -8,6 +8,7 @@ from conftest import ROOT
 from grpo_cli.run import metrics
 from grpo_cli.run.metrics import CATALOGUE, StepFigures, gather, step_row
 from grpo_cli.commands.plot import PANELS
+from grpo_cli.update import sampler_correction
 from grpo_cli.update.policy import UpdateStats
 
 
@@ -31,6 +32,7 @@ def figures(**overrides) -> StepFigures:
         tool_use=None,
         tool_wait_seconds=0.0,
         tool_restarts=0,
+        mismatch=sampler_correction.combine(torch.empty(0, len(sampler_correction.FIELDS))),
     )
     return StepFigures(**{**values, **overrides})
 
@@ -110,10 +112,44 @@ def test_the_documentation_shows_the_catalogue():
 
 
 def test_the_console_and_the_plot_read_catalogued_names():
-    composite = {"reward", "accuracy"}  # reward_mean with each reward/<rule>; accuracy with eval/accuracy
+    # reward_mean with each reward/<rule>; accuracy with eval/accuracy; the sampler's ratio min, mean and max
+    composite = {"reward", "accuracy", "sampler_ratio"}
     assert all(key in CATALOGUE or key in composite for key, _ in PANELS)
     assert all(m.name in CATALOGUE for m in metrics.DASHBOARD)
     assert {"reward_mean", "accuracy", "kl", "truncated_frac"} <= {m.name for m in metrics.DASHBOARD}
+
+
+def test_the_sampler_figures_reach_the_dashboard_only_when_they_matter():
+    from grpo_cli.run.console import dashboard
+    from rich.console import Console
+
+    def shown(**values):
+        console = Console(width=200, record=True)
+        console.print(dashboard({**row_of(figures()), **values}, None, None))
+        return console.export_text()
+
+    agreeing = shown(sampler_kl=3e-12, sampler_ratio_outside=0.0)
+    assert "sampler KL" not in agreeing and "ratio outside" not in agreeing  # float32: rounding, not a finding
+    apart = shown(sampler_kl=2.5e-3, sampler_ratio_outside=0.004)
+    assert "sampler KL" in apart and "2.5e-03" in apart and "0.40%" in apart
+
+
+def test_a_row_with_the_sampler_figures(tmp_path):
+    trainer = torch.log(torch.tensor([[0.5, 0.2, 0.4]]))
+    sampler = torch.log(torch.tensor([[0.5, 0.5, 0.1]]))  # ratios 1, 0.4, 4
+    mask = torch.ones(1, 3)
+    correction = sampler_correction.Correction(method="mask")
+    row = row_of(figures(mismatch=sampler_correction.mismatch_sums(trainer, sampler, mask, correction)),
+                 correction=correction)
+    assert row["sampler_ratio_outside"] == pytest.approx(2 / 3) and row["sampler_corrected_frac"] == pytest.approx(2 / 3)
+    assert row["sampler_ratio_min"] == pytest.approx(0.4) and row["sampler_ratio_max"] == pytest.approx(4.0)
+    assert "sampler_kl" not in row_of(figures())  # nothing measured (no update ran): no column
+    from grpo_cli.commands.plot import plot_runs
+    from grpo_cli.run.log import METRICS
+
+    import json
+    (tmp_path / METRICS).write_text(json.dumps(row) + "\n")
+    assert plot_runs([tmp_path], tmp_path / "curves.png").stat().st_size > 0
 
 
 class RecordingWorld:

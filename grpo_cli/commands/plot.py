@@ -15,9 +15,11 @@ PANELS = [
     ("reward", "reward per rule"),
     ("accuracy", "accuracy (train, and held-out eval); tool use"),
     ("kl", "KL to the reference"),
+    ("sampler_kl", "sampler vs trainer: k3 KL per token (mean, max)"),
     ("completion_len", "completion length (tokens)"),
     ("step_seconds", "step time (s)"),
     ("answer_diversity", "distinct answers per group"),
+    ("sampler_ratio", "sampler vs trainer: ratio exp(trainer - sampler) (min, mean, max)"),
 ]
 
 
@@ -52,6 +54,13 @@ def _reward_panel(axis, runs, several: bool) -> None:
                       label=f"{prefix}{rule.removeprefix('reward/')}")
 
 
+def _mismatch_lines(axis, steps: list[dict], keys: tuple[str, ...], color: str, label: str | None) -> None:
+    """One line per key in the run's colour, told apart by style (the first solid)."""
+    for key, style in zip(keys, ("-", "--", ":")):
+        short = key.removeprefix("sampler_")
+        axis.plot(*_series(steps, key), color=color, linestyle=style, label=f"{label} {short}" if label else short)
+
+
 def draw(run_dirs: list[Path]):
     """The figure of panels for every run (matplotlib, Agg backend)."""
     try:
@@ -62,7 +71,7 @@ def draw(run_dirs: list[Path]):
     except ImportError:
         raise UserError("grpo plot needs matplotlib: pip install matplotlib") from None
     runs = _runs(run_dirs)
-    figure, axes = plt.subplots(2, 3, figsize=(17, 8), constrained_layout=True)
+    figure, axes = plt.subplots(2, 4, figsize=(22, 8), constrained_layout=True)
     several = len(runs) > 1
     for axis, (key, title) in zip(axes.flat, PANELS):
         axis.set_title(title)
@@ -82,12 +91,19 @@ def draw(run_dirs: list[Path]):
                     axis.plot(*_series(steps, "tool_use_frac"), color=color, linestyle="--", linewidth=1.2,
                               label=f"{prefix}ran code (sampled)")
                 axis.set_ylim(-0.02, 1.02)
+            elif key == "sampler_kl":
+                _mismatch_lines(axis, steps, ("sampler_kl", "sampler_kl_max"), color, label)
+                if any(v > 0 for line in axis.lines for v in line.get_ydata()):
+                    axis.set_yscale("log")  # 1e-12 in float32, 1e-3 in 16 bits: only a log axis shows both
+            elif key == "sampler_ratio":
+                _mismatch_lines(axis, steps, ("sampler_ratio_min", "sampler_ratio_mean", "sampler_ratio_max"),
+                                color, label)
             elif key != "reward":
                 axis.plot(*_series(steps, key), color=color, label=label)
         if not axis.lines or not any(len(line.get_xdata()) for line in axis.lines):
             axis.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=axis.transAxes,
                       color="gray")
-        elif several or key in ("reward", "accuracy"):
+        elif several or key in ("reward", "accuracy", "sampler_kl", "sampler_ratio"):
             # Beside the axes, never over a curve; constrained layout makes room for it.
             axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     figure.suptitle(", ".join(str(d) for d, _, _ in runs))

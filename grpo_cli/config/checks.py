@@ -4,7 +4,10 @@ base without LoRA, tools without the fast engine, a rule listed twice, ...; chec
 
 from __future__ import annotations
 
+import inspect
+
 from grpo_cli.config.schema import Recipe
+from grpo_cli.update.loss import LOSSES
 
 
 def _largest_divisor_at_most(n: int, bound: int) -> int:
@@ -51,4 +54,8 @@ def cross_field_problems(recipe: Recipe) -> list[tuple[tuple, str]]:
     if grpo.max_new_tokens != "auto" and grpo.overlong_buffer >= grpo.max_new_tokens:  # auto: checked when resolved
         problems.append((("grpo", "overlong_buffer"), f"{grpo.overlong_buffer} must be shorter than "
                          f"grpo.max_new_tokens ({grpo.max_new_tokens})"))
+    if grpo.sampler_correction != "none" and "weights" not in inspect.signature(LOSSES[grpo.loss]).parameters:
+        problems.append((("grpo", "sampler_correction"), f"the loss {grpo.loss!r} takes no `weights` argument, "
+                         "so the correction cannot weigh its terms; give it one (docs/extending.md, losses) or set "
+                         "sampler_correction: none"))
     return problems

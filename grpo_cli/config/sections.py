@@ -18,6 +18,7 @@ from grpo_cli.config.defaults import TOOL_MAX_CALLS, TOOL_MEMORY_MB, TOOL_TIMEOU
 from grpo_cli.data import builtin_task
 from grpo_cli.trackers.builtin import tracker_names
 from grpo_cli.update.loss import LOSSES
+from grpo_cli.update.sampler_correction import Correction
 
 
 class Section(BaseModel):
@@ -239,6 +240,18 @@ class GrpoSpec(Section):
         False, description="completions cut off at max_new_tokens take no part in the loss (DAPO's overlong filtering)"
     )
     entropy_bonus: float = Field(0.0, ge=0, description="weight of the token entropy added to the objective")
+    sampler_correction: Literal["none", "tis", "mask"] = Field(
+        "none", description="correct the update for where the sampler's log-probs differ from the training "
+        "forward's (docs/algorithm.md): tis = weigh each token's clipped term by min(ratio, sampler_ratio_high); "
+        "mask = by the ratio inside [sampler_ratio_low, sampler_ratio_high], 0 outside; none = no weight"
+    )
+    sampler_correction_level: Literal["token", "sequence"] = Field(
+        "token", description="the ratio the correction uses: each token's, or one per completion (the geometric "
+        "mean of its tokens')"
+    )
+    sampler_ratio_low: float = Field(0.5, gt=0, lt=1, description="mask: ratios below are dropped")
+    sampler_ratio_high: float = Field(2.0, gt=1, description="tis: the cap on the weight; mask: ratios above "
+                                      "are dropped")
     tools: list[Literal["python"]] = Field(
         default_factory=list, description="tools the model may call: [python] runs each closed ```python block in "
         "a sandbox and appends its output (Qwen2.5-Math's tool-integrated format; docs/tools.md); [] = none"
@@ -252,6 +265,11 @@ class GrpoSpec(Section):
     @property
     def upper_clip(self) -> float:
         return self.clip_eps_high if self.clip_eps_high is not None else self.clip_eps
+
+    @property
+    def correction(self) -> Correction:
+        return Correction(method=self.sampler_correction, level=self.sampler_correction_level,
+                          low=self.sampler_ratio_low, high=self.sampler_ratio_high)
 
     @property
     def reward_scaling(self) -> str:

@@ -15,6 +15,8 @@ import torch
 
 from grpo_cli.rewards.answers import split_thinking
 from grpo_cli.rewards.diversity import group_diversity
+from grpo_cli.run.mismatch_watch import SAMPLER_KL_SHOWN
+from grpo_cli.update import sampler_correction
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Metric:
     machine: bool = False  # a figure of the machine, not of the learning: two runs with one seed differ only here
     label: str | None = None  # the console dashboard's label; None: not on the dashboard
     fmt: str = ".3f"  # how the console writes it
+    shown_above: float | None = None  # on the dashboard only on a step where it is above this (None: always)
 
 
 STEP_METRICS = (
@@ -71,6 +74,17 @@ STEP_METRICS = (
     Metric("tool_wait_seconds", "with grpo.tools: time the decode loop stood waiting for a call", machine=True),
     Metric("tool_restarts", "with grpo.tools: times the sandbox's server died and was started again (the calls it "
            "was running ended as errors); nothing a call does should cause it, so anything but 0 is worth a report"),
+    Metric("sampler_kl", "mean k3 KL(sampler || trainer) per token: the log-prob the rollout drew each token with "
+           "against the training forward's under the same weights (docs/algorithm.md, sampler and trainer); "
+           "over the completions the update ran", label="sampler KL", fmt=".1e", shown_above=SAMPLER_KL_SHOWN),
+    Metric("sampler_kl_max", "the largest token's k3 KL(sampler || trainer)"),
+    Metric("sampler_ratio_mean", "mean importance ratio exp(trainer - sampler) over those tokens"),
+    Metric("sampler_ratio_min", "the smallest token's importance ratio"),
+    Metric("sampler_ratio_max", "the largest token's importance ratio"),
+    Metric("sampler_ratio_outside", "fraction of those tokens whose importance ratio lies outside [1/2, 2]",
+           label="ratio outside [1/2, 2]", fmt=".2%", shown_above=0.0),
+    Metric("sampler_corrected_frac", "with grpo.sampler_correction: fraction of those tokens whose weight the "
+           "correction set apart from the plain ratio (capped by tis, dropped by mask)"),
     Metric("score_errors", "reward calls that failed (scored 0)"),
     Metric("score_timeouts", "reward calls cut off at the time limit (scored 0)"),
     Metric("tokens_per_second", "generated tokens over the step time", machine=True, label="tokens/s", fmt=".0f"),
@@ -124,6 +138,7 @@ class StepFigures:
     losses: list[float]  # per update, summed over processes
     clipped_tokens: float
     tokens: float
+    mismatch: torch.Tensor  # [len(sampler_correction.FIELDS)] the sampler/trainer mismatch over every process
     score_errors: int
     score_timeouts: int
     peak_memory_gib: float  # the largest of the processes'
@@ -149,6 +164,7 @@ def gather(world, *, rewards_all: torch.Tensor, scores, rollout, overlong: torch
         losses=world.all_gather(torch.tensor(stats.losses, dtype=torch.float64)).view(world.size, -1).sum(0).tolist(),
         clipped_tokens=world.reduce(stats.clipped),
         tokens=world.reduce(stats.tokens),
+        mismatch=sampler_correction.combine(world.all_gather(_mismatch(stats)[None])),
         score_errors=int(world.reduce(scores.errors)),
         score_timeouts=int(world.reduce(scores.timeouts)),
         peak_memory_gib=world.reduce(peak_memory_gib, "max"),
@@ -164,6 +180,12 @@ def _tool_use(world, rollout) -> torch.Tensor | None:
         local = torch.cat([rollout.tool_use.stacked(), (rollout.lengths - rollout.action_lengths).cpu().double()[:, None]], 1)
     gathered = world.all_gather(local)
     return None if rollout.tool_use is None else gathered
+
+
+def _mismatch(stats) -> torch.Tensor:
+    """This process's mismatch row ([len(FIELDS)]), its micro-batches combined; an empty one without any."""
+    rows = torch.stack(stats.mismatch) if stats.mismatch else torch.empty(0, len(sampler_correction.FIELDS))
+    return sampler_correction.combine(rows.double())
 
 
 def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -199,7 +221,7 @@ def tool_figures(figures: StepFigures) -> dict[str, float]:
 
 def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_size: int, zero_std: torch.Tensor,
              stats, lr: float, sampled, dynamic_sampling: bool, overlong_on: bool, seconds: dict[str, float],
-             elapsed: float) -> dict:
+             elapsed: float, correction: sampler_correction.Correction | None = None) -> dict:
     """The metrics.jsonl row of a step, from gathered figures (no collectives here)."""
     column = {rule: figures.scores[:, i] for i, rule in enumerate(figures.rules)}
     rewards = figures.rewards
@@ -213,6 +235,7 @@ def step_row(step: int, figures: StepFigures, *, rule_keys: list[str], group_siz
         "kl": figures.kls.mean().item() if figures.kls.numel() else None,
         "entropy": figures.entropies.mean().item() if figures.entropies.numel() else None,
         "clip_frac": figures.clipped_tokens / max(figures.tokens, 1.0),
+        **sampler_correction.figures(figures.mismatch, correction or sampler_correction.Correction()),
         "loss": sum(figures.losses) / len(figures.losses),
         "grad_norm": sum(stats.grad_norms) / len(stats.grad_norms),
         "lr": lr,

@@ -29,6 +29,7 @@ from grpo_cli.run import allocator, threads
 from grpo_cli.run.console import TrainConsole
 from grpo_cli.run.directory import prepare_run_dir, write_recipe
 from grpo_cli.run.log import RunLog
+from grpo_cli.run.mismatch_watch import MismatchWatch
 from grpo_cli.run.truncation import TruncationWatch
 from grpo_cli.trackers.sink import check_installed
 from grpo_cli.update.policy import apply_optimizer_settings, make_optimizer
@@ -59,6 +60,7 @@ class Run:
     best: dict | None  # the best checkpoint's marker (retention.read_best), kept on disk for resume
     started: float  # perf_counter() when the process began training
     truncation: TruncationWatch = field(default_factory=TruncationWatch)
+    mismatch: MismatchWatch = field(default_factory=MismatchWatch)
     tools: ToolSession | None = None  # with grpo.tools: the sandbox, open while the loop runs
     cpu_threads: threads.Watch | None = None  # on the CPU: torch's thread count, kept to the CPUs free
 

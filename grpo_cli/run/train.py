@@ -292,13 +292,13 @@ def step_row(run: Run, figures: metrics.StepFigures, batch: StepBatch, rewarded:
                             zero_std=rewarded.zero_std, stats=stats, lr=run.optimizer.param_groups[0]["lr"],
                             sampled=batch, dynamic_sampling=grpo.dynamic_sampling,
                             overlong_on=bool(grpo.overlong_buffer), seconds=seconds,
-                            elapsed=time.perf_counter() - run.started)
+                            elapsed=time.perf_counter() - run.started, correction=grpo.correction)
 
 
 def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch, rewarded: StepRewards,
              stats: UpdateStats) -> None:
     """metrics.jsonl, the console (with the step's best and worst completion, and warnings: non-finite
-    values, completions cut off at max_new_tokens), and samples.jsonl when due."""
+    values, completions cut off at max_new_tokens, sampler and trainer apart), and samples.jsonl when due."""
     output = run.recipe.output
     run.log.metrics(row)
     best, worst = int(figures.rewards.argmax()), int(figures.rewards.argmin())
@@ -309,6 +309,9 @@ def log_step(run: Run, row: dict, figures: metrics.StepFigures, batch: StepBatch
     truncation = run.truncation.check(run.step, figures.truncated, run.recipe.grpo.max_new_tokens)
     if truncation:
         run.console.message(truncation)
+    mismatch = run.mismatch.check(run.step, row, run.recipe.grpo.sampler_correction)
+    if mismatch:
+        run.console.message(mismatch)
     if run.step == 1 or run.step % output.samples_every == 0:
         run.log.samples(sample_rows(run, batch, rewarded))
 

@@ -7,9 +7,11 @@ TRUNCATION_WARN_EVERY steps while it goes on."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from grpo_cli.run.throttle import Throttle
 
 TRUNCATION_WARN_FRAC = 0.10
 TRUNCATION_WARN_EVERY = 10  # steps at least between two such warnings while it goes on
@@ -17,23 +19,18 @@ TRUNCATION_WARN_EVERY = 10  # steps at least between two such warnings while it 
 
 @dataclass
 class TruncationWatch:
-    """Whether a step's truncation is worth a warning: the first step over TRUNCATION_WARN_FRAC, then at
-    most every TRUNCATION_WARN_EVERY steps while it goes on, counting the steps over it in between."""
+    """Whether a step's truncation is worth a warning: over TRUNCATION_WARN_FRAC, as often as `Throttle` allows."""
 
-    last_warned: int | None = None
-    steps_over: int = 0  # steps over the threshold since the last warning
+    throttle: Throttle = field(default_factory=lambda: Throttle(TRUNCATION_WARN_EVERY))
 
     def check(self, step: int, truncated: torch.Tensor, max_new_tokens: int) -> str | None:
         """The warning for `step`, or None. truncated: [N_all] 1.0 where a completion (any process's) hit the cap."""
         cut, total = int(truncated.sum().item()), truncated.numel()
         if total == 0 or cut <= TRUNCATION_WARN_FRAC * total:
             return None
-        self.steps_over += 1
-        if self.last_warned is not None and step - self.last_warned < TRUNCATION_WARN_EVERY:
+        since = self.throttle.due(step)
+        if since is None:
             return None
-        since = "" if self.last_warned is None else \
-            f" ({self.steps_over} of the {step - self.last_warned} steps since step {self.last_warned} did)"
-        self.last_warned, self.steps_over = step, 0
         return (f"warning: step {step}: {cut} of {total} completions ({cut / total:.0%}) hit grpo.max_new_tokens "
                 f"({max_new_tokens}) before ending{since}: a cut-off completion rarely holds an answer, so it scores "
                 "nothing and teaches little. Raise grpo.max_new_tokens, or shorten the completions: the rules that "

@@ -34,6 +34,7 @@ class MicroBatch:
     completion_ids: torch.Tensor  # [n, c] trimmed to the longest completion here
     completion_mask: torch.Tensor  # [n, c] the completion's tokens, tool output included (attended)
     action_mask: torch.Tensor  # [n, c] those the model chose: the loss's and the entropy's (Rollout.action_mask)
+    sampler_logp: torch.Tensor | None = None  # [n, c] the log-probs the sampler drew them with (Rollout.sampler_logp)
 
     @property
     def prompt_len(self) -> int:
@@ -95,5 +96,6 @@ def split(rollout: Rollout, max_rows: int | None = None, max_tokens: int | None 
             completion_ids=rollout.completion_ids[rows, :c],
             completion_mask=rollout.completion_mask[rows, :c],
             action_mask=rollout.action_mask[rows, :c],
+            sampler_logp=None if rollout.sampler_logp is None else rollout.sampler_logp[rows, :c],
         ))
     return batches

@@ -79,10 +79,12 @@ def _clipped_surrogate(ratio, advantages, settings):
     return torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy):
+def _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy, weights):
     """Per-token objective [n, T], the tokens where clipping binds [n, T], and the KL metric [n]."""
     ratio = torch.exp(logp - old_logp)  # [n, T]
     surrogate, binds = _clipped_surrogate(ratio, advantages.to(logp.dtype).unsqueeze(1), settings)  # [n, T]
+    if weights is not None:  # the sampler correction's, on the surrogate only (the KL and entropy are the trainer's)
+        surrogate = surrogate * weights
     extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
     return surrogate + extra, binds, kl
 
@@ -92,7 +94,8 @@ def _terms(per_completion, kl, binds, mask) -> LossTerms:
                      tokens=mask.sum().detach())
 
 
-LossFn = Callable[..., LossTerms]  # (logp, old_logp, advantages, mask, settings, ref_logp=None, entropy=None)
+LossFn = Callable[..., LossTerms]  # (logp, old_logp, advantages, mask, settings, ref_logp=None, entropy=None,
+#                                     weights=None)
 LOSSES: dict[str, LossFn] = {}  # name -> loss: what grpo.loss may name
 
 
@@ -106,47 +109,58 @@ def register_loss(function: LossFn) -> LossFn:
 
 
 @register_loss
-def grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+def grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None,
+         weights=None) -> LossTerms:
     """Token mean per completion, then batch mean (DeepSeekMath).
 
     -(1/N) sum_i (1/|o_i|) sum_t objective_it.
-    logp: [n, T] with grad; old_logp, ref_logp, entropy: [n, T]; advantages: [n]; mask: [n, T].
+    logp: [n, T] with grad; old_logp, ref_logp, entropy: [n, T]; advantages: [n]; mask: [n, T];
+    weights: [n, T] detached, the sampler correction's on each token's clipped term (update/sampler_correction.py).
     """
     mask = mask.to(logp.dtype)
-    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy,
+                                            weights)
     return _terms(-token_mean(objective, mask) / settings.step_completions, kl, binds, mask)
 
 
 @register_loss
-def dapo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+def dapo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None,
+         weights=None) -> LossTerms:
     """Token mean over the batch (DAPO).
 
     -(1/T) sum_i sum_t objective_it, T = completion tokens in the whole step. Shapes as grpo."""
     mask = mask.to(logp.dtype)
-    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy,
+                                            weights)
     return _terms(-(objective * mask).sum(1) / settings.step_tokens, kl, binds, mask)
 
 
 @register_loss
-def dr_grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+def dr_grpo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None,
+            weights=None) -> LossTerms:
     """Token sum over a constant budget (Dr. GRPO).
 
     -(1/(N L)) sum_i sum_t objective_it, L = max_new_tokens, a constant. Shapes as grpo."""
     mask = mask.to(logp.dtype)
-    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy)
+    objective, binds, kl = _token_objective(logp, old_logp, advantages, mask, settings, ref_logp, entropy,
+                                            weights)
     budget = settings.step_completions * settings.max_new_tokens
     return _terms(-(objective * mask).sum(1) / budget, kl, binds, mask)
 
 
 @register_loss
-def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None) -> LossTerms:
+def gspo(logp, old_logp, advantages, mask, settings: LossSettings, ref_logp=None, entropy=None,
+         weights=None) -> LossTerms:
     """Sequence-level ratio (GSPO).
 
     -(1/N) sum_i min(s_i A_i, clip(s_i) A_i), s_i = exp(mean_t(logp - old_logp)) per sequence;
-    the KL and entropy terms enter as token means per completion. Shapes as grpo."""
+    the KL and entropy terms enter as token means per completion; the sampler correction's `weights`
+    as their token mean per completion (at its sequence level, the completion's one weight). Shapes as grpo."""
     mask = mask.to(logp.dtype)
     ratio = torch.exp(token_mean(logp - old_logp, mask))  # [n]
     surrogate, binds = _clipped_surrogate(ratio, advantages.to(logp.dtype), settings)  # [n]
+    if weights is not None:
+        surrogate = surrogate * token_mean(weights, mask)
     extra, kl = _penalties(logp, mask, settings, ref_logp, entropy)
     objective = surrogate + token_mean(extra, mask)  # [n]
     return _terms(-objective / settings.step_completions, kl, binds.unsqueeze(1).expand_as(mask), mask)

@@ -12,6 +12,8 @@ from grpo_cli.update.batching import MicroBatch
 from grpo_cli.distributed.parallel import Parallel
 from grpo_cli.model.logprobs import as_leaves, backward_into_prompts
 from grpo_cli.update.loss import LOSSES, LossSettings, token_mean
+from grpo_cli.update.sampler_correction import Correction, mismatch_sums
+from grpo_cli.update.sampler_correction import weights as correction_weights
 from grpo_cli.config.recipe import Recipe, TrainSpec
 from grpo_cli.rollout.sampling import Rollout
 
@@ -58,6 +60,7 @@ class UpdateStats:
     kls: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, [n] each
     entropies: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, [n] each
     clipped: float = 0.0  # completion tokens where the clipped term was the smaller
+    mismatch: list[torch.Tensor] = field(default_factory=list)  # per micro-batch, sampler_correction.mismatch_sums
     tokens: float = 0.0  # completion tokens in the loss
     grad_norms: list[float] = field(default_factory=list)  # per update, before clipping
     problems: list[str] = field(default_factory=list)  # what was not finite ("loss", "gradients"); not applied
@@ -86,6 +89,7 @@ class LossPlan:
     settings: LossSettings
     temperature: float
     entropy_grad: bool  # the entropy bonus trains on the entropy: keep its graph
+    correction: Correction  # grpo.sampler_correction and its bounds
 
 
 def update_policy(parallel: Parallel, optimizer, scheduler, recipe: Recipe, batch: UpdateBatch,
@@ -109,12 +113,12 @@ def update_policy(parallel: Parallel, optimizer, scheduler, recipe: Recipe, batc
                             entropy_bonus=grpo.entropy_bonus, step_completions=completions, step_tokens=tokens,
                             max_new_tokens=grpo.max_new_tokens)
     plan = LossPlan(loss_fn=LOSSES[grpo.loss], loss_mask=loss_mask, settings=settings,
-                    temperature=grpo.temperature, entropy_grad=bool(grpo.entropy_bonus))
-    for _ in range(grpo.updates_per_rollout):
+                    temperature=grpo.temperature, entropy_grad=bool(grpo.entropy_bonus), correction=grpo.correction)
+    for update in range(grpo.updates_per_rollout):
         optimizer.zero_grad(set_to_none=True)
         bad = []
         with parallel.gathered():  # FSDP2: one gather per update, whatever each process's micro-batches
-            step_loss = _accumulate(parallel, batch, plan, stats)
+            step_loss = _accumulate(parallel, batch, plan, stats, measure=update == 0)
         max_norm = recipe.train.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parallel.policy.trainable_parameters(), max_norm).item()
         if world.reduce(0.0 if np.isfinite(step_loss) else 1.0, "max"):
@@ -133,9 +137,11 @@ def update_policy(parallel: Parallel, optimizer, scheduler, recipe: Recipe, batc
     return stats
 
 
-def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: UpdateStats) -> float:
+def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: UpdateStats,
+                measure: bool = True) -> float:
     """Forward and backward over every micro-batch, gradients averaged over processes on the last; the
-    step's loss.
+    step's loss. `measure`: record the sampler/trainer mismatch (the first update of a step: the policy
+    that sampled is the one every update compares with, so later updates would repeat the figures).
 
     One process with shared prompts runs the step's prompts once: the micro-batches continue from
     its keys and values, and its backward runs once at the end with what they sent it. (DDP syncs
@@ -162,7 +168,14 @@ def _accumulate(parallel: Parallel, batch: UpdateBatch, plan: LossPlan, stats: U
             # With one update, pi_old is the current policy: the ratio is exactly 1.
             old = batch.old_logp[i] if batch.old_logp is not None else logp.detach()
             reference = batch.ref_logp[i] if batch.ref_logp is not None else None
-            terms = plan.loss_fn(logp, old, batch.advantages[micro.rows], mask, plan.settings, reference, entropy)
+            # the trainer's log-probs under the weights that sampled (`old`) against the sampler's own
+            corrected = {}
+            if micro.sampler_logp is not None and plan.correction.active:
+                corrected["weights"] = correction_weights(old, micro.sampler_logp, mask, plan.correction)
+            if micro.sampler_logp is not None and measure:
+                stats.mismatch.append(mismatch_sums(old, micro.sampler_logp, micro.action_mask, plan.correction))
+            terms = plan.loss_fn(logp, old, batch.advantages[micro.rows], mask, plan.settings, reference, entropy,
+                                 **corrected)
             loss = terms.per_completion.sum()
             # gradients are averaged over the processes; the shares already divide by the whole step
             (loss * parallel.world.size).backward()
