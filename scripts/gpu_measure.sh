@@ -9,6 +9,7 @@
 #   on the GPU:  OUT=/some/dir bash scripts/gpu_measure.sh [seconds, default 520]   (carry .devsite, .grpo-cache)
 #
 # 1. the CUDA-graph decode test (graph replay vs eager logits, recapture after rows leave);
+#    then the sampler/trainer mismatch: the quickstart in float32 and bfloat16, CUDA graphs on and off, 20 steps each;
 # 2. grpo vs TRL 1.16, the GPU bench's configuration (Qwen2.5-0.5B shape, 8 prompts x G=8, 83 prompt
 #    tokens, 256 new tokens, kl_beta 0.04, LoRA r16, gradient checkpointing);
 # 3. grpo alone without CUDA graphs, same settings (what the graphs are worth);
@@ -45,6 +46,12 @@ part() {  # part NAME COMMAND...: runs it with the time left, appends its output
 gpu_bench=(--shape qwen2.5-0.5b --prompts 8 --group-size 8 --max-new-tokens 256 --prompt-tokens 83 --gradient-checkpointing
            --rounds 1 --warmup 1 --steps 3)
 part cuda-graph-test python -m pytest -q -p no:cacheprovider tests/test_decoder.py -k cuda
+if [ -d .grpo-cache ]; then
+  # sampler vs trainer (docs/algorithm.md): the builtin model's quickstart, float32 and bfloat16, graphs on and off
+  part sampler-mismatch env GRPO_CACHE=$PWD/.grpo-cache python scripts/sampler_mismatch.py quickstart --steps 20 \
+    --dtype float32 bfloat16 --graphs on off --set data.eval=null --out "$scratch/mismatch" \
+    --json "$out/sampler-mismatch.json"
+fi
 part bench-0.5b python scripts/bench.py "${gpu_bench[@]}" --json "$out/bench-0.5b.json"
 part bench-0.5b-no-graphs python scripts/bench.py "${gpu_bench[@]}" --only ours --no-cuda-graphs
 part bench-0.5b-nf4 python scripts/bench.py "${gpu_bench[@]}" --load-in-4bit --json "$out/bench-0.5b-nf4.json"

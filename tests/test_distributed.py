@@ -20,7 +20,10 @@ from grpo_cli.run.metrics import MACHINE_METRICS
 from grpo_cli.run.log import read_jsonl
 from grpo_cli.run.train import train
 
-SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04},
+# top_p 0.9 makes the sampler's distribution the policy's nucleus, so every token's ratio pi_train / pi_sampler is
+# its nucleus's mass, 0.9 to 1: a real gap in float32, the same in every process, which the mask correction acts on
+SECTIONS = {"grpo": {"group_size": 4, "prompts_per_step": 8, "max_new_tokens": 40, "kl_beta": 0.04, "top_p": 0.9,
+                     "sampler_correction": "mask", "sampler_ratio_low": 0.95},
             "train": {"steps": 4, "lr": 2e-3, "warmup_steps": 1, "seed": 0},
             "output": {"save_every": 2, "eval_every": 2, "samples_every": 1}}
 
@@ -93,6 +96,9 @@ def double(request, tmp_path_factory, tiny_model_path):
 def test_two_processes_learn_as_one(single, double):
     run_dir, result, _ = double
     compare(single, run_dir)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "reward_mean" in r]
+    assert any(r["sampler_corrected_frac"] > 0 for r in rows)  # the correction dropped tokens, alike in both
+    assert all(0.9 - 1e-4 < r["sampler_ratio_min"] and r["sampler_ratio_max"] < 1 + 1e-4 for r in rows)
     # only the first process wrote: one metrics row per step, one summary line
     assert result.stdout.count("done: 4 steps") == 1
 

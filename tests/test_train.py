@@ -425,7 +425,7 @@ def test_same_seed_same_run_bit_for_bit(tmp_path, tiny_model_path):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def console_of_a_run(tmp_path, name, max_new_tokens):
+def console_of_a_run(tmp_path, name, max_new_tokens, **grpo):
     """What a two-step run on the builtin model printed (as without a terminal), and its metrics."""
     import io
 
@@ -433,7 +433,7 @@ def console_of_a_run(tmp_path, name, max_new_tokens):
 
     console = Console(record=True, file=io.StringIO(), width=400)
     recipe = recipe_module.validate(small_recipe(
-        tmp_path / name, data={"eval": None}, grpo={"max_new_tokens": max_new_tokens},
+        tmp_path / name, data={"eval": None}, grpo={"max_new_tokens": max_new_tokens, **grpo},
         train={"steps": 2, "lr": 2e-3, "warmup_steps": 0, "seed": 0}, output={"save_every": 10}))
     train(recipe, console=TrainConsole(quiet=False, console=console))
     return console.export_text(), [r for r in metrics(tmp_path / name) if "reward_mean" in r]
@@ -449,6 +449,42 @@ def test_a_cap_that_cuts_off_completions_is_warned_about_and_an_ample_one_is_not
     printed, rows = console_of_a_run(tmp_path, "ample", max_new_tokens=40)
     assert all(r["truncated_frac"] <= 0.1 for r in rows) and "step 1/2" in printed
     assert "max_new_tokens" not in printed
+
+
+def test_a_sampler_far_from_the_trainer_is_warned_about_and_shown_and_an_agreeing_one_is_not(tmp_path,
+                                                                                           tiny_model_path):
+    """top_p 0.3 samples from a nucleus of 30% of the policy's mass or more: a token's ratio pi_train / pi_sampler
+    is that mass, often under 1/2. A real gap, not a made-up one; float32 without top-p agrees to rounding."""
+    printed, rows = console_of_a_run(tmp_path, "nucleus", max_new_tokens=40, top_p=0.3)
+    assert all(r["sampler_ratio_outside"] > 0.01 and r["sampler_ratio_max"] <= 1 + 1e-4 for r in rows)
+    warnings = [line for line in printed.splitlines() if "the sampler and the trainer disagree" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 1: ")
+    assert "sampler_correction: tis" in warnings[0] and "float32" in warnings[0]
+    assert "ratio outside [1/2, 2]" in printed  # the dashboard shows it on these steps
+    printed, rows = console_of_a_run(tmp_path, "corrected", max_new_tokens=40, top_p=0.3, sampler_correction="mask")
+    assert all(r["sampler_corrected_frac"] > 0.05 for r in rows)
+    assert "sampler_correction mask changed the weight of" in printed  # dropping that much is worth a word
+    printed, rows = console_of_a_run(tmp_path, "agreeing", max_new_tokens=40)
+    assert all(r["sampler_kl"] < 1e-9 and r["sampler_ratio_outside"] == 0 for r in rows)
+    assert "sampler" not in printed and "ratio outside" not in printed
+
+
+def test_the_mismatch_warning_is_throttled_and_each_threshold_counts():
+    from grpo_cli.run.mismatch_watch import SAMPLER_KL_WARN, SAMPLER_OUTSIDE_WARN, SAMPLER_WARN_EVERY, MismatchWatch
+
+    def row(kl=1e-12, outside=0.0, corrected=None):
+        values = {"sampler_kl": kl, "sampler_ratio_outside": outside, "sampler_ratio_min": 0.9, "sampler_ratio_max": 1.1}
+        return values if corrected is None else {**values, "sampler_corrected_frac": corrected}
+
+    watch = MismatchWatch()
+    warned = [step for step in range(1, 25) if watch.check(step, row(kl=2 * SAMPLER_KL_WARN), "none")]
+    assert warned == [1, 1 + SAMPLER_WARN_EVERY, 1 + 2 * SAMPLER_WARN_EVERY]
+    assert MismatchWatch().check(1, row(kl=SAMPLER_KL_WARN), "none") is None  # at the threshold is not over it
+    assert MismatchWatch().check(1, row(outside=2 * SAMPLER_OUTSIDE_WARN), "none") is not None
+    assert MismatchWatch().check(1, {"sampler_kl": None}, "none") is None  # a step that measured nothing
+    # with a correction on, the gap is being handled: only a correction that changes many tokens is worth a word
+    assert MismatchWatch().check(1, row(kl=1.0, corrected=0.01), "tis") is None
+    assert "tis changed the weight of 40.0%" in MismatchWatch().check(1, row(kl=1.0, corrected=0.4), "tis")
 
 
 def test_the_truncation_warning_comes_at_first_then_every_ten_steps_with_the_count():
