@@ -141,7 +141,8 @@ def test_a_row_with_the_sampler_figures(tmp_path):
     correction = sampler_correction.Correction(method="mask")
     row = row_of(figures(mismatch=sampler_correction.mismatch_sums(trainer, sampler, mask, correction)),
                  correction=correction)
-    assert row["sampler_ratio_outside"] == pytest.approx(2 / 3) and row["sampler_corrected_frac"] == pytest.approx(2 / 3)
+    assert row["sampler_ratio_outside"] == pytest.approx(2 / 3)
+    assert row["sampler_corrected_frac"] == pytest.approx(2 / 3)
     assert row["sampler_ratio_min"] == pytest.approx(0.4) and row["sampler_ratio_max"] == pytest.approx(4.0)
     assert "sampler_kl" not in row_of(figures())  # nothing measured (no update ran): no column
     from grpo_cli.commands.plot import plot_runs

@@ -473,7 +473,8 @@ def test_the_mismatch_warning_is_throttled_and_each_threshold_counts():
     from grpo_cli.run.mismatch_watch import SAMPLER_KL_WARN, SAMPLER_OUTSIDE_WARN, SAMPLER_WARN_EVERY, MismatchWatch
 
     def row(kl=1e-12, outside=0.0, corrected=None):
-        values = {"sampler_kl": kl, "sampler_ratio_outside": outside, "sampler_ratio_min": 0.9, "sampler_ratio_max": 1.1}
+        values = {"sampler_kl": kl, "sampler_ratio_outside": outside, "sampler_ratio_min": 0.9,
+                  "sampler_ratio_max": 1.1}
         return values if corrected is None else {**values, "sampler_corrected_frac": corrected}
 
     watch = MismatchWatch()

@@ -70,22 +70,20 @@ def next_token_scores(logits: torch.Tensor, temperature: float, top_p: float) ->
 def draw_tokens(logits: torch.Tensor, rows: torch.Tensor, all_rows: int, pad_id: int, temperature: float,
                 top_p: float, greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token [m] of each of `rows` [m] (row numbers among the step's `all_rows`, every rank's),
-    from their logits [m, V], and the log-probability [m] the sampler drew it with: from the very scores
-    the draw used, after the temperature and top-p (the sampler's side of the sampler/trainer mismatch;
-    greedy: the plain log-softmax). Sampling draws one multinomial over every row of the step, as
-    transformers draws it: the random stream does not depend on which rows are still running (or on
-    which rank). Rows not in `rows` (ended, paused, another rank's) get a dummy one-hot distribution."""
+    from their logits [m, V], and the log-probability [m] the sampler drew it with: the log of the very
+    probability the draw used, after the temperature and top-p (the sampler's side of the sampler/trainer
+    mismatch; a gather and a log of m numbers, where a log-softmax would cost as much as the draw). Greedy
+    decoding draws nothing at random and records 0. Sampling draws one multinomial over every row of the
+    step, as transformers draws it: the random stream does not depend on which rows are still running (or
+    on which rank). Rows not in `rows` (ended, paused, another rank's) get a dummy one-hot distribution."""
     if greedy:
-        chosen = logits.argmax(-1) if len(rows) else rows
-        return chosen, chosen_logprobs(logits, chosen)
+        return (logits.argmax(-1) if len(rows) else rows), logits.new_zeros(len(rows))
     probs = torch.zeros(all_rows, logits.shape[-1], device=logits.device)
     probs[:, pad_id] = 1.0
-    scores = None
     if len(rows):
-        scores = next_token_scores(logits, temperature, top_p)  # [m, V]
-        probs[rows] = scores.softmax(-1)
+        probs[rows] = next_token_scores(logits, temperature, top_p).softmax(-1)
     chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[rows]  # [m]
-    return chosen, chosen_logprobs(scores, chosen) if scores is not None else logits.new_empty(0)
+    return chosen, probs[rows, chosen].log()  # a drawn token's probability is > 0: a finite log
 
 
 def chosen_logprobs(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:

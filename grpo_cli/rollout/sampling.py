@@ -300,8 +300,8 @@ def _decode_shared(stepper, tokenizer, input_ids, attention_mask, sampling: Samp
     compact_fraction = getattr(stepper, "compact_fraction", None) or COMPACT_FRACTION
     for step in range(max_new_tokens):
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
-        chosen, chosen_logp = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id, sampling.temperature,
-                             sampling.top_p, sampling.greedy)  # [n]
+        chosen, chosen_logp = draw_tokens(logits, offset + active, n_rows * ranks, tokenizer.pad_token_id,
+                                          sampling.temperature, sampling.top_p, sampling.greedy)  # [n] x2
         tokens[active, step] = chosen
         sampler_logp[active, step] = chosen_logp
         steps = step + 1

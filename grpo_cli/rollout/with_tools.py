@@ -211,8 +211,8 @@ def decode_with_tools(stepper, tokenizer, input_ids, attention_mask, sampling: S
         drop_point()  # a SIGTERM drops the rollout here (guard.Interrupts.droppable)
         live = ~(state.ended[active] | state.paused[active])  # [n] the rows that sample this step
         rows = active[live]  # [m]
-        picked, picked_logp = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, sampling.temperature, sampling.top_p,
-                             sampling.greedy)  # [m]
+        picked, picked_logp = draw_tokens(logits[live], offset + rows, n_rows * ranks, pad, sampling.temperature,
+                                          sampling.top_p, sampling.greedy)  # [m] x2
         state.tokens[rows, state.length[rows]] = picked
         state.sampler_logp[rows, state.length[rows]] = picked_logp
         state.length[rows] += 1
