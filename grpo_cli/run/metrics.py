@@ -74,10 +74,10 @@ STEP_METRICS = (
     Metric("tool_wait_seconds", "with grpo.tools: time the decode loop stood waiting for a call", machine=True),
     Metric("tool_restarts", "with grpo.tools: times the sandbox's server died and was started again (the calls it "
            "was running ended as errors); nothing a call does should cause it, so anything but 0 is worth a report"),
-    Metric("sampler_kl", "mean k3 KL(sampler || trainer) per token: the log-prob the rollout drew each token with "
-           "against the training forward's under the same weights (docs/algorithm.md, sampler and trainer); "
+    Metric("sampler_kl", "mean k3 estimate of KL(sampler, trainer) per token: the log-prob the rollout drew each "
+           "token with against the training forward's under the same weights (docs/algorithm.md, sampler and trainer); "
            "over the completions the update ran", label="sampler KL", fmt=".1e", shown_above=SAMPLER_KL_SHOWN),
-    Metric("sampler_kl_max", "the largest token's k3 KL(sampler || trainer)"),
+    Metric("sampler_kl_max", "the largest token's k3 estimate"),
     Metric("sampler_ratio_mean", "mean importance ratio exp(trainer - sampler) over those tokens"),
     Metric("sampler_ratio_min", "the smallest token's importance ratio"),
     Metric("sampler_ratio_max", "the largest token's importance ratio"),
