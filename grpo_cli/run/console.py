@@ -52,8 +52,8 @@ def dashboard(row: dict, best: tuple[str, float] | None, worst: tuple[str, float
     rules = [(k.removeprefix("reward/"), v) for k, v in row.items() if k.startswith("reward/")]
     # a column the run does not write (tool_* without grpo.tools) is left off, and one under its shown_above
     # (the sampler/trainer mismatch, ~0 in float32); a null one shows as "-"
-    cells = [(metric.label, _figure(row.get(metric.name), metric.fmt)) for metric in DASHBOARD if metric.name in row
-             and (metric.shown_above is None or (row[metric.name] or 0.0) > metric.shown_above)]
+    cells = [(metric.label, _figure(row.get(metric.name), metric.fmt)) for metric in DASHBOARD
+             if metric.on_dashboard(row)]
     cells += [(f"  {name}", _figure(value, "+.3f")) for name, value in rules]
     for i in range(0, len(cells), 2):
         pair = cells[i : i + 2]

@@ -28,6 +28,13 @@ class Metric:
     fmt: str = ".3f"  # how the console writes it
     shown_above: float | None = None  # on the dashboard only on a step where it is above this (None: always)
 
+    def on_dashboard(self, row: dict) -> bool:
+        """Whether the dashboard shows it for this metrics row: a labelled column the run writes, and over its
+        shown_above if it has one (a null value shows as "-")."""
+        if self.label is None or self.name not in row:
+            return False
+        return self.shown_above is None or (row[self.name] or 0.0) > self.shown_above
+
 
 STEP_METRICS = (
     Metric("step", "the optimizer step this row follows (1-based)"),
