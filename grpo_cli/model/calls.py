@@ -5,7 +5,7 @@ the sampler (`rollout`), the lean decoder (`decoder`) and the FSDP2 sharding (`d
 - `position_ids`: positions that skip left padding;
 - `uses_logit_postprocessing`: whether the forward changes the logits after the head;
 - `cache_argument`, `new_cache`, `returned_cache`: the KV cache across transformers releases;
-- `draw_tokens`, `chosen_logprobs`, `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`,
+- `draw_tokens`, `next_token_scores`, `COMPACT_FRACTION`: what the two decode loops (`rollout`,
   `tool_rollout`) share.
 
 A leaf: it imports nothing from grpo_cli, so every module that calls the model imports it at
@@ -84,10 +84,3 @@ def draw_tokens(logits: torch.Tensor, rows: torch.Tensor, all_rows: int, pad_id:
         probs[rows] = next_token_scores(logits, temperature, top_p).softmax(-1)
     chosen = torch.multinomial(probs, num_samples=1).squeeze(1)[rows]  # [m]
     return chosen, probs[rows, chosen].log()  # a drawn token's probability is > 0: a finite log
-
-
-def chosen_logprobs(scores: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """log softmax(scores)[chosen] per row, without the [m, V] log-softmax. [m, V], [m] -> [m]"""
-    if not len(chosen):
-        return scores.new_empty(0)
-    return scores.gather(-1, chosen[:, None]).squeeze(-1) - scores.logsumexp(-1)

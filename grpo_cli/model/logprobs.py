@@ -45,10 +45,10 @@ def _scaled_logits(hidden: torch.Tensor, head: torch.nn.Module, temperature: flo
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
                     with_entropy: bool, entropy_grad: bool):
     """[K, H] hidden states, [K] targets -> ([K] log-probs, [K] entropies or None) through the head."""
-    return _from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy, entropy_grad)
+    return from_logits(_scaled_logits(hidden, head, temperature), targets, with_entropy, entropy_grad)
 
 
-def _from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool):
+def from_logits(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool, entropy_grad: bool):
     """[..., V] logits -> log-prob of each target [...], and the distribution's entropy [...] if asked.
 
     Without `entropy_grad` the entropy is a value only. Under the head's chunk checkpoints a
@@ -91,7 +91,7 @@ def _completion_pass(model, input_ids, attention_mask, prompt_len, temperature, 
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
             logits_to_keep=c + 1,
         ).logits[:, :-1].float() / temperature  # [N, C, V]
-        return _from_logits(logits, targets, with_entropy, entropy_grad)
+        return from_logits(logits, targets, with_entropy, entropy_grad)
     hidden = lm.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [N, P+C, H]

@@ -28,8 +28,8 @@ import torch
 
 from grpo_cli.rollout import decoder
 from grpo_cli.run.guard import drop_point
-from grpo_cli.model.calls import (COMPACT_FRACTION, cache_argument, chosen_logprobs, draw_tokens, new_cache,
-                                  position_ids, returned_cache)
+from grpo_cli.model.calls import COMPACT_FRACTION, cache_argument, draw_tokens, new_cache, position_ids, returned_cache
+from grpo_cli.model.logprobs import from_logits
 from grpo_cli.rollout.decoded import Decoded
 from grpo_cli.tools.calls import Span
 from grpo_cli.rollout.settings import Sampling
@@ -225,7 +225,7 @@ class _SamplerLogprobs:
 
     def _take(self, drawn: torch.Tensor) -> None:
         if self.scores is not None:
-            self.logp.append(chosen_logprobs(self.scores.float(), drawn))
+            self.logp.append(from_logits(self.scores.float(), drawn, with_entropy=False, entropy_grad=False)[0])
 
     def finish(self, completion: torch.Tensor) -> torch.Tensor:  # [N, C] -> [N, C]
         if completion.shape[1] > len(self.logp):

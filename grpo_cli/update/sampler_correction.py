@@ -72,36 +72,40 @@ def weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.
     """The correction's weight on each token's clipped surrogate, detached, 0 off the mask. [n, T] x3 -> [n, T]
     in trainer_logp's dtype."""
     ratio = log_ratios(trainer_logp, sampler_logp, mask, correction.level).exp()  # [n, T]
+    return (_weigh(ratio, correction) * mask).to(trainer_logp.dtype)
+
+
+def _weigh(ratio: torch.Tensor, correction: Correction) -> torch.Tensor:
+    """The correction's weight for each ratio (at its level). [...] -> [...]"""
     if correction.method == "tis":
-        weight = ratio.clamp(max=correction.high)
-    elif correction.method == "mask":
-        weight = ratio * ((ratio >= correction.low) & (ratio <= correction.high))
-    elif correction.method == "none":
-        weight = torch.ones_like(ratio)
-    else:
-        raise ValueError(f"unknown sampler correction {correction.method!r}: one of {', '.join(METHODS)}")
-    return (weight * mask).to(trainer_logp.dtype)
+        return ratio.clamp(max=correction.high)
+    if correction.method == "mask":
+        return ratio * ((ratio >= correction.low) & (ratio <= correction.high))
+    if correction.method == "none":
+        return torch.ones_like(ratio)
+    raise ValueError(f"unknown sampler correction {correction.method!r}: one of {', '.join(METHODS)}")
 
 
 def mismatch_sums(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
                   correction: Correction | None = None) -> torch.Tensor:
     """The mismatch over the masked tokens as one row of FIELDS (float64): sums that add, extremes that
     combine by min and max (`combine`). `corrected`: tokens whose weight the correction set apart from the
-    plain ratio (capped by tis, dropped by mask). [n, T] x3 -> [len(FIELDS)]"""
+    plain ratio (capped by tis, dropped by mask). Stays on the log-probs' device: no host sync per
+    micro-batch. [n, T] x3 -> [len(FIELDS)]"""
     on = mask.bool()
     delta = log_ratios(trainer_logp, sampler_logp, mask)[on]  # [K]
+    if not len(delta):
+        return torch.tensor([0.0, 0.0, float("-inf"), 0.0, float("inf"), float("-inf"), 0.0, 0.0], dtype=torch.float64,
+                            device=delta.device)
     ratio = delta.exp()
     k3 = torch.expm1(delta) - delta  # ratio - 1 - log ratio, without cancelling to 0 near ratio 1
     low, high = WATCHED_BAND
-    corrected = 0.0
+    corrected = delta.new_zeros(())
     if correction is not None and correction.active:
-        applied = weights(trainer_logp.double(), sampler_logp, mask, correction)[on]  # [K]
-        plain = log_ratios(trainer_logp, sampler_logp, mask, correction.level).exp()[on]
-        corrected = float((applied != plain).sum())
-    if not len(delta):
-        return torch.tensor([0.0, 0.0, float("-inf"), 0.0, float("inf"), float("-inf"), 0.0, 0.0], dtype=torch.float64)
-    return torch.tensor([len(delta), k3.sum(), k3.max(), ratio.sum(), ratio.min(), ratio.max(),
-                         ((ratio < low) | (ratio > high)).sum(), corrected], dtype=torch.float64)
+        plain = log_ratios(trainer_logp, sampler_logp, mask, correction.level)[on].exp()  # [K] at its level
+        corrected = (_weigh(plain, correction) != plain).sum().double()
+    return torch.stack([delta.new_tensor(float(len(delta))), k3.sum(), k3.max(), ratio.sum(), ratio.min(),
+                        ratio.max(), ((ratio < low) | (ratio > high)).sum().double(), corrected])
 
 
 def combine(rows: torch.Tensor) -> torch.Tensor:
